@@ -1,0 +1,328 @@
+"""Pre- and post-processing for ViP²-CLIP (SPEC §7).
+
+One class, `ViP2CLIPProcessor`, saved as `preprocessor_config.json` and loadable with
+`AutoProcessor.from_pretrained(..., trust_remote_code=True)`:
+
+* images → `pixel_values` `(B, 3, S, S)`: RGB, bicubic resize to S×S (PIL), OpenAI CLIP mean/std;
+* masks → `masks` `(B, S, S)` in {0, 1}: any non-zero pixel is a defect, bilinear resize, binarised at 0.5
+  (the reference's mask transform);
+* anomaly maps → each image's own size, binary masks at a threshold, and a heat-map overlay.
+
+This file travels to the Hub (`trust_remote_code`): it imports only numpy, PIL, torch and transformers, and it
+never opens files — callers pass decoded images.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.image_processing_base import ImageProcessingMixin
+
+__all__ = ["ViP2CLIPProcessor", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "jet_colormap"]
+
+OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+# PIL modes whose pixels are wider than 8 bits and need explicit scaling (convert("RGB") would clip them).
+_WIDE_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
+
+
+def jet_colormap(values: np.ndarray) -> np.ndarray:
+    """Matplotlib's 'jet' as piecewise-linear RGB, for values in [0, 1]: `(H, W)` → `(H, W, 3)` uint8."""
+    values = np.clip(values, 0.0, 1.0)
+    red = np.clip(1.5 - np.abs(4.0 * values - 3.0), 0.0, 1.0)
+    green = np.clip(1.5 - np.abs(4.0 * values - 2.0), 0.0, 1.0)
+    blue = np.clip(1.5 - np.abs(4.0 * values - 1.0), 0.0, 1.0)
+    return (np.stack([red, green, blue], axis=-1) * 255.0 + 0.5).astype(np.uint8)
+
+
+def _wide_array_to_uint8(array: np.ndarray, what: str) -> np.ndarray:
+    """16-bit / 32-bit / float pixels → uint8 without clipping (documented in `ViP2CLIPProcessor`)."""
+    array = np.asarray(array)
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == bool:
+        return array.astype(np.uint8) * 255
+    if not np.isfinite(array).all():
+        raise ValueError(f"{what} contains NaN or infinite pixel values; fix or drop the file.")
+    if array.dtype == np.uint16:
+        # Full-range 16-bit: 65535 ↦ 255 (÷257 is exact for 8-bit data stored in 16 bits).
+        return np.round(array.astype(np.float64) / 257.0).astype(np.uint8)
+    if np.issubdtype(array.dtype, np.floating):
+        low, high = float(array.min()), float(array.max())
+        if low >= 0.0 and high <= 1.0:
+            return np.round(array * 255.0).astype(np.uint8)
+        if low >= 0.0 and high <= 255.0:
+            return np.round(array).astype(np.uint8)
+        span = high - low if high > low else 1.0
+        return np.round((array - low) / span * 255.0).astype(np.uint8)
+    if np.issubdtype(array.dtype, np.integer):
+        low, high = int(array.min()), int(array.max())
+        if low >= 0 and high <= 255:
+            return array.astype(np.uint8)
+        if low >= 0 and high <= 65535:
+            return np.round(array.astype(np.float64) / 257.0).astype(np.uint8)
+        raise ValueError(f"{what} has integer pixel values in [{low}, {high}], outside 0..65535; rescale it first.")
+    raise ValueError(f"{what} has unsupported pixel dtype {array.dtype}.")
+
+
+class ViP2CLIPProcessor(ImageProcessingMixin):
+    r"""Image and mask processor of ViP²-CLIP.
+
+    Accepted images: `PIL.Image.Image` (any mode), `np.ndarray` / `torch.Tensor` of shape (H, W), (H, W, C) or
+    (C, H, W) with C in {1, 3, 4}. Conversions (documented, never silent failures):
+
+    * EXIF orientation is honoured (`ImageOps.exif_transpose`).
+    * Grayscale, palette, CMYK, YCbCr, LAB, HSV → RGB; RGBA / LA / PA → RGB with the alpha channel dropped
+      (as the reference's `convert('RGB')`).
+    * 16-bit (I;16*, uint16 arrays) → 8-bit by ÷257; 32-bit integer ('I') the same when within 0..65535; float
+      ('F', float arrays) × 255 when in [0, 1], as is when in [0, 255], else min–max scaled.
+    * Images with a side smaller than `min_image_size` (default 14, one ViT-L/14 patch) or more than
+      `max_image_pixels` pixels (default: no limit) are rejected with a `ValueError`.
+
+    Masks: same input types; any non-zero pixel (after conversion to grayscale) is a defect; they must have the
+    size of their image (else `ValueError`); `None` means "no defect" (all zeros). More than two distinct values
+    (a soft or antialiased mask) triggers a warning, since everything above 0 becomes defect.
+    """
+
+    model_input_names = ["pixel_values"]
+
+    def __init__(
+        self,
+        image_size: int = 518,
+        image_mean: Sequence[float] = tuple(OPENAI_CLIP_MEAN),
+        image_std: Sequence[float] = tuple(OPENAI_CLIP_STD),
+        mask_threshold: float = 0.5,
+        min_image_size: int = 14,
+        max_image_pixels: int | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.image_size = int(image_size)
+        self.image_mean = [float(value) for value in image_mean]
+        self.image_std = [float(value) for value in image_std]
+        self.mask_threshold = float(mask_threshold)
+        self.min_image_size = int(min_image_size)
+        self.max_image_pixels = None if max_image_pixels is None else int(max_image_pixels)
+        if self.image_size < 1 or len(self.image_mean) != 3 or len(self.image_std) != 3:
+            raise ValueError("image_size must be positive and image_mean / image_std must have 3 values.")
+
+    # ------------------------------------------------------------------ input conversion
+    def to_pil(self, image: Any, what: str = "image") -> Image.Image:
+        """Any accepted input → an RGB `PIL.Image` at its original size (see the class docstring)."""
+        if isinstance(image, torch.Tensor):
+            image = image.detach().cpu().numpy()
+        if isinstance(image, np.ndarray):
+            array = image
+            if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+                array = np.moveaxis(array, 0, -1)  # (C, H, W) → (H, W, C)
+            if array.ndim == 3 and array.shape[-1] == 1:
+                array = array[..., 0]
+            if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+                raise ValueError(f"{what}: array of shape {array.shape} is not an image (H, W), (H, W, 3|4) or (3, H, W).")
+            array = _wide_array_to_uint8(array, what)
+            image = Image.fromarray(np.ascontiguousarray(array))
+        if not isinstance(image, Image.Image):
+            raise TypeError(
+                f"{what}: expected a PIL image, numpy array or torch tensor, got {type(image).__name__}. "
+                "Open files first, e.g. PIL.Image.open(path)."
+            )
+        try:
+            image = ImageOps.exif_transpose(image)
+        except Exception:  # a broken EXIF block must not cost the image; orientation is then left as stored
+            pass
+        width, height = image.size
+        if min(width, height) < self.min_image_size:
+            raise ValueError(
+                f"{what} is {width}x{height} px, smaller than the minimum side of {self.min_image_size} px "
+                "(one ViT patch); it carries no usable detail — use the original, larger image."
+            )
+        if self.max_image_pixels is not None and width * height > self.max_image_pixels:
+            raise ValueError(
+                f"{what} is {width}x{height} = {width * height:,} px, over the limit of {self.max_image_pixels:,} "
+                "pixels; downscale it first (the model sees it at "
+                f"{self.image_size}x{self.image_size} anyway)."
+            )
+        if image.mode in _WIDE_MODES:
+            image = Image.fromarray(_wide_array_to_uint8(np.asarray(image), what))
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        return image
+
+    def mask_to_array(self, mask: Any, image_size: tuple[int, int] | None = None, what: str = "mask") -> np.ndarray:
+        """A mask → `(H, W)` uint8 in {0, 255} at its own size; checks it against its image's (W, H)."""
+        if isinstance(mask, torch.Tensor):
+            mask = mask.detach().cpu().numpy()
+        if isinstance(mask, np.ndarray):
+            array = np.squeeze(mask)
+            if array.ndim == 3:
+                if array.shape[0] in (3, 4) and array.shape[-1] not in (3, 4):
+                    array = np.moveaxis(array, 0, -1)
+                array = array.max(axis=-1)  # any channel set → defect
+            if array.ndim != 2:
+                raise ValueError(f"{what}: array of shape {mask.shape} is not a 2-D mask.")
+            if not np.isfinite(array.astype(np.float64)).all():
+                raise ValueError(f"{what} contains NaN or infinite values.")
+            values = array
+            size = (array.shape[1], array.shape[0])
+        elif isinstance(mask, Image.Image):
+            size = mask.size
+            values = np.asarray(mask.convert("L") if mask.mode not in ("L", "1", "I;16", "I", "F") else mask)
+        else:
+            raise TypeError(f"{what}: expected a PIL image, numpy array or torch tensor, got {type(mask).__name__}.")
+        if image_size is not None and tuple(size) != tuple(image_size):
+            raise ValueError(
+                f"{what} is {size[0]}x{size[1]} but its image is {image_size[0]}x{image_size[1]}; a mask must have "
+                "its image's size (check that the mask belongs to this image)."
+            )
+        distinct = np.unique(values)
+        if distinct.size > 2:
+            warnings.warn(
+                f"{what} has {distinct.size} distinct values (not a 0/255 mask); every pixel above 0 counts as "
+                "defect, as in the reference.",
+                stacklevel=3,
+            )
+        return (values > 0).astype(np.uint8) * 255
+
+    # ------------------------------------------------------------------ SPEC §7 transforms
+    def _image_to_tensor(self, image: Image.Image) -> torch.Tensor:
+        resized = image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+        pixels = torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, S, S)
+        pixels = pixels.float().div(255)
+        mean = torch.tensor(self.image_mean, dtype=torch.float32)[:, None, None]
+        std = torch.tensor(self.image_std, dtype=torch.float32)[:, None, None]
+        return pixels.sub(mean).div(std)
+
+    def _mask_to_tensor(self, mask_array: np.ndarray) -> torch.Tensor:
+        # Reference target transform: bilinear PIL resize of the 0/255 mask, /255, binarise (SPEC §7).
+        resized = Image.fromarray(mask_array, mode="L").resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
+        values = torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).float().div(255)
+        return (values > self.mask_threshold).float()
+
+    def __call__(
+        self,
+        images: Any,
+        masks: Any | None = None,
+        return_tensors: str | None = "pt",
+        **kwargs,
+    ) -> BatchFeature:
+        """Preprocess images (and optionally their masks).
+
+        Args:
+            images: one image or a list of images (see the class docstring for accepted types).
+            masks: `None`, or one mask / `None` per image (`None` = normal image, all-zero mask).
+            return_tensors: only `"pt"` (or `None`, which also gives tensors) is supported.
+
+        Returns:
+            `BatchFeature` with `pixel_values` `(B, 3, S, S)`, `original_sizes` `(B, 2)` as (height, width), and
+            `masks` `(B, S, S)` in {0, 1} when masks are given.
+        """
+        if return_tensors not in (None, "pt"):
+            raise ValueError(f"return_tensors={return_tensors!r} is not supported; use 'pt'.")
+        if images is None:
+            raise ValueError("No images given: pass images=[PIL.Image, ...].")
+        single = not isinstance(images, (list, tuple))
+        image_list = [images] if single else list(images)
+        if not image_list:
+            raise ValueError("images is an empty list.")
+        if masks is not None:
+            mask_list = [masks] if (single or not isinstance(masks, (list, tuple))) else list(masks)
+            if len(mask_list) != len(image_list):
+                raise ValueError(f"Got {len(image_list)} images but {len(mask_list)} masks; give one mask (or None) per image.")
+        pil_images = [self.to_pil(image, what=f"image {index}") for index, image in enumerate(image_list)]
+        data = {
+            "pixel_values": torch.stack([self._image_to_tensor(image) for image in pil_images]),  # (B, 3, S, S)
+            "original_sizes": torch.tensor([[image.height, image.width] for image in pil_images]),  # (B, 2)
+        }
+        if masks is not None:
+            mask_tensors = []
+            for index, (mask, image) in enumerate(zip(mask_list, pil_images)):
+                if mask is None:
+                    mask_tensors.append(torch.zeros(self.image_size, self.image_size))
+                else:
+                    mask_array = self.mask_to_array(mask, image_size=image.size, what=f"mask {index}")
+                    mask_tensors.append(self._mask_to_tensor(mask_array))
+            data["masks"] = torch.stack(mask_tensors)  # (B, S, S)
+        return BatchFeature(data=data, tensor_type=None)
+
+    preprocess = __call__
+
+    # ------------------------------------------------------------------ post-processing
+    @staticmethod
+    def _maps_of(outputs: Any) -> torch.Tensor:
+        maps = getattr(outputs, "anomaly_map", outputs)
+        if not isinstance(maps, torch.Tensor):
+            maps = torch.as_tensor(np.asarray(maps))
+        if maps.dim() == 2:
+            maps = maps.unsqueeze(0)
+        if maps.dim() != 3:
+            raise ValueError(f"anomaly maps must be (B, S, S), got {tuple(maps.shape)}.")
+        return maps.detach().float()
+
+    def post_process_anomaly_maps(
+        self, outputs: Any, target_sizes: Sequence[Sequence[int]] | torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """Anomaly maps back to each image's own size.
+
+        Args:
+            outputs: a `ViP2CLIPOutput` (its `anomaly_map` is used) or a `(B, S, S)` tensor.
+            target_sizes: one (height, width) per image, e.g. `[img.size[::-1] for img in images]` or the
+                processor's `original_sizes`; `None` keeps S×S.
+        Returns:
+            a list of B float tensors `(height, width)`, bilinearly resized (align_corners=False).
+        """
+        maps = self._maps_of(outputs)
+        if target_sizes is None:
+            return list(maps.unbind(0))
+        target_sizes = [tuple(int(v) for v in size) for size in (target_sizes.tolist() if isinstance(target_sizes, torch.Tensor) else target_sizes)]
+        if len(target_sizes) != maps.shape[0]:
+            raise ValueError(f"{maps.shape[0]} maps but {len(target_sizes)} target sizes.")
+        resized = []
+        for anomaly_map, (height, width) in zip(maps, target_sizes):
+            resized.append(
+                F.interpolate(anomaly_map[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0]
+            )
+        return resized
+
+    def post_process_masks(
+        self, outputs: Any, threshold: float = 0.5, target_sizes: Sequence[Sequence[int]] | None = None
+    ) -> list[torch.Tensor]:
+        """Binary defect masks (`bool`, each image's size): map ≥ threshold."""
+        return [anomaly_map >= threshold for anomaly_map in self.post_process_anomaly_maps(outputs, target_sizes)]
+
+    def overlay(
+        self,
+        image: Any,
+        anomaly_map: Any,
+        alpha: float = 0.5,
+        value_range: tuple[float, float] | None = (0.0, 1.0),
+    ) -> Image.Image:
+        """Heat-map (jet) of `anomaly_map` blended over `image`, at the image's own size.
+
+        `value_range` fixes the colour scale (default [0, 1], so a normal image stays cool); `None` stretches
+        each map min–max (the authors' visualisation, which makes every image look anomalous somewhere).
+        """
+        image = self.to_pil(image)
+        anomaly_map = self._maps_of(anomaly_map)[0]
+        if tuple(anomaly_map.shape) != (image.height, image.width):
+            anomaly_map = F.interpolate(
+                anomaly_map[None, None], size=(image.height, image.width), mode="bilinear", align_corners=False
+            )[0, 0]
+        values = anomaly_map.numpy().astype(np.float64)
+        if value_range is None:
+            low, high = float(values.min()), float(values.max())
+        else:
+            low, high = value_range
+        values = (values - low) / (high - low) if high > low else np.zeros_like(values)
+        heat = jet_colormap(values).astype(np.float64)
+        blended = (1.0 - alpha) * np.asarray(image, dtype=np.float64) + alpha * heat
+        return Image.fromarray(np.clip(blended + 0.5, 0, 255).astype(np.uint8), mode="RGB")
+
+
+ViP2CLIPProcessor.register_for_auto_class("AutoProcessor")

@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny CLIP checkpoints and tiny ViP²-CLIP models built in temp dirs, never downloaded."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tiny_clip import save_tiny_clip, tiny_vip2clip_config
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_hf_cache(tmp_path_factory):
+    """Remote-code modules and the Hub cache go to a temp dir, never the user's."""
+    root = tmp_path_factory.mktemp("hf_home")
+    os.environ["HF_MODULES_CACHE"] = str(root / "modules")
+    os.environ["HF_HOME"] = str(root)
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
+
+
+@pytest.fixture
+def tiny_config():
+    return tiny_vip2clip_config()
+
+
+@pytest.fixture
+def tiny_model(tiny_config):
+    from modeling_vip2clip import ViP2CLIPModel
+
+    torch.manual_seed(0)
+    return ViP2CLIPModel(tiny_config).eval()

@@ -1,0 +1,95 @@
+"""Tiny, randomly initialised CLIP checkpoints built on the fly for the tests (no network, no download).
+
+`save_tiny_clip(dir)` writes a complete transformers CLIP folder — weights, config, a real byte-level BPE
+`CLIPTokenizer` whose vocabulary holds the state words as single tokens, and a CLIP image processor — at a
+*native* resolution of 24 px (patch 8), so that building a 32 px ViP²-CLIP from it really resizes the position
+table, as `openai/clip-vit-large-patch14-336` → 518 px does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+__all__ = ["tiny_clip_config", "tiny_tokenizer", "save_tiny_clip", "tiny_vip2clip_config"]
+
+NATIVE_IMAGE_SIZE = 24
+PATCH = 8
+
+
+def _bytes_to_unicode() -> list[str]:
+    # GPT-2 / CLIP byte-level alphabet (the standard published table).
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return [chr(code) for code in codes]
+
+
+_MERGES = [
+    ("d", "a"), ("da", "m"), ("dam", "a"), ("dama", "g"), ("damag", "e"), ("damage", "d</w>"),
+    ("g", "o"), ("go", "o"), ("goo", "d</w>"),
+    ("f", "l"), ("fl", "a"), ("fla", "w</w>"),
+]
+
+
+def tiny_tokenizer() -> CLIPTokenizer:
+    alphabet = _bytes_to_unicode()
+    tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(pair) for pair in _MERGES]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]  # last two ids, as in CLIP (49406, 49407)
+    vocab = {token: index for index, token in enumerate(tokens)}
+    return CLIPTokenizer(vocab=vocab, merges=list(_MERGES))
+
+
+def tiny_clip_config(vocab_size: int, bos: int, eos: int) -> CLIPConfig:
+    return CLIPConfig(
+        projection_dim=32,
+        text_config=dict(
+            vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=16, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos,
+        ),
+        vision_config=dict(
+            hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+            image_size=NATIVE_IMAGE_SIZE, patch_size=PATCH,
+        ),
+    )
+
+
+def save_tiny_clip(directory: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random CLIP checkpoint folder (model, tokenizer, image processor) and return its path."""
+    directory = Path(directory)
+    tokenizer = tiny_tokenizer()
+    config = tiny_clip_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    model = CLIPModel(config).eval()
+    # Random init leaves the position table tiny; make it O(1) so resizing it matters numerically.
+    with torch.no_grad():
+        model.vision_model.embeddings.position_embedding.weight.normal_(0, 0.5)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    CLIPImageProcessorPil(size={"shortest_edge": NATIVE_IMAGE_SIZE}, crop_size=NATIVE_IMAGE_SIZE).save_pretrained(directory)
+    return directory
+
+
+def tiny_vip2clip_config(**overrides):
+    """A ViP2CLIPConfig at test scale (hidden 32, 2 layers, image 32, patch 8) without any checkpoint."""
+    from modeling_vip2clip import ViP2CLIPConfig
+
+    tokenizer = tiny_tokenizer()
+    clip = tiny_clip_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id).to_dict()
+    clip["vision_config"]["image_size"] = 32
+    kwargs = dict(
+        clip_config=clip, feature_layers=[1, 2], n_ctx=3, n_cls=2, adapter_hidden_size=16, top_k=5,
+        blur_sigma=2.0, prompt_start_token_id=tokenizer.bos_token_id, prompt_end_token_id=tokenizer.eos_token_id,
+        normal_state_token_id=tokenizer.convert_tokens_to_ids("good</w>"),
+        abnormal_state_token_id=tokenizer.convert_tokens_to_ids("damaged</w>"),
+    )
+    kwargs.update(overrides)
+    return ViP2CLIPConfig(**kwargs)
