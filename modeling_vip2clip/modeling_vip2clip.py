@@ -464,6 +464,21 @@ class ViP2CLIPModel(ViP2CLIPPreTrainedModel):
                 f"preprocess with ViP2CLIPProcessor(image_size={size})."
             )
         image_embeds, patch_embeds = self.encode_image(pixel_values)  # (B, D), (B, n, L, D)
+        output = self.score_features(image_embeds, patch_embeds, labels=labels, masks=masks)
+        return output if return_dict else output.to_tuple()
+
+    def score_features(
+        self,
+        image_embeds: torch.Tensor,
+        patch_embeds: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        masks: torch.Tensor | None = None,
+    ) -> ViP2CLIPOutput:
+        """Everything after the frozen vision tower: ICA → text encoder → FGP → UTPA → blur (→ losses).
+
+        Takes the outputs of [`encode_image`] (`image_embeds` (B, D) and `patch_embeds` (B, n, L, D), both
+        L2-normalised), so a training run can cache the backbone's features and skip it (same numbers).
+        """
         text_embeds = self.encode_text(image_embeds)  # (B, 2, D)
 
         batch, num_layers, num_patches, dim = patch_embeds.shape
@@ -485,7 +500,7 @@ class ViP2CLIPModel(ViP2CLIPPreTrainedModel):
         if pixel_loss is not None or image_loss is not None:
             loss = sum(part for part in (pixel_loss, image_loss) if part is not None)
 
-        output = ViP2CLIPOutput(
+        return ViP2CLIPOutput(
             loss=loss,
             pixel_loss=pixel_loss,
             image_loss=image_loss,
@@ -498,7 +513,6 @@ class ViP2CLIPModel(ViP2CLIPPreTrainedModel):
             text_embeds=text_embeds,
             layer_text_embeds=layer_text_embeds,
         )
-        return output if return_dict else output.to_tuple()
 
     def pixel_loss(self, layer_probabilities: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """Σ_layers Focal(p_l, mask) + Dice(p_l[abn], mask) + Dice(p_l[norm], 1 − mask) (SPEC §6)."""

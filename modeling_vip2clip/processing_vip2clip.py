@@ -15,7 +15,7 @@ never opens files — callers pass decoded images.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Sequence
+from typing import Any, Sequence, TypedDict
 
 import numpy as np
 import torch
@@ -72,6 +72,17 @@ def _wide_array_to_uint8(array: np.ndarray, what: str) -> np.ndarray:
     raise ValueError(f"{what} has unsupported pixel dtype {array.dtype}.")
 
 
+class ViP2CLIPProcessorKwargs(TypedDict, total=False):
+    """The processor's saved settings (transformers reads `valid_kwargs` when loading a processor)."""
+
+    image_size: int
+    image_mean: list[float]
+    image_std: list[float]
+    mask_threshold: float
+    min_image_size: int
+    max_image_pixels: int | None
+
+
 class ViP2CLIPProcessor(ImageProcessingMixin):
     r"""Image and mask processor of ViP²-CLIP.
 
@@ -92,6 +103,7 @@ class ViP2CLIPProcessor(ImageProcessingMixin):
     """
 
     model_input_names = ["pixel_values"]
+    valid_kwargs = ViP2CLIPProcessorKwargs
 
     def __init__(
         self,

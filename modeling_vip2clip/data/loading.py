@@ -1,0 +1,332 @@
+"""Load anomaly benchmarks and turn them into model-ready torch batches.
+
+* :func:`load_anomaly_dataset` opens, in this order: a folder written by
+  ``Dataset.save_to_disk`` (``load_from_disk``); a raw benchmark folder whose
+  layout is auto-detected (``meta.json`` / ``split_csv/1cls.csv`` / MVTec tree /
+  ``good`` + ``bad`` folders, see :mod:`.converters`); otherwise a Hub dataset
+  id through ``datasets.load_dataset``.
+* :func:`make_transform` builds a function for ``Dataset.with_transform`` that
+  decodes images lazily, runs the processor, and *flags* rows whose image or
+  mask cannot be decoded or processed instead of raising;
+  :func:`collate_skip_bad` (a :class:`SkipBadCollate` instance) drops the
+  flagged rows in a ``DataLoader`` and logs them with a running count.
+* :func:`to_torch_dataset` wraps a dataset for a ``DataLoader`` without copying
+  images into memory (rows are read and decoded per batch) and adds the row
+  ``index``.
+
+Datasets decode ``Image`` columns *before* a ``with_transform`` function sees
+them, so a corrupt image would raise inside ``datasets``; :func:`without_decoding`
+(applied by :func:`to_torch_dataset`) casts ``image``/``mask`` to
+``Image(decode=False)`` so the transform does the decoding and can catch errors.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from datasets import Dataset, DatasetDict, Image as ImageFeature, load_dataset, load_from_disk
+from PIL import Image
+
+from .converters import ConversionReport, convert, detect_layout
+
+__all__ = [
+    "is_saved_dataset",
+    "load_anomaly_dataset",
+    "without_decoding",
+    "make_transform",
+    "SkipBadCollate",
+    "collate_skip_bad",
+    "TorchAnomalyDataset",
+    "to_torch_dataset",
+]
+
+logger = logging.getLogger(__name__)
+
+def is_saved_dataset(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a folder written by ``Dataset``/``DatasetDict.save_to_disk``."""
+    p = Path(path)
+    return (p / "dataset_dict.json").is_file() or (
+        (p / "dataset_info.json").is_file() and (p / "state.json").is_file()
+    )
+
+
+def _filter_column(ds: Dataset, column: str, values: set[str]) -> Dataset:
+    return ds.filter(lambda v: v in values, input_columns=column)
+
+
+def load_anomaly_dataset(
+    id_or_path: str | os.PathLike,
+    split: str | None = None,
+    categories: Sequence[str] | None = None,
+    *,
+    return_report: bool = False,
+    **converter_kwargs: Any,
+) -> Dataset | tuple[Dataset, ConversionReport | None]:
+    """Open an anomaly benchmark as a :class:`datasets.Dataset` in the canonical schema.
+
+    ``split``: ``"test"`` (default for raw folders and Hub ids), ``"train"`` or
+    ``"all"``; for a saved dataset it selects the ``DatasetDict`` split and/or
+    filters the ``split`` column (None keeps everything). ``categories``
+    restricts the categories. ``converter_kwargs`` go to the converter for raw
+    folders (e.g. ``missing_mask="skip"``, ``progress=False``). With
+    ``return_report`` the result is ``(dataset, report)``; the report is None
+    unless a raw folder was converted.
+    """
+    report: ConversionReport | None = None
+    path = Path(id_or_path)
+    if path.is_dir() and is_saved_dataset(path):
+        loaded = load_from_disk(str(path))
+        if isinstance(loaded, DatasetDict):
+            key = split if split in loaded else ("test" if "test" in loaded else None)
+            if key is None and len(loaded) == 1:
+                key = next(iter(loaded))
+            if key is None:
+                raise ValueError(f"{path}: choose split= among {sorted(loaded)}")
+            ds = loaded[key]
+        else:
+            ds = loaded
+            if split not in (None, "all") and "split" in ds.column_names:
+                ds = _filter_column(ds, "split", {split})
+    elif path.is_dir():
+        layout = detect_layout(path)
+        if layout is None:
+            raise ValueError(
+                f"{path}: neither a saved dataset nor a recognised raw layout (meta.json, "
+                "split_csv/1cls.csv, <category>/{train,test}/<defect>/ tree, good/ + bad/ folders)"
+            )
+        ds, report = convert(path, split=split or "test", categories=categories, layout=layout, **converter_kwargs)
+        categories = None  # already applied
+    elif path.exists():
+        raise ValueError(f"{path} is a file; expected a dataset folder or a Hub dataset id")
+    elif str(id_or_path).startswith(("/", "./", "../", "~", "\\")) or path.is_absolute():
+        raise FileNotFoundError(f"dataset folder {path} does not exist")
+    else:
+        ds = load_dataset(str(id_or_path), split=split or "test")
+    if categories is not None:
+        if "category" not in ds.column_names:
+            raise ValueError(f"{id_or_path}: no 'category' column to filter on")
+        wanted = set(categories)
+        missing = wanted - set(ds.unique("category"))
+        if missing:
+            logger.warning("categories not found in %s: %s", id_or_path, sorted(missing))
+        ds = _filter_column(ds, "category", wanted)
+    return (ds, report) if return_report else ds
+
+
+def without_decoding(dataset: Dataset) -> Dataset:
+    """Cast the ``image``/``mask`` columns to ``Image(decode=False)`` (metadata-only change)."""
+    for col in ("image", "mask"):
+        feat = dataset.features.get(col)
+        if isinstance(feat, ImageFeature) and feat.decode:
+            dataset = dataset.cast_column(col, ImageFeature(decode=False))
+    return dataset
+
+
+def _decode(value: Any) -> Image.Image | None:
+    if value is None:
+        return None
+    if isinstance(value, Image.Image):
+        value.load()
+        return value
+    if isinstance(value, Mapping):
+        if value.get("bytes") is not None:
+            img = Image.open(io.BytesIO(value["bytes"]))
+        elif value.get("path"):
+            img = Image.open(value["path"])
+        else:
+            raise ValueError("neither bytes nor path")
+    elif isinstance(value, (bytes, bytearray)):
+        img = Image.open(io.BytesIO(value))
+    elif isinstance(value, (str, os.PathLike)):
+        img = Image.open(value)
+    else:
+        raise TypeError(f"unsupported image value {type(value).__name__}")
+    img.load()
+    return img
+
+
+def _where(batch: Mapping[str, list], i: int) -> str:
+    if batch.get("image_path"):
+        return str(batch["image_path"][i])
+    value = batch["image"][i]
+    if isinstance(value, Mapping) and value.get("path"):
+        return str(value["path"])
+    return f"row {batch['index'][i] if batch.get('index') else i}"
+
+
+def make_transform(processor: Any) -> Callable[[dict], dict]:
+    """Return a ``Dataset.with_transform`` function producing model-ready batches.
+
+    Output per batch of B rows: ``pixel_values`` FloatTensor (B,3,S,S),
+    ``masks`` FloatTensor (B,S,S) in {0,1} (zeros when there is no mask),
+    ``labels`` LongTensor (B,), ``has_mask`` BoolTensor (B,) (False for rows
+    with mask None: exclude anomalous ones from pixel metrics), ``category``
+    list[str], ``index`` list[int] (the ``index`` column when present, else
+    -1), ``image_path`` list[str], and ``bad`` BoolTensor (B,) with ``error``
+    list[str]: rows whose image or mask fails to decode, or that the processor
+    rejects (``ValueError``), are flagged (zero tensors, reason in ``error``)
+    rather than raising; drop them with :func:`collate_skip_bad`. A mask whose
+    size differs from its image's is resized to the image's size (nearest
+    neighbour) before the processor sees it.
+
+    ``processor(images=[PIL], masks=[PIL|None], return_tensors="pt")`` must
+    return ``pixel_values`` and ``masks``; ``processor.image_size`` is S. Use
+    it on a dataset passed through :func:`without_decoding`, otherwise
+    ``datasets`` decodes (and may fail on) images before this function runs.
+    """
+    size = int(processor.image_size)
+
+    def _run(images: list, masks: list) -> tuple[torch.Tensor, torch.Tensor]:
+        out = processor(images=images, masks=masks, return_tensors="pt")
+        return torch.as_tensor(out["pixel_values"]).float(), torch.as_tensor(out["masks"]).float()
+
+    def transform(batch: dict) -> dict:
+        n = len(batch["image"])
+        masks_in = batch.get("mask") or [None] * n
+        errors = [""] * n
+        images: list = [None] * n
+        masks: list = [None] * n
+        for i in range(n):
+            try:
+                images[i] = _decode(batch["image"][i])  # mode conversion is the processor's job
+            except Exception as exc:  # noqa: BLE001 - reported, not raised
+                errors[i] = f"image does not decode: {type(exc).__name__}: {exc}"
+                continue
+            try:
+                masks[i] = _decode(masks_in[i])
+            except Exception as exc:  # noqa: BLE001
+                errors[i] = f"mask does not decode: {type(exc).__name__}: {exc}"
+                continue
+            if masks[i] is not None and masks[i].size != images[i].size:
+                # Converters keep such rows (with a warning); bring the mask to its image's size here
+                # (nearest neighbour keeps it binary) since the processor requires equal sizes.
+                logger.debug("resizing mask of %s from %s to %s", _where(batch, i), masks[i].size, images[i].size)
+                masks[i] = masks[i].convert("L").resize(images[i].size, Image.Resampling.NEAREST)
+        pixel_values = torch.zeros(n, 3, size, size)
+        mask_t = torch.zeros(n, size, size)
+        ok = [i for i in range(n) if not errors[i]]
+        if ok:
+            try:
+                pv, mk = _run([images[i] for i in ok], [masks[i] for i in ok])
+                pixel_values[ok], mask_t[ok] = pv, mk
+            except Exception:  # noqa: BLE001 - find the offending rows one by one
+                for i in ok:
+                    try:
+                        pv, mk = _run([images[i]], [masks[i]])
+                        pixel_values[i], mask_t[i] = pv[0], mk[0]
+                    except Exception as exc:  # noqa: BLE001
+                        errors[i] = f"processor rejected the image: {type(exc).__name__}: {exc}"
+        index = [int(v) for v in batch["index"]] if "index" in batch else [-1] * n
+        for i, err in enumerate(errors):
+            if err:
+                pixel_values[i].zero_()
+                mask_t[i].zero_()
+                logger.debug("bad row %s: %s", _where(batch, i), err)
+        return {
+            "pixel_values": pixel_values,
+            "masks": (mask_t > 0.5).float(),
+            "labels": torch.as_tensor([int(v) for v in batch["label"]], dtype=torch.long),
+            "has_mask": torch.tensor([m is not None for m in masks_in], dtype=torch.bool),
+            "category": [str(c) for c in batch.get("category") or [""] * n],
+            "index": index,
+            "image_path": [_where(batch, i) for i in range(n)],
+            "bad": torch.tensor([bool(e) for e in errors], dtype=torch.bool),
+            "error": errors,
+        }
+
+    return transform
+
+
+class SkipBadCollate:
+    """DataLoader ``collate_fn`` that drops rows flagged ``bad`` by :func:`make_transform`.
+
+    Each dropped row is logged (path, reason) with the running count; they are
+    kept in ``self.skipped`` as ``(index, image_path, error)`` and counted in
+    ``self.n_skipped``. The result is a dict of ``pixel_values`` (B',3,S,S),
+    ``masks`` (B',S,S), ``labels``, ``has_mask``, ``category``, ``index``,
+    ``image_path``; B' may be 0 when every row of a batch is bad (skip such
+    batches). With ``num_workers > 0`` each worker process keeps its own count.
+    Accepts a list of row dicts (``DataLoader`` default) or one batched dict.
+    """
+
+    def __init__(self) -> None:
+        self.n_skipped = 0
+        self.skipped: list[tuple[int, str, str]] = []
+
+    def reset(self) -> None:
+        self.n_skipped = 0
+        self.skipped.clear()
+
+    def __call__(self, rows: Sequence[Mapping[str, Any]] | Mapping[str, Any]) -> dict:
+        if isinstance(rows, Mapping):
+            n = len(rows["labels"])
+            rows = [{k: rows[k][i] for k in rows} for i in range(n)]
+        if not rows:
+            raise ValueError("collate_skip_bad received an empty batch")
+        good = []
+        for r in rows:
+            if bool(r.get("bad", False)):
+                self.n_skipped += 1
+                self.skipped.append((int(r.get("index", -1)), str(r.get("image_path", "")), str(r.get("error", ""))))
+                logger.warning(
+                    "skipping bad sample %s (index %s): %s [%d skipped so far]",
+                    r.get("image_path", "?"), r.get("index", "?"), r.get("error", ""), self.n_skipped,
+                )
+            else:
+                good.append(r)
+        ref = rows[0]
+        if good:
+            pixel_values = torch.stack([r["pixel_values"] for r in good])
+            masks = torch.stack([r["masks"] for r in good])
+        else:
+            pixel_values = ref["pixel_values"].new_zeros((0, *ref["pixel_values"].shape))
+            masks = ref["masks"].new_zeros((0, *ref["masks"].shape))
+        return {
+            "pixel_values": pixel_values,
+            "masks": masks,
+            "labels": torch.as_tensor([int(r["labels"]) for r in good], dtype=torch.long),
+            "has_mask": torch.as_tensor([bool(r.get("has_mask", True)) for r in good], dtype=torch.bool),
+            "category": [r.get("category", "") for r in good],
+            "index": [int(r.get("index", -1)) for r in good],
+            "image_path": [r.get("image_path", "") for r in good],
+        }
+
+
+#: Shared :class:`SkipBadCollate` instance; its ``n_skipped`` is a running count.
+collate_skip_bad = SkipBadCollate()
+
+
+class TorchAnomalyDataset(torch.utils.data.Dataset):
+    """Map-style torch dataset over a :class:`datasets.Dataset`, decoding lazily per batch.
+
+    Nothing is copied into memory: ``__getitems__`` reads only the requested
+    rows (``DataLoader`` calls it once per batch), decodes them and runs the
+    processor. ``index`` is the row position in ``dataset``.
+    """
+
+    def __init__(self, dataset: Dataset, processor: Any) -> None:
+        self.dataset = without_decoding(dataset)
+        self.transform = make_transform(processor)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict]:
+        indices = [int(i) for i in indices]
+        batch = self.dataset[indices]
+        batch["index"] = indices
+        out = self.transform(batch)
+        return [{k: v[i] for k, v in out.items()} for i in range(len(indices))]
+
+    def __getitem__(self, idx: int) -> dict:
+        return self.__getitems__([idx])[0]
+
+
+def to_torch_dataset(dataset: Dataset, processor: Any) -> TorchAnomalyDataset:
+    """Wrap ``dataset`` for ``torch.utils.data.DataLoader(..., collate_fn=collate_skip_bad)``."""
+    return TorchAnomalyDataset(dataset, processor)

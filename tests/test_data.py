@@ -1,0 +1,257 @@
+"""Tests of modeling_vip2clip.data: converters vs the synthetic generator, bad files,
+save/load round trip, lazy torch batches, determinism."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from modeling_vip2clip.data import (
+    SkipBadCollate,
+    convert,
+    convert_folder,
+    convert_meta_json,
+    convert_mvtec,
+    convert_visa,
+    detect_layout,
+    generate_synthetic_benchmark,
+    load_anomaly_dataset,
+    make_transform,
+    to_torch_dataset,
+    validate_sample,
+    without_decoding,
+)
+from modeling_vip2clip.data.synthetic import apply_defect, main as synthetic_main, render_texture
+from modeling_vip2clip.processing_vip2clip import ViP2CLIPProcessor
+
+SIZE = 64  # generated image side
+S = 56  # processor input side
+GEN = dict(n_train_good=2, n_test_good=2, n_test_bad=4, image_size=SIZE, seed=0)
+CONVERTERS = {"mvtec": convert_mvtec, "meta_json": convert_meta_json, "visa": convert_visa, "folder": convert_folder}
+
+
+@pytest.fixture(scope="module")
+def trees(tmp_path_factory):
+    base = tmp_path_factory.mktemp("synthetic")
+    out = {}
+    for layout in CONVERTERS:
+        root = base / layout
+        out[layout] = (root, generate_synthetic_benchmark(root, layout=layout, **GEN))
+    return out
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return ViP2CLIPProcessor(image_size=S)
+
+
+def _arr(img) -> np.ndarray:
+    return np.asarray(img)
+
+
+@pytest.mark.parametrize("layout", list(CONVERTERS))
+def test_converter_matches_generator(trees, layout):
+    root, records = trees[layout]
+    assert detect_layout(root) == layout
+    ds, report = CONVERTERS[layout](root, split="all", progress=False)
+    assert report.skipped == [] and report.warnings == []
+    assert report.n_ok == len(ds) == len(records)
+    by_path = {r["image_path"]: r for r in records}
+    assert sorted(ds["image_path"]) == sorted(by_path)
+    for row in ds:
+        rec = by_path[row["image_path"]]
+        assert validate_sample(row) == []
+        assert row["label"] == rec["label"]
+        assert row["category"] == rec["category"]
+        assert row["defect_type"] == rec["defect_type"]
+        assert row["split"] == ("test" if layout == "folder" else rec["split"])
+        assert np.array_equal(_arr(row["image"]), _arr(Image.open(root / rec["image_path"])))
+        if rec["mask_path"] is None:
+            assert row["mask"] is None
+        else:
+            expected = _arr(Image.open(root / rec["mask_path"]))
+            assert set(np.unique(expected)) == {0, 255}
+            assert np.array_equal(_arr(row["mask"]), expected)  # pixel-exact, matched by stem
+    # split selection and category filtering
+    if layout != "folder":
+        for split in ("train", "test"):
+            part, _ = convert(root, split=split, progress=False)
+            assert len(part) == sum(r["split"] == split for r in records)
+            assert set(part["split"]) == {split}
+    sub = load_anomaly_dataset(root, categories=["fabric"], progress=False)
+    assert set(sub["category"]) == {"fabric"}
+    assert len(sub) == sum(r["category"] == "fabric" and r["split"] == "test" for r in records)
+
+
+def test_licence_and_info(trees):
+    root, _ = trees["mvtec"]
+    ds, _ = convert_mvtec(root, progress=False)
+    assert "licence" in ds.info.description.lower() or "license" in ds.info.description.lower()
+    mvtec_like = root.parent / "mvtec_named"
+    generate_synthetic_benchmark(mvtec_like, categories=("bottle",), n_train_good=0, n_test_good=1, n_test_bad=1, image_size=32)
+    ds, _ = convert_mvtec(mvtec_like, progress=False)
+    assert ds.info.license == "cc-by-nc-sa-4.0" and "NC" in ds.info.description
+
+
+def test_bad_files_are_reported_and_skipped(tmp_path):
+    root = tmp_path / "mvtec"
+    records = generate_synthetic_benchmark(root, categories=("fabric", "metal_plate"), **GEN)
+    test_recs = [r for r in records if r["split"] == "test"]
+    good = root / "fabric/test/good/000.png"
+    data = good.read_bytes()
+    corrupt = "fabric/test/good/001.png"  # checksum failure in the middle of the data
+    garbled = bytearray((root / corrupt).read_bytes())
+    mid = len(garbled) // 2
+    garbled[mid : mid + 64] = bytes(range(64))
+    (root / corrupt).write_bytes(bytes(garbled))
+    truncated = "fabric/test/hole/000.png"
+    (root / truncated).write_bytes((root / truncated).read_bytes()[: len(data) // 2])
+    empty = "metal_plate/test/good/000.png"
+    (root / empty).write_bytes(b"")
+    text = "metal_plate/test/good/notes.png"
+    (root / text).write_text("this is not an image\n")
+    (root / "metal_plate/test/good/.DS_Store").write_bytes(b"\0\1")  # hidden: ignored
+    missing = "metal_plate/test/scratch/000.png"
+    (root / "metal_plate/ground_truth/scratch/000_mask.png").unlink()
+    resized = "metal_plate/test/discolor/000.png"
+    mpath = root / "metal_plate/ground_truth/discolor/000_mask.png"
+    Image.open(mpath).resize((SIZE // 2, SIZE // 2), Image.Resampling.NEAREST).save(mpath)
+
+    ds, report = convert_mvtec(root, progress=False)
+    reasons = dict(report.skipped)
+    assert set(reasons) == {corrupt, truncated, empty, text}
+    assert "checksum" in reasons[corrupt] or "corrupt" in reasons[corrupt]
+    assert "truncated" in reasons[truncated]
+    assert "0 bytes" in reasons[empty]
+    assert "not a decodable image" in reasons[text]
+    warned = dict(report.warnings)
+    assert "no mask" in warned[missing] and "mask=None" in warned[missing]
+    assert "differs from image size" in warned[resized]
+    assert report.n_ok == len(ds) == len(test_recs) - 3  # the text file was never a record
+    rows = {r["image_path"]: r for r in ds}
+    assert rows[missing]["mask"] is None and rows[missing]["label"] == 1
+    assert rows[resized]["mask"].size == (SIZE // 2, SIZE // 2)
+    assert "4 files skipped" in report.summary()
+
+    ds_skip, report_skip = convert_mvtec(root, progress=False, missing_mask="skip")
+    assert missing in dict(report_skip.skipped) and len(ds_skip) == len(ds) - 1
+
+
+def test_save_to_disk_round_trip_embeds_bytes(tmp_path):
+    src = tmp_path / "src"
+    generate_synthetic_benchmark(src, categories=("wood_like", "pill_like"), layout="meta_json", **GEN)
+    ds, _ = convert(src, split="all", progress=False)
+    expected = [(_arr(r["image"]).copy(), None if r["mask"] is None else _arr(r["mask"]).copy(), r["image_path"]) for r in ds]
+    out = tmp_path / "saved"
+    ds.save_to_disk(str(out))
+    shutil.rmtree(src)
+    loaded = load_anomaly_dataset(out)
+    assert len(loaded) == len(expected) and loaded.features == ds.features
+    for row, (img, mask, path) in zip(loaded, expected):
+        assert row["image_path"] == path
+        assert np.array_equal(_arr(row["image"]), img)
+        assert (row["mask"] is None) == (mask is None)
+        if mask is not None:
+            assert np.array_equal(_arr(row["mask"]), mask)
+    assert set(load_anomaly_dataset(out, split="train")["split"]) == {"train"}
+    assert set(load_anomaly_dataset(out, categories=["pill_like"])["category"]) == {"pill_like"}
+
+
+def _check_batches(batches, ds, n_bad):
+    seen = []
+    for b in batches:
+        k = b["pixel_values"].shape[0]
+        assert b["pixel_values"].shape == (k, 3, S, S) and b["pixel_values"].dtype == torch.float32
+        assert b["masks"].shape == (k, S, S) and set(torch.unique(b["masks"]).tolist()) <= {0.0, 1.0}
+        assert b["labels"].dtype == torch.long and len(b["category"]) == len(b["index"]) == k
+        for j, idx in enumerate(b["index"]):
+            row = ds[idx]
+            assert b["labels"][j].item() == row["label"] and b["category"][j] == row["category"]
+            assert bool(b["masks"][j].any()) == (row["label"] == 1)
+        seen += b["index"]
+    assert len(seen) == len(ds) - n_bad and len(set(seen)) == len(seen)
+
+
+def test_transform_dataloader_skips_bad_rows(tmp_path, processor):
+    root = tmp_path / "tree"
+    generate_synthetic_benchmark(root, categories=("fabric", "metal_plate"), **GEN)
+    tiny = root / "fabric/test/good/002.png"  # decodes, but below one ViT patch: processor rejects it
+    Image.new("RGB", (10, 10), (128, 128, 128)).save(tiny)
+    ds, report = convert_mvtec(root, progress=False)
+    assert report.skipped == []
+    # corrupt a file *after* conversion: only the transform can notice
+    broken = root / "metal_plate/test/good/001.png"
+    broken.write_bytes(broken.read_bytes()[:100])
+    bad_paths = {"fabric/test/good/002.png", "metal_plate/test/good/001.png"}
+
+    collate = SkipBadCollate()
+    loader = torch.utils.data.DataLoader(to_torch_dataset(ds, processor), batch_size=4, collate_fn=collate)
+    _check_batches(list(loader), ds, n_bad=2)
+    assert collate.n_skipped == 2 and {p for _, p, _ in collate.skipped} == bad_paths
+    errors = {p: e for _, p, e in collate.skipped}
+    assert "processor rejected" in errors["fabric/test/good/002.png"]
+    assert "does not decode" in errors["metal_plate/test/good/001.png"]
+
+    # plain with_transform on an undecoded view (row indices via an index column)
+    view = without_decoding(ds.add_column("index", list(range(len(ds))))).with_transform(make_transform(processor))
+    collate2 = SkipBadCollate()
+    _check_batches(list(torch.utils.data.DataLoader(view, batch_size=3, collate_fn=collate2)), ds, n_bad=2)
+    assert collate2.n_skipped == 2
+    item = view[0]
+    assert item["pixel_values"].shape == (3, S, S) and item["masks"].shape == (S, S)
+
+
+def test_mask_of_other_size_is_resized_not_dropped(tmp_path, processor):
+    root = tmp_path / "folder"
+    generate_synthetic_benchmark(root, categories=("pill_like",), layout="folder", **GEN)
+    mpath = root / "pill_like/masks/discolor_000_mask.png"
+    Image.open(mpath).resize((SIZE * 2, SIZE * 2), Image.Resampling.NEAREST).save(mpath)
+    ds, report = convert_folder(root / "pill_like", progress=False, category="pill")
+    assert len(report.warnings) == 1 and set(ds["category"]) == {"pill"}
+    batch = SkipBadCollate()(to_torch_dataset(ds, processor).__getitems__(list(range(len(ds)))))
+    assert batch["pixel_values"].shape[0] == len(ds)
+    assert all(bool(batch["masks"][j].any()) == (ds[i]["label"] == 1) for j, i in enumerate(batch["index"]))
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_generator_is_deterministic(tmp_path):
+    kw = dict(categories=("fabric", "wood_like"), n_train_good=1, n_test_good=1, n_test_bad=2, image_size=48)
+    a = _digest_after(generate_synthetic_benchmark, tmp_path / "a", seed=0, **kw)
+    b = _digest_after(generate_synthetic_benchmark, tmp_path / "b", seed=0, **kw)
+    c = _digest_after(generate_synthetic_benchmark, tmp_path / "c", seed=1, **kw)
+    assert a == b
+    assert a.keys() == c.keys()
+    assert all(a[k] != c[k] for k in a if not k.endswith("_mask.png"))
+
+
+def _digest_after(fn, root, **kw):
+    fn(root, **kw)
+    return _digest(root)
+
+
+@pytest.mark.parametrize("kind", ["scratch", "patch", "discolor", "hole"])
+def test_defect_masks_are_exact(kind):
+    rng = np.random.default_rng(3)
+    clean = render_texture("metal_plate", rng, 64)
+    out, mask = apply_defect(clean, kind, rng, "metal_plate")
+    assert mask.any() and np.array_equal(mask, np.any(out != clean, axis=-1))
+
+
+def test_cli_and_validate_sample(tmp_path, capsys):
+    assert synthetic_main(["--out", str(tmp_path / "v"), "--seed", "0", "--layout", "visa", "--image-size", "32",
+                           "--categories", "fabric", "--n-train-good", "1", "--n-test-good", "1", "--n-test-bad", "1"]) == 0
+    assert "wrote 3 images" in capsys.readouterr().out
+    assert (tmp_path / "v/split_csv/1cls.csv").read_text().startswith("object,split,label,image,mask")
+    row = {"image": {"bytes": b"not a png", "path": None}, "mask": None, "label": 0, "category": "x",
+           "defect_type": "scratch", "split": "test", "image_path": "x.png"}
+    problems = validate_sample(row)
+    assert any("defect_type" in p for p in problems) and any("does not decode" in p for p in problems)
