@@ -307,6 +307,30 @@ class ViP2CLIPPreTrainedModel(PreTrainedModel):
     # The heads are tiny: keep them fp32 under a half-precision load so the unscaled FGP logits stay accurate.
     _keep_in_fp32_modules_strict = ["ica", "fgp"]
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, but strict: a weights file that lacks a weight or holds one of the
+        wrong shape is refused with the weights named (transformers alone would re-initialise them at random
+        and only log it, giving a model that silently scores nonsense)."""
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        allow_mismatch = kwargs.get("ignore_mismatched_sizes", False)
+        kwargs["ignore_mismatched_sizes"] = True  # collect the mismatches, then decide below
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs)
+        problems = []
+        missing = sorted(info.get("missing_keys") or [])
+        if missing:
+            problems.append(f"missing weights {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        mismatched = sorted(str(item[0] if isinstance(item, (tuple, list)) else item) for item in info.get("mismatched_keys") or [])
+        if mismatched and not allow_mismatch:
+            problems.append(f"weights of the wrong shape {mismatched[:8]}{' ...' if len(mismatched) > 8 else ''}")
+        if problems:
+            raise ValueError(
+                f"The weights in {pretrained_model_name_or_path} (model.safetensors) do not fit its config.json: "
+                + "; ".join(problems)
+                + ". The folder is incomplete or mixes two models: re-save or re-convert it."
+            )
+        return (model, info) if output_loading_info else model
+
     def _init_weights(self, module):
         # CLIP's own modules are dispatched to CLIPModel._init_weights by transformers (composite models).
         if isinstance(module, nn.Linear):
