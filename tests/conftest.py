@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
-
-from tiny_clip import save_tiny_clip, tiny_vip2clip_config
-
+# Before anything imports huggingface_hub / transformers, which read these once at import time.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tiny_clip import save_tiny_clip, tiny_vip2clip_config  # noqa: E402
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

@@ -1,0 +1,455 @@
+"""ViP²-CLIP zero-shot anomaly detection — Gradio demo (local checkout or Hugging Face Space).
+
+    python demo/app.py [--model vip2clip/vip2clip-vit-l14-336-mvtec | DIR] [--host 127.0.0.1] [--port 7860]
+
+Upload, paste or pick one image (or a batch): the page shows the anomaly score with a verdict at an adjustable
+threshold, the anomaly map over the image, the binary defect mask and a gallery for batches.
+
+If the model cannot be loaded (e.g. offline and not cached), the app says so in the terminal and on the page and
+serves an UNTRAINED model built locally from a small config, whose scores are meaningless, so that the interface
+can still be tried. See demo/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import logging
+import os
+import sys
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no phone-home from the server
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+if (ROOT / "modeling_vip2clip" / "__init__.py").is_file() and str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # running from a checkout: use the repository's package
+
+import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image, UnidentifiedImageError  # noqa: E402
+
+LOGGER = logging.getLogger("vip2clip.demo")
+
+DEFAULT_MODEL = "vip2clip/vip2clip-vit-l14-336-mvtec"
+EXAMPLES_DIR = HERE / "examples"
+MAX_PIXELS = 40_000_000  # per image (e.g. 6300 × 6300); PIL refuses to decode more (decompression bombs)
+MAX_FILE_SIZE = "20mb"  # per uploaded file
+MAX_BATCH = 16  # images per run
+DISPLAY_SIDE = 1024  # images larger than this are shown (not scored) downscaled
+CONVERT_COMMAND = (
+    "python hub/convert_official_checkpoint.py --checkpoint mvtec_train_epoch_10.pth "
+    "--clip openai/clip-vit-large-patch14-336 --out vip2clip-mvtec"
+)
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+
+def _esc(text: str) -> str:
+    """Escape user-controlled text (file names, error messages) for Markdown / HTML toasts."""
+    return html.escape(str(text), quote=False).replace("|", "\\|").replace("`", "'")
+
+
+def _code(text: str) -> str:
+    """Text for a Markdown code span (rendered literally, so only backticks need removing)."""
+    return "`" + str(text).replace("`", "'") + "`"
+
+
+class ImageInputError(ValueError):
+    """An input the app cannot use; its message is shown to the user as is."""
+
+
+# ---------------------------------------------------------------------------------------------- model loading
+def build_untrained_model(seed: int = 0, image_size: int = 224):
+    """A small, randomly initialised ViP²-CLIP (ViT hidden 64, 4 layers, patch 16) for trying the interface.
+
+    Its scores and maps are MEANINGLESS. Built from an explicit config (no download, no tokenizer): the token ids
+    are arbitrary entries of a small vocabulary. Returns `(model, processor)`.
+    """
+    from modeling_vip2clip import ViP2CLIPConfig, ViP2CLIPModel, ViP2CLIPProcessor
+
+    vocab_size = 1000
+    clip_config = {
+        "projection_dim": 64,
+        "text_config": {
+            "vocab_size": vocab_size, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "max_position_embeddings": 32, "projection_dim": 64,
+            "bos_token_id": vocab_size - 2, "eos_token_id": vocab_size - 1, "pad_token_id": vocab_size - 1,
+        },
+        "vision_config": {
+            "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+            "image_size": image_size, "patch_size": 16, "projection_dim": 64,
+        },
+    }
+    config = ViP2CLIPConfig(
+        clip_config=clip_config, feature_layers=[1, 2, 3, 4], n_ctx=7, n_cls=3, adapter_hidden_size=64, top_k=20,
+        blur_sigma=4.0, prompt_start_token_id=vocab_size - 2, prompt_end_token_id=vocab_size - 1,
+        normal_state_token_id=1, abnormal_state_token_id=2,
+    )
+    torch.manual_seed(seed)
+    model = ViP2CLIPModel(config).eval()
+    processor = ViP2CLIPProcessor(image_size=image_size, min_image_size=16, max_image_pixels=MAX_PIXELS)
+    return model, processor
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    processor: Any
+    source: str
+    trained: bool
+    error: str | None = None  # why the requested model is unavailable
+    via: str = ""  # "package" or "remote code"
+
+
+def _load_requested(model_id: str):
+    """The requested checkpoint; with this repository's package when importable (no remote code is executed),
+    else through transformers' remote code (a Space without the package)."""
+    try:
+        from modeling_vip2clip import ViP2CLIPModel, ViP2CLIPProcessor
+    except ImportError:
+        from transformers import AutoModel, AutoProcessor
+
+        model = AutoModel.from_pretrained(model_id, trust_remote_code=True)
+        processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True)
+        return model, processor, "remote code"
+    model = ViP2CLIPModel.from_pretrained(model_id)
+    try:
+        processor = ViP2CLIPProcessor.from_pretrained(model_id)
+    except OSError:  # no preprocessor_config.json: the SPEC defaults at the model's size
+        processor = ViP2CLIPProcessor(image_size=model.config.image_size, min_image_size=model.config.patch_size)
+    return model, processor, "package"
+
+
+def load_model(model_id: str = DEFAULT_MODEL) -> LoadedModel:
+    """Load `model_id` (Hub id or folder), or fall back to the untrained model with a plain explanation."""
+    print(f"Loading model '{model_id}' (downloaded from the Hub unless it is a folder or cached)...", flush=True)
+    try:
+        model, processor, via = _load_requested(model_id)
+    except Exception as error:  # offline, missing repo, not a ViP²-CLIP folder, ...
+        reason = " ".join(f"{type(error).__name__}: {error}".split())
+        reason = reason.split(". ")[0][:240]  # the first sentence says it
+        print(
+            f"WARNING: the trained weights '{model_id}' are unavailable ({reason}).\n"
+            "WARNING: serving an UNTRAINED model built from a small local config instead: its scores and maps are "
+            "MEANINGLESS. For real results use the published weights or convert the authors' checkpoint:\n"
+            f"    {CONVERT_COMMAND}\n    python demo/app.py --model vip2clip-mvtec",
+            flush=True,
+        )
+        try:
+            model, processor = build_untrained_model()
+        except ImportError:
+            print("ERROR: the fallback needs the vip2clip package (pip install the repository); no model served.", flush=True)
+            return LoadedModel(None, None, model_id, trained=False, error=reason)
+        return LoadedModel(model, processor, model_id, trained=False, error=reason, via="untrained fallback")
+    model.eval()
+    processor.max_image_pixels = MAX_PIXELS
+    print(f"Loaded '{model_id}' ({via}): input {model.config.image_size} px.", flush=True)
+    return LoadedModel(model, processor, model_id, trained=True, via=via)
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+def _display_name(path: str | Path) -> str:
+    return Path(str(path)).name or "image"
+
+
+def open_image(path: str | Path, name: str | None = None) -> Image.Image:
+    """Open and fully decode an image file, or raise `ImageInputError` with a message naming the file."""
+    name = name or _display_name(path)
+    path = Path(path)
+    if not path.is_file():
+        raise ImageInputError(f"{name}: the file is missing (upload it again).")
+    if path.stat().st_size == 0:
+        raise ImageInputError(f"{name}: the file is empty (0 bytes).")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(path)
+        except UnidentifiedImageError:
+            raise ImageInputError(
+                f"{name}: not an image file this app can read (PNG, JPEG, TIFF, BMP, WebP, ...)."
+            ) from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ImageInputError(
+                f"{name}: too many pixels (limit {MAX_PIXELS:,}); downscale it first — the model sees it at a few "
+                "hundred pixels anyway."
+            ) from None
+        except OSError as error:
+            raise ImageInputError(f"{name}: cannot be opened ({error}).") from None
+        width, height = image.size
+        if width * height > MAX_PIXELS:
+            raise ImageInputError(
+                f"{name}: {width}×{height} = {width * height:,} pixels, over the limit of {MAX_PIXELS:,}; downscale "
+                "it first — the model sees it at a few hundred pixels anyway."
+            )
+        try:
+            image.load()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ImageInputError(f"{name}: too many pixels (limit {MAX_PIXELS:,}).") from None
+        except (OSError, SyntaxError, ValueError, EOFError) as error:
+            raise ImageInputError(f"{name}: the image data is corrupt or truncated ({error}).") from None
+    return image
+
+
+# ---------------------------------------------------------------------------------------------- the demo
+@dataclass
+class Result:
+    name: str
+    image: Image.Image  # RGB, shown at most DISPLAY_SIDE px on its long side
+    score: float
+    anomaly_map: np.ndarray  # (h, w) float32 in [0, 1], the displayed image's size
+    size: tuple[int, int]  # original (width, height)
+
+
+@dataclass
+class AnomalyDemo:
+    """The app's logic, callable without a browser (the tests use it directly)."""
+
+    loaded: LoadedModel
+    notes: list[str] = field(default_factory=list)
+
+    # -------------------------------------------------------------- inference
+    def prepare(self, path: str | Path, name: str | None = None) -> Image.Image:
+        """File → RGB image at its own size (EXIF orientation applied, 16-bit converted) or `ImageInputError`."""
+        name = name or _display_name(path)
+        image = open_image(path, name)
+        try:
+            return self.loaded.processor.to_pil(image, what=name)
+        except (ValueError, TypeError) as error:
+            raise ImageInputError(str(error)) from None
+
+    def predict(self, image: Image.Image, map_size: tuple[int, int] | None = None) -> tuple[float, np.ndarray]:
+        """RGB image → (score, anomaly map) with the map at `map_size` (width, height), default the image's size."""
+        processor, model = self.loaded.processor, self.loaded.model
+        width, height = map_size or image.size
+        with torch.inference_mode():
+            inputs = processor(images=[image])
+            outputs = model(pixel_values=inputs["pixel_values"])
+            anomaly_map = processor.post_process_anomaly_maps(outputs, target_sizes=[(height, width)])[0]
+        return float(outputs.anomaly_score[0]), anomaly_map.numpy().astype(np.float32)
+
+    def run_one(self, path: str | Path, name: str | None = None) -> Result:
+        name = name or _display_name(path)
+        image = self.prepare(path, name)
+        size = image.size
+        shown = image
+        if max(size) > DISPLAY_SIDE:  # the model sees S×S anyway; show (and map) a downscaled copy
+            shown = image.copy()
+            shown.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE), Image.Resampling.LANCZOS)
+        score, anomaly_map = self.predict(image, map_size=shown.size)
+        return Result(name, shown, score, anomaly_map, size)
+
+    # -------------------------------------------------------------- event handlers
+    def analyze(self, image_path, files, score_threshold: float = 0.5, mask_threshold: float = 0.5, progress=gr.Progress()):
+        """Gradio handler: single image and/or a batch → (summary, overlay, mask, gallery, state)."""
+        if self.loaded.model is None:
+            message = "No model is loaded (see the note at the top of the page)."
+            gr.Warning(message)
+            return self.render([], [message], score_threshold, mask_threshold)
+        sources: list[str] = []
+        if image_path:
+            sources.append(str(image_path))
+        for item in files or []:
+            sources.append(str(getattr(item, "path", None) or getattr(item, "name", None) or item))
+        problems: list[str] = []
+        if not sources:
+            message = "Upload, paste or pick an example image first."
+            gr.Warning(message)
+            return self.render([], [message], score_threshold, mask_threshold)
+        if len(sources) > MAX_BATCH:
+            problems.append(f"{len(sources)} images given; only the first {MAX_BATCH} are scored.")
+            sources = sources[:MAX_BATCH]
+        results: list[Result] = []
+        for index, path in enumerate(sources):
+            name = _display_name(path)
+            progress((index, len(sources)), desc=f"Scoring {name}", unit="images")
+            try:
+                results.append(self.run_one(path, name))
+            except ImageInputError as error:
+                problems.append(str(error))
+            except Exception as error:  # never show a stack trace: log it, tell the user what failed
+                LOGGER.error("scoring %s failed:\n%s", name, traceback.format_exc())
+                problems.append(f"{name}: could not be scored ({type(error).__name__}); the server log has details.")
+        progress((len(sources), len(sources)), desc="Done", unit="images")
+        for problem in problems:
+            gr.Warning(_esc(problem))
+        return self.render(results, problems, score_threshold, mask_threshold)
+
+    def rethreshold(self, state, score_threshold: float, mask_threshold: float):
+        """Re-apply new thresholds to the last results without running the model again."""
+        results, problems = state if state else ([], [])
+        return self.render(results, problems, score_threshold, mask_threshold)
+
+    # -------------------------------------------------------------- rendering
+    def render(self, results: list[Result], problems: list[str], score_threshold: float, mask_threshold: float):
+        score_threshold, mask_threshold = float(score_threshold), float(mask_threshold)
+        processor = self.loaded.processor
+        lines = []
+        if not self.loaded.trained:
+            lines.append("> ⚠️ **Untrained fallback model — these scores are MEANINGLESS.**\n")
+        if results:
+            first = results[0]
+            lines.append(f"### {_esc(first.name)}: {self.verdict(first.score, score_threshold)}")
+            lines.append("")
+            lines.append("| image | size | anomaly score | verdict |")
+            lines.append("| --- | --- | ---: | --- |")
+            for result in results:
+                verdict = "**anomalous**" if result.score >= score_threshold else "normal"
+                lines.append(
+                    f"| {_esc(result.name)} | {result.size[0]}×{result.size[1]} | {result.score:.3f} | {verdict} |"
+                )
+            lines.append(f"\nScore threshold {score_threshold:.2f}; mask threshold {mask_threshold:.2f}.")
+        if problems:
+            lines.append("\n**Not scored:**")
+            lines.extend(f"- {_esc(problem)}" for problem in problems)
+        summary = "\n".join(lines) if lines else ""
+
+        overlay = annotated = None
+        gallery = []
+        for index, result in enumerate(results):
+            heat = processor.overlay(result.image, result.anomaly_map, alpha=0.5)
+            verdict = "ANOMALOUS" if result.score >= score_threshold else "normal"
+            gallery.append((heat, f"{result.name}: {result.score:.3f} ({verdict})"))
+            if index == 0:
+                overlay = heat
+                mask = (result.anomaly_map >= mask_threshold).astype(np.float32)
+                annotated = (result.image, [(mask, f"defect (map ≥ {mask_threshold:.2f})")])
+        return summary, overlay, annotated, gallery, (results, problems)
+
+    @staticmethod
+    def verdict(score: float, threshold: float) -> str:
+        if score >= threshold:
+            return f"anomaly score {score:.3f} ≥ {threshold:.2f} → **ANOMALOUS**"
+        return f"anomaly score {score:.3f} < {threshold:.2f} → **normal**"
+
+    # -------------------------------------------------------------- page
+    def status_markdown(self) -> str:
+        loaded = self.loaded
+        if loaded.trained:
+            return (
+                f"Model: {_code(loaded.source)} (loaded via {loaded.via}). Scores are relative: calibrate "
+                "the threshold on a few normal images of your domain."
+            )
+        how = (
+            f"**For meaningful results** use the published weights (`--model {DEFAULT_MODEL}` with Hub access), or "
+            f"convert the authors' checkpoint with one command and point the app at it:\n\n"
+            f"```\n{CONVERT_COMMAND}\npython demo/app.py --model vip2clip-mvtec\n```"
+        )
+        if loaded.model is None:
+            return (
+                f"⚠️ **The trained weights {_code(loaded.source)} are unavailable** "
+                f"({_esc(loaded.error or '')}), and no fallback model could be built.\n\n{how}"
+            )
+        return (
+            f"⚠️ **The trained weights {_code(loaded.source)} are unavailable** "
+            f"({_esc(loaded.error or '')}).\n\n"
+            "This page runs an **UNTRAINED model built locally from a small config: its scores and maps are "
+            "MEANINGLESS.** It is here only so that the interface can be tried.\n\n" + how
+        )
+
+
+class SafeImage(gr.Image):
+    """`gr.Image` input that hands the raw uploaded file to the handler instead of decoding it in Gradio, so a
+    corrupt or non-image file gets the app's own readable message (and 16-bit data is not clipped)."""
+
+    is_template = True  # same front-end as gr.Image
+
+    def preprocess(self, payload):
+        if payload is None:
+            return None
+        if getattr(payload, "path", None) and not str(getattr(payload, "url", "") or "").startswith("data:"):
+            return str(payload.path)
+        try:
+            return super().preprocess(payload)
+        except Exception:  # an undecodable pasted image: let the handler report it
+            return None
+
+
+CSS = """
+#verdict h3 { margin-top: 0; }
+"""
+
+
+def build_demo(app: AnomalyDemo) -> gr.Blocks:
+    examples = sorted(EXAMPLES_DIR.glob("*.png"))
+    with gr.Blocks(title="ViP²-CLIP zero-shot anomaly detection") as demo:
+        gr.Markdown(
+            "# ViP²-CLIP — zero-shot anomaly detection\n"
+            "Upload, paste or pick an image of *any* object or texture (no class names, no reference images): the "
+            "model returns an anomaly score in [0, 1] and a map of where the defect is "
+            "([paper](https://arxiv.org/abs/2505.17692))."
+        )
+        gr.Markdown(app.status_markdown(), elem_id="model-status")
+        state = gr.State()
+        with gr.Row():
+            with gr.Column(scale=1):
+                image_input = SafeImage(
+                    label="Image (upload or paste)", type="filepath", image_mode=None,
+                    sources=["upload", "clipboard"], elem_id="input-image", height=320,
+                )
+                files_input = gr.File(
+                    label="…or a batch of images", file_count="multiple", elem_id="input-files", height=120,
+                )
+                score_threshold = gr.Slider(0.0, 1.0, value=0.5, step=0.01, label="Score threshold (verdict)")
+                mask_threshold = gr.Slider(0.0, 1.0, value=0.5, step=0.01, label="Map threshold (defect mask)")
+                run = gr.Button("Detect anomalies", variant="primary", elem_id="run-button")
+                if examples:
+                    gr.Examples(
+                        examples=[[str(path)] for path in examples], inputs=[image_input],
+                        label="Synthetic examples (CC0, made by this project)",
+                    )
+            with gr.Column(scale=2):
+                summary = gr.Markdown(elem_id="verdict")
+                with gr.Row():
+                    overlay = gr.Image(
+                        label="Anomaly map over the image", type="pil", format="png", elem_id="overlay",
+                        interactive=False, height=340,
+                    )
+                    mask = gr.AnnotatedImage(label="Defect mask", elem_id="mask", format="png", height=340)
+                gallery = gr.Gallery(
+                    label="All images (batch)", columns=6, height=260, object_fit="contain", elem_id="gallery",
+                    fit_columns=False, preview=False,
+                    format="png",
+                )
+        outputs = [summary, overlay, mask, gallery, state]
+        run.click(
+            app.analyze, inputs=[image_input, files_input, score_threshold, mask_threshold], outputs=outputs,
+            api_name="detect",
+        )
+        for slider in (score_threshold, mask_threshold):
+            slider.release(
+                app.rethreshold, inputs=[state, score_threshold, mask_threshold], outputs=outputs,
+                api_name=False, show_progress="hidden",
+            )
+    demo.queue(default_concurrency_limit=1, max_size=32)
+    return demo
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"Hub id or local folder (default {DEFAULT_MODEL})")
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    app = AnomalyDemo(load_model(args.model))
+    demo = build_demo(app)
+    theme = gr.themes.Default(
+        primary_hue="orange", font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
+    )  # system fonts: the page makes no third-party font requests
+    demo.launch(
+        server_name=args.host, server_port=args.port, max_file_size=MAX_FILE_SIZE,
+        allowed_paths=[str(EXAMPLES_DIR)], show_error=False, ssr_mode=False, theme=theme, css=CSS,
+        footer_links=["api"],
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

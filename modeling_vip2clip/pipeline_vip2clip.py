@@ -1,0 +1,93 @@
+"""Custom `transformers` pipeline task "anomaly-detection" for ViP²-CLIP.
+
+    from transformers import pipeline
+    detector = pipeline(model="vip2clip/vip2clip-vit-l14-336-mvtec", trust_remote_code=True)
+    detector("image.png", threshold=0.5)
+    # {"score": 0.83, "is_anomalous": True, "anomaly_map": float32 array (H, W), "mask": PIL "L" image (H, W)}
+
+`hub/publish.py` registers it (`PIPELINE_REGISTRY.register_pipeline`) and saves it next to the model, which writes
+`custom_pipelines` into config.json. This file travels to the Hub: it imports only numpy, PIL, torch,
+transformers and its single-dot siblings.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import Pipeline
+from transformers.image_utils import load_image
+
+from .processing_vip2clip import ViP2CLIPProcessor
+
+__all__ = ["ViP2CLIPAnomalyDetectionPipeline", "TASK"]
+
+TASK = "anomaly-detection"
+
+
+class ViP2CLIPAnomalyDetectionPipeline(Pipeline):
+    """Image → anomaly score, anomaly map and binary defect mask, each at the image's own size.
+
+    Call arguments: `threshold` (default 0.5) binarises the map into `mask`; `score_threshold` (default: `threshold`)
+    decides `is_anomalous`; `timeout` for image URLs.
+    """
+
+    # The ViP²-CLIP processor is not an AutoImageProcessor: load it ourselves from the model's folder / repo.
+    _load_processor = False
+    _load_image_processor = False
+    _load_feature_extractor = False
+    _load_tokenizer = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.image_processor, ViP2CLIPProcessor):
+            self.image_processor = self._load_vip2clip_processor()
+
+    def _load_vip2clip_processor(self) -> ViP2CLIPProcessor:
+        source = getattr(self.model, "name_or_path", None)
+        if source:
+            try:
+                return ViP2CLIPProcessor.from_pretrained(source)
+            except (OSError, ValueError):
+                pass  # no preprocessor_config.json: the SPEC §7 defaults at the model's input size
+        config = self.model.config
+        return ViP2CLIPProcessor(image_size=config.image_size, min_image_size=config.patch_size)
+
+    def _sanitize_parameters(self, threshold=None, score_threshold=None, timeout=None, **kwargs):
+        preprocess_params = {} if timeout is None else {"timeout": timeout}
+        postprocess_params = {}
+        if threshold is not None:
+            postprocess_params["threshold"] = float(threshold)
+        if score_threshold is not None:
+            postprocess_params["score_threshold"] = float(score_threshold)
+        return preprocess_params, {}, postprocess_params
+
+    def preprocess(self, image: Any, timeout: float | None = None) -> dict[str, Any]:
+        if isinstance(image, str):
+            image = load_image(image, timeout=timeout)
+        pil = self.image_processor.to_pil(image)
+        inputs = self.image_processor(images=[pil])
+        return {"pixel_values": inputs["pixel_values"].to(self.dtype or torch.float32), "original_size": (pil.height, pil.width)}
+
+    def _forward(self, model_inputs: dict[str, Any]) -> dict[str, Any]:
+        original_size = model_inputs.pop("original_size")
+        outputs = self.model(pixel_values=model_inputs["pixel_values"])
+        return {"anomaly_score": outputs.anomaly_score, "anomaly_map": outputs.anomaly_map, "original_size": original_size}
+
+    def postprocess(self, model_outputs: dict[str, Any], threshold: float = 0.5, score_threshold: float | None = None):
+        score_threshold = threshold if score_threshold is None else score_threshold
+        size = model_outputs["original_size"]
+        size = tuple(int(v) for v in (size.tolist() if isinstance(size, torch.Tensor) else size))
+        anomaly_map = self.image_processor.post_process_anomaly_maps(
+            model_outputs["anomaly_map"].float().cpu(), target_sizes=[size]
+        )[0]
+        score = float(model_outputs["anomaly_score"].float().cpu().reshape(-1)[0])
+        mask = (anomaly_map >= threshold).numpy().astype(np.uint8) * 255
+        return {
+            "score": score,
+            "is_anomalous": score >= score_threshold,
+            "anomaly_map": anomaly_map.numpy().astype(np.float32),
+            "mask": Image.fromarray(mask, mode="L"),
+        }

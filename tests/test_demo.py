@@ -1,0 +1,387 @@
+"""demo/app.py: the handlers on real images and bad inputs, the real server queried with gradio_client, the offline
+fallback, the Space metadata, and a headless Chromium session (screenshot in artifacts/demo_screenshot.png)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tiny_clip import tiny_vip2clip_config
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "demo"
+APP = DEMO / "app.py"
+EXAMPLE = DEMO / "examples" / "fabric_hole.png"
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+
+
+@pytest.fixture(scope="module")
+def app_module():
+    spec = importlib.util.spec_from_file_location("vip2clip_demo_app", APP)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random model folder with non-degenerate heads (what `--model DIR` gets in these tests)."""
+    from modeling_vip2clip import ViP2CLIPModel, ViP2CLIPProcessor
+
+    torch.manual_seed(0)
+    model = ViP2CLIPModel(tiny_vip2clip_config()).eval()
+    with torch.no_grad():
+        for parameter in list(model.ica.parameters()) + list(model.fgp.parameters()):
+            parameter.normal_(0, 0.5)
+    directory = tmp_path_factory.mktemp("demo_model") / "tiny"
+    model.save_pretrained(directory)
+    ViP2CLIPProcessor(image_size=32, min_image_size=8).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def demo(app_module, model_dir):
+    loaded = app_module.load_model(str(model_dir))
+    assert loaded.trained and loaded.model is not None
+    return app_module.AnomalyDemo(loaded)
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bad_inputs")
+    good = EXAMPLE.read_bytes()
+    (folder / "corrupt.png").write_bytes(good[:60] + b"\x00garbage" * 50 + good[-400:])
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.png").write_text("this is a text file renamed to .png\n")
+    ramp = (np.linspace(0, 65535, 120 * 90).reshape(90, 120)).astype(np.uint16)
+    Image.fromarray(ramp).save(folder / "sixteen_bit.tif")
+    Image.new("1", (10_000, 10_000)).save(folder / "huge.png")  # 10⁸ pixels, small file
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------- handlers
+def _first_score(summary: str) -> float:
+    line = next(line for line in summary.splitlines() if line.startswith("### "))
+    return float(line.split("anomaly score ")[1].split()[0])
+
+
+def test_analyze_example(demo):
+    summary, overlay, annotated, gallery, state = demo.analyze(str(EXAMPLE), None, 0.5, 0.5)
+    results, problems = state
+    assert not problems and len(results) == 1 and len(gallery) == 1
+    score = results[0].score
+    assert 0.0 <= score <= 1.0 and f"{score:.3f}" in summary
+    assert overlay.size == Image.open(EXAMPLE).size == (256, 256) and overlay.mode == "RGB"
+    base, [(mask, label)] = annotated
+    assert base.size == (256, 256) and mask.shape == (256, 256) and "defect" in label
+    assert set(np.unique(mask)) <= {0.0, 1.0}
+    # the overlay really is the heat-map: it differs from the photo
+    assert np.abs(np.asarray(overlay, float) - np.asarray(base, float)).mean() > 10
+
+
+def test_verdict_and_mask_follow_thresholds(demo):
+    _, _, _, _, state = demo.analyze(str(EXAMPLE), None, 0.5, 0.5)
+    result = state[0][0]
+    score, anomaly_map = result.score, result.anomaly_map
+    assert anomaly_map.max() - anomaly_map.min() > 1e-4
+    below = demo.rethreshold(state, max(score - 0.01, 0.0), 0.5)[0]
+    above = demo.rethreshold(state, min(score + 0.01, 1.0), 0.5)[0]
+    assert "ANOMALOUS" in below.splitlines()[0] and "normal" in above.splitlines()[0]
+    median = float(np.median(anomaly_map))
+    _, _, (_, [(mask, _)]), _, _ = demo.rethreshold(state, 0.5, median)
+    assert 0 < mask.mean() < 1 and set(np.unique(mask)) == {0.0, 1.0}
+    assert np.array_equal(mask.astype(bool), anomaly_map >= median)
+    _, _, (_, [(higher, _)]), _, _ = demo.rethreshold(state, 0.5, float(np.quantile(anomaly_map, 0.9)))
+    assert higher.sum() < mask.sum()
+    # thresholds only re-render: the score is the same as a fresh run
+    assert _first_score(demo.analyze(str(EXAMPLE), None, 0.2, 0.5)[0]) == pytest.approx(score, abs=1e-3)
+
+
+def test_non_square_and_exif_orientation(demo, tmp_path):
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 300, 3), dtype=np.uint8))
+    image.save(tmp_path / "wide.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise for display
+    image.save(tmp_path / "rotated.jpg", exif=exif)
+    _, overlay, _, gallery, (results, _) = demo.analyze(str(tmp_path / "wide.png"), [str(tmp_path / "rotated.jpg")], 0.5, 0.5)
+    assert overlay.size == (300, 200)
+    assert [r.image.size for r in results] == [(300, 200), (200, 300)] and gallery[1][0].size == (200, 300)
+
+
+def test_bad_inputs_get_readable_messages(demo, bad_files):
+    names = ["corrupt.png", "empty.png", "notes.png", "sixteen_bit.tif", "huge.png"]
+    files = [str(bad_files / name) for name in names]
+    start = time.perf_counter()
+    with pytest.warns(UserWarning) as warned:  # gr.Warning outside a running app
+        summary, overlay, _, gallery, (results, problems) = demo.analyze(str(EXAMPLE), files, 0.5, 0.5)
+    assert time.perf_counter() - start < 10  # the 10⁸-pixel image is refused without decoding it
+    assert [r.name for r in results] == ["fabric_hole.png", "sixteen_bit.tif"] and len(gallery) == 2
+    by_file = {name: next(p for p in problems if p.startswith(name)) for name in ("corrupt.png", "empty.png", "notes.png", "huge.png")}
+    assert "corrupt or truncated" in by_file["corrupt.png"] or "not an image" in by_file["corrupt.png"]
+    assert "empty (0 bytes)" in by_file["empty.png"]
+    assert "not an image file" in by_file["notes.png"]
+    assert "10000×10000" in by_file["huge.png"] or "too many pixels" in by_file["huge.png"]
+    messages = [str(w.message) for w in warned if str(w.message).startswith(tuple(by_file))]
+    assert len(messages) == 4 and all("Traceback" not in message for message in messages)
+    assert "Not scored" in summary and "Traceback" not in summary
+    # the 16-bit TIFF is converted (÷257), not clipped to white
+    tiff = results[1]
+    pixels = np.asarray(tiff.image)
+    assert tiff.image.mode == "RGB" and pixels.min() == 0 and pixels.max() == 255 and 100 < pixels.mean() < 155
+    assert 0.0 <= tiff.score <= 1.0
+
+
+def test_no_input_and_other_failures_do_not_raise(demo, app_module, tmp_path):
+    with pytest.warns(UserWarning, match="first"):
+        summary, overlay, annotated, gallery, _ = demo.analyze(None, [], 0.5, 0.5)
+    assert overlay is None and annotated is None and gallery == [] and "Upload" in summary
+    tiny = tmp_path / "tiny.png"
+    Image.new("RGB", (5, 5)).save(tiny)  # below the processor's minimum side
+    with pytest.warns(UserWarning, match="smaller than the minimum"):
+        summary = demo.analyze(str(tiny), None, 0.5, 0.5)[0]
+    assert "tiny.png" in summary
+    with pytest.raises(app_module.ImageInputError, match="missing"):
+        app_module.open_image(tmp_path / "nope.png")
+
+
+def test_untrained_fallback_model(app_module, capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    # conftest sets HF_HUB_OFFLINE after huggingface_hub has read it; make this process really offline
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    model_a, processor = app_module.build_untrained_model()
+    model_b, _ = app_module.build_untrained_model()
+    assert model_a.config.image_size == 224 and model_a.config.clip_config.vision_config.hidden_size == 64
+    assert all(torch.equal(a, b) for a, b in zip(model_a.state_dict().values(), model_b.state_dict().values()))
+    with torch.inference_mode():
+        out = model_a(pixel_values=processor(images=[Image.open(EXAMPLE)])["pixel_values"])
+    assert out.anomaly_map.shape == (1, 224, 224) and 0 <= float(out.anomaly_score[0]) <= 1
+    loaded = app_module.load_model("some/nonexistent-id")  # HF_HUB_OFFLINE=1 (conftest)
+    assert not loaded.trained and loaded.model is not None and loaded.error
+    printed = capsys.readouterr().out
+    assert "'some/nonexistent-id' are unavailable" in printed and "MEANINGLESS" in printed
+    page = app_module.AnomalyDemo(loaded).status_markdown()
+    assert "unavailable" in page and "MEANINGLESS" in page
+    assert "python hub/convert_official_checkpoint.py --checkpoint mvtec_train_epoch_10.pth" in page
+    assert "python demo/app.py --model vip2clip-mvtec" in page
+
+
+# ---------------------------------------------------------------------------------------------- packaging
+def test_space_metadata_requirements_and_examples(app_module, tmp_path, monkeypatch):
+    import gradio
+    from huggingface_hub import SpaceCard
+
+    card = SpaceCard.load(DEMO / "README.md")
+    assert card.data.sdk == "gradio" and card.data.sdk_version == gradio.__version__ == "6.31.0"
+    assert card.data.app_file == "app.py" and (DEMO / card.data.app_file).is_file()
+    assert card.data.python_version == "3.11" and card.data.license
+    assert card.data.models == [app_module.DEFAULT_MODEL] == ["vip2clip/vip2clip-vit-l14-336-mvtec"]
+    requirements = (DEMO / "requirements.txt").read_text()
+    for package in ("torch", "transformers", "gradio==6.31.0", "pillow", "safetensors"):
+        assert package in requirements
+    examples = sorted((DEMO / "examples").glob("*.png"))
+    assert len(examples) >= 4 and sum(p.stat().st_size for p in examples) < 500_000
+    assert "CC0" in (DEMO / "examples" / "LICENSE").read_text()
+    # the committed examples are exactly what the generator makes
+    spec = importlib.util.spec_from_file_location("vip2clip_make_examples", DEMO / "make_examples.py")
+    maker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(maker)
+    monkeypatch.setattr(maker, "EXAMPLES", tmp_path)
+    for path in maker.main():
+        assert path.read_bytes() == (DEMO / "examples" / path.name).read_bytes(), (
+            f"{path.name} is stale: run python demo/make_examples.py")
+
+
+_SPACE_CHILD = r"""
+import importlib.abc, sys
+
+class _NoPackage(importlib.abc.MetaPathFinder):  # a Space has no vip2clip package, only demo/'s files
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "modeling_vip2clip":
+            raise ImportError("no vip2clip package on this Space")
+
+sys.meta_path.insert(0, _NoPackage())
+sys.path.insert(0, sys.argv[1])
+import app
+
+loaded = app.load_model(sys.argv[2])
+assert loaded.trained and loaded.via == "remote code", loaded
+assert type(loaded.model).__module__.startswith("transformers_modules.")
+summary = app.AnomalyDemo(loaded).analyze(sys.argv[3], None, 0.5, 0.5)[0]
+print("SCORED", summary.splitlines()[0])
+missing = app.load_model("some/nonexistent-id")
+assert missing.model is None and "no fallback" in app.AnomalyDemo(missing).status_markdown()
+print("NO-FALLBACK-OK")
+"""
+
+
+@pytest.mark.slow
+def test_runs_as_a_space_without_the_package(model_dir, tmp_path):
+    """demo/ alone (as uploaded to a Space): the model comes through its remote code; without weights and without
+    the package the page says so instead of crashing."""
+    space = tmp_path / "space"
+    shutil.copytree(DEMO, space, ignore=shutil.ignore_patterns("__pycache__"))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), GRADIO_TEMP_DIR=str(tmp_path / "gradio"))
+    run = subprocess.run(
+        [sys.executable, "-c", _SPACE_CHILD, str(space), str(model_dir), str(space / "examples" / EXAMPLE.name)],
+        cwd=space, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "SCORED ### fabric_hole.png: anomaly score" in run.stdout and "NO-FALLBACK-OK" in run.stdout
+    assert "are unavailable" in run.stdout
+
+
+# ---------------------------------------------------------------------------------------------- the server
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model: str, tmp: Path):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.log = tmp / f"server_{self.port}.log"
+        env = dict(os.environ, GRADIO_TEMP_DIR=str(tmp / "gradio"), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+        self.process = subprocess.Popen(
+            [sys.executable, str(APP), "--model", model, "--host", "127.0.0.1", "--port", str(self.port)],
+            stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=tmp,
+        )
+
+    def wait(self, timeout: float = 90) -> "Server":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"server exited ({self.process.returncode}):\n{self.output()}")
+            try:
+                with urllib.request.urlopen(self.url, timeout=2) as response:
+                    if response.status == 200:
+                        return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.3)
+        raise AssertionError(f"server not up after {timeout} s:\n{self.output()}")
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def status(self, path: str) -> int:
+        try:
+            with urllib.request.urlopen(self.url.rstrip("/") + path, timeout=5) as response:
+                return response.status
+        except urllib.error.HTTPError as error:
+            return error.code
+
+    def stop(self):
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+@pytest.fixture(scope="module")
+def servers(model_dir, tmp_path_factory):
+    """The app on the tiny model and the app offline on a missing Hub id, started together (they boot in parallel)."""
+    tmp = tmp_path_factory.mktemp("servers")
+    started = [Server(str(model_dir), tmp), Server("some/nonexistent-id", tmp)]
+    try:
+        yield [server.wait() for server in started]
+    finally:
+        for server in started:
+            server.stop()
+
+
+@pytest.mark.slow
+def test_server_with_gradio_client(servers, bad_files):
+    from gradio_client import Client, handle_file
+
+    server = servers[0]
+    client = Client(server.url, verbose=False)
+    assert "/detect" in client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    summary, overlay, annotated, gallery = client.predict(handle_file(str(EXAMPLE)), None, 0.5, 0.5, api_name="/detect")
+    score = _first_score(summary)
+    assert 0.0 <= score <= 1.0
+    assert Image.open(overlay).size == (256, 256)
+    mask = np.asarray(Image.open(annotated["annotations"][0]["image"]))
+    assert mask.shape[:2] == (256, 256)
+    assert len(gallery) == 1 and "fabric_hole.png" in gallery[0]["caption"]
+    # bad files through the real upload path: readable messages, then the server keeps serving
+    summary, overlay, _, gallery = client.predict(
+        None, [handle_file(str(bad_files / "notes.png")), handle_file(str(bad_files / "corrupt.png"))], 0.5, 0.5,
+        api_name="/detect",
+    )
+    assert overlay is None and gallery == [] and "notes.png: not an image file" in summary and "corrupt.png" in summary
+    again = client.predict(handle_file(str(EXAMPLE)), None, 0.5, 0.5, api_name="/detect")[0]
+    assert _first_score(again) == pytest.approx(score, abs=1e-3)
+    # files are served from the examples folder only
+    assert server.status(f"/gradio_api/file={DEMO / 'examples' / 'pill_good.png'}") == 200
+    assert server.status(f"/gradio_api/file={APP}") == 403
+    assert server.status(f"/gradio_api/file={ROOT / 'pyproject.toml'}") == 403
+    assert "Traceback" not in server.output()
+
+
+@pytest.mark.slow
+def test_offline_fallback_server(servers):
+    from gradio_client import Client, handle_file
+
+    server = servers[1]
+    output = server.output()
+    assert "'some/nonexistent-id' are unavailable" in output and "UNTRAINED" in output
+    with urllib.request.urlopen(server.url + "config", timeout=5) as response:
+        page_config = response.read().decode()
+    assert "are unavailable" in page_config and "MEANINGLESS" in page_config
+    summary = Client(server.url, verbose=False).predict(handle_file(str(EXAMPLE)), None, 0.5, 0.5, api_name="/detect")[0]
+    assert "MEANINGLESS" in summary and 0.0 <= _first_score(summary) <= 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed (apt-get install chromium)")
+def test_browser_upload_and_run(servers, tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+    server = servers[0]
+    artifacts = ROOT / "artifacts"
+    artifacts.mkdir(exist_ok=True)
+    with playwright.sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, headless=True,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"],
+            viewport={"width": 1400, "height": 1000},
+        )
+        try:
+            page = context.new_page()
+            page.goto(server.url, wait_until="domcontentloaded")
+            page.wait_for_selector("#run-button", timeout=30_000)
+            assert "ViP²-CLIP" in page.inner_text("h1")
+            page.locator("#input-image input[type=file]").set_input_files(str(EXAMPLE))
+            page.wait_for_selector("#input-image img", timeout=20_000)
+            page.click("#run-button")
+            page.wait_for_selector("#overlay img", timeout=30_000)
+            page.wait_for_selector("#verdict h3", timeout=30_000)
+            verdict = page.inner_text("#verdict")
+            assert "fabric_hole.png" in verdict and "anomaly score" in verdict
+            overlay_size = page.eval_on_selector("#overlay img", "img => [img.naturalWidth, img.naturalHeight]")
+            assert overlay_size == [256, 256]
+            assert page.locator("#gallery img").count() >= 1
+            page.screenshot(path=str(artifacts / "demo_screenshot.png"), full_page=True)
+        finally:
+            context.close()
+    assert (artifacts / "demo_screenshot.png").stat().st_size > 10_000
