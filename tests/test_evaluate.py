@@ -1,0 +1,172 @@
+"""`vip2clip evaluate`: the per-category table and JSON, NaN categories, bad samples, overlays, interrupted runs
+resumed without double counting. Tiny random ViP2CLIP, 32 px synthetic benchmark."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from modeling_vip2clip.cli import main as cli_main
+from modeling_vip2clip.data import generate_synthetic_benchmark
+from modeling_vip2clip.evaluate import PartialResults
+from modeling_vip2clip.metrics import METRIC_KEYS
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_clip_dir, tmp_path_factory):
+    import torch
+
+    from modeling_vip2clip import ViP2CLIPModel, ViP2CLIPProcessor
+
+    torch.manual_seed(0)
+    model = ViP2CLIPModel.from_clip(tiny_clip_dir, image_size=32, feature_layers=[1, 2], n_ctx=3, n_cls=2, top_k=5)
+    out = tmp_path_factory.mktemp("eval_model")
+    model.save_pretrained(out)
+    ViP2CLIPProcessor(image_size=32).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bench_dir(tmp_path_factory):
+    """fabric + wood_like: 3 normal, 3 anomalous each; pill_like: normal images only (undefined metrics);
+    one corrupt file (dropped by the converter) and one 8x8 image (rejected by the processor)."""
+    root = tmp_path_factory.mktemp("eval_bench")
+    generate_synthetic_benchmark(root, categories=("fabric", "wood_like"), n_train_good=0, n_test_good=3,
+                                 n_test_bad=3, image_size=32, seed=0)
+    generate_synthetic_benchmark(root, categories=("pill_like",), n_train_good=0, n_test_good=2, n_test_bad=0,
+                                 image_size=32, seed=0)
+    (root / "fabric" / "test" / "good" / "099.png").write_bytes(b"this is not a png")
+    Image.new("RGB", (8, 8), (120, 30, 200)).save(root / "wood_like" / "test" / "good" / "098.png")
+    return root
+
+
+def _evaluate(model_dir, bench_dir, out, *extra):
+    argv = ["evaluate", "--model", str(model_dir), "--dataset", str(bench_dir), "--output-dir", str(out),
+            "--batch-size", "4", "--num-workers", "0", "--no-progress", *extra]
+    assert cli_main(argv) == 0
+
+
+@pytest.fixture(scope="module")
+def full_run(model_dir, bench_dir, tmp_path_factory):
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    out = tmp_path_factory.mktemp("eval_full")
+    _evaluate(model_dir, bench_dir, out, "--save-maps")
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_table_and_json_are_complete(full_run, bench_dir):
+    out, results = full_run
+    assert results["dataset"] == bench_dir.name and results["split"] == "test" and results["pro_mode"] == "exact"
+    assert set(results["per_category"]) == {"fabric", "pill_like", "wood_like"}
+    for category in ("fabric", "wood_like"):
+        metrics = results["per_category"][category]
+        assert list(metrics) == list(METRIC_KEYS)
+        assert all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in metrics.values()), metrics
+    assert all(0.0 <= results["mean"][k] <= 1.0 for k in METRIC_KEYS)
+    # A category without anomalous images: every metric undefined -> null in the JSON, nan in the table.
+    assert all(v is None for v in results["per_category"]["pill_like"].values())
+    table = (out / "results.md").read_text()
+    header = table.splitlines()[0]
+    assert all(key in header for key in METRIC_KEYS)
+    pill_row = next(line for line in table.splitlines() if line.startswith("| pill_like"))
+    assert pill_row.count("nan") == len(METRIC_KEYS)
+    mean_row = next(line for line in table.splitlines() if line.startswith("| mean"))
+    assert "nan" not in mean_row
+
+    # Counts and bad samples: 16 files, 15 rows converted (the corrupt file is dropped by the converter), the 8x8
+    # image is rejected by the processor; both are listed with their reasons, neither enters a metric.
+    assert results["num_samples"] == 15
+    assert results["num_evaluated"] == 14
+    assert results["counts"] == {
+        "fabric": {"normal": 3, "anomalous": 3, "with_mask": 3},
+        "pill_like": {"normal": 2, "anomalous": 0, "with_mask": 0},
+        "wood_like": {"normal": 3, "anomalous": 3, "with_mask": 3},
+    }
+    skipped = {item["image_path"]: item for item in results["skipped"]}
+    assert len(skipped) == 2
+    corrupt = next(item for path, item in skipped.items() if path.endswith("fabric/test/good/099.png"))
+    assert corrupt["index"] is None and corrupt["reason"].startswith("conversion:")
+    tiny = next(item for path, item in skipped.items() if path.endswith("wood_like/test/good/098.png"))
+    assert isinstance(tiny["index"], int) and "smaller" in tiny["reason"]
+
+
+def test_save_maps_writes_overlays_and_roc(full_run):
+    out, results = full_run
+    overlays = sorted((out / "maps").rglob("*.png"))
+    assert len(overlays) == results["num_evaluated"]
+    assert Image.open(overlays[0]).size == (32, 32)
+    assert (out / "roc_curves.png").is_file()
+    assert not (out / "partial").exists()  # removed once the results are written
+
+
+def test_interrupted_evaluation_resumes_without_double_counting(full_run, model_dir, bench_dir, tmp_path):
+    _, reference = full_run
+    out = tmp_path / "eval"
+    _evaluate(model_dir, bench_dir, out, "--max-batches", "2")
+    assert not (out / "results.json").exists()
+    partial = PartialResults(out / "partial")
+    assert len(partial.done_indices()) == 8  # 2 batches of 4 of the 15 rows
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    _evaluate(model_dir, bench_dir, out, "--resume")
+    resumed = json.loads((out / "results.json").read_text())
+    assert resumed["counts"] == reference["counts"]
+    assert resumed["num_evaluated"] == reference["num_evaluated"]
+    assert sorted(map(json.dumps, resumed["skipped"])) == sorted(map(json.dumps, reference["skipped"]))
+    for category, metrics in reference["per_category"].items():
+        for key, value in metrics.items():
+            got = resumed["per_category"][category][key]
+            assert (got is None and value is None) or got == pytest.approx(value, abs=1e-9), (category, key)
+
+
+def test_partial_results_deduplicate_by_index(tmp_path):
+    partial = PartialResults(tmp_path / "partial")
+    partial.start({"x": 1}, keep=False)
+
+    def batch(indices, score):
+        n = len(indices)
+        arrays = {"index": np.array(indices), "score": np.full(n, score), "map": np.zeros((n, 4, 4), np.float32),
+                  "mask": np.zeros((n, 4, 4), np.uint8), "label": np.zeros(n, np.int64),
+                  "has_mask": np.zeros(n, bool), "bad": np.zeros(n, bool)}
+        strings = {"category": ["a"] * n, "image_path": [f"{i}.png" for i in indices], "error": [""] * n}
+        return arrays, strings
+
+    partial.write("r001_b000001", *batch([0, 1, 2], 0.1))
+    partial.write("r002_b000001", *batch([2, 3], 0.9))  # index 2 again, e.g. Accelerate's padding or a rerun
+    (tmp_path / "partial" / "r003_b000001.tmp").mkdir()  # an interrupted write is ignored
+    records = partial.records()
+    assert list(records) == [0, 1, 2, 3]
+    assert records[2]["score"] == pytest.approx(0.1)  # the first result of a sample wins
+    assert partial.done_indices() == {0, 1, 2, 3}
+    assert partial.meta_matches({"x": 1}) and not partial.meta_matches({"x": 2})
+
+
+def test_resume_with_other_dataset_starts_over(full_run, model_dir, bench_dir, tmp_path):
+    out = tmp_path / "eval"
+    (out / "partial" / "r001_b000001").mkdir(parents=True)
+    (out / "partial" / "meta.json").write_text(json.dumps({"model": "something else"}))
+    _evaluate(model_dir, bench_dir, out, "--resume")
+    results = json.loads((out / "results.json").read_text())
+    assert results["counts"] == full_run[1]["counts"]
+    assert not math.isnan(results["mean"]["image_auroc"])
