@@ -343,7 +343,7 @@ def run_evaluation(args: argparse.Namespace, model=None, processor=None) -> dict
         raise ValueError("--batch-size must be >= 1.")
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     logger.setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
-    from .train import check_distributed_setup
+    from .train import _test_pause, check_distributed_setup
 
     check_distributed_setup(accelerator)
     output_dir = Path(args.output_dir)
@@ -416,6 +416,7 @@ def run_evaluation(args: argparse.Namespace, model=None, processor=None) -> dict
                     {"category": [s[0] for s in strings], "image_path": [s[1] for s in strings],
                      "error": [s[2] for s in strings]},
                 )
+                _test_pause("VIP2CLIP_TEST_PAUSE_AFTER_BATCH", batch_number)  # test-only, no-op unless set
             if args.max_batches is not None and batch_number >= args.max_batches:
                 stopped_early = batch_number < len(loader)
                 break

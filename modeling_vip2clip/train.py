@@ -22,7 +22,9 @@ What a run writes under `--output-dir`:
   `torch.Generator` seeded with `seed + epoch`, so a resumed run sees the same batches as an uninterrupted one
   and ends with the same weights.
 * `model/`: the final model (`save_pretrained`, loadable with `AutoModel.from_pretrained(..., trust_remote_code=
-  True)`) and its processor; `train_summary.json` (arguments, per-epoch losses and timings).
+  True)`) and its processor; `train_summary.json` (arguments, per-epoch losses and timings, and `num_skipped` /
+  `skipped`: the unusable samples — undecodable image or mask, rejected by the processor — with path and reason,
+  also logged at the end of the run; each is logged when met and left out of every epoch).
 * `logs/`: tracker logs (`--report-to tensorboard`): loss, pixel_loss, image_loss per optimiser step and per epoch.
 * `feature_cache/` with `--cache-features`: the frozen backbone's features of every sample (see
   `modeling_vip2clip.feature_cache`), computed in a pre-pass; every epoch then skips the vision tower.
@@ -354,6 +356,24 @@ def check_distributed_setup(accelerator) -> None:
         )
 
 
+def _test_pause(variable: str, at: int) -> None:
+    """TEST-ONLY hook (tests/test_interruptions.py), a no-op unless `variable` is set in the environment.
+
+    With `variable="N:SECONDS"`, print one line to stderr and sleep SECONDS when `at == N`, so that a test can
+    SIGKILL the process at that exact point (in the middle of an epoch, while a checkpoint is being written, in the
+    middle of an evaluation). Variables: VIP2CLIP_TEST_PAUSE_AFTER_STEP (after optimiser step N),
+    VIP2CLIP_TEST_PAUSE_IN_CHECKPOINT (while epoch_N.tmp is written, before its rename),
+    VIP2CLIP_TEST_PAUSE_AFTER_BATCH (evaluate: after batch N's partial results are written).
+    """
+    spec = os.environ.get(variable)
+    if not spec:
+        return
+    target, _, seconds = spec.partition(":")
+    if int(target) == int(at):
+        print(f"[test hook] {variable}: pausing {seconds} s at {at}", file=sys.stderr, flush=True)
+        time.sleep(float(seconds or 0))
+
+
 def _write_json(path: Path, data: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
@@ -364,7 +384,8 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 class _CollateRecordingBad:
-    """`collate_skip_bad` that also returns the indices of the rows it dropped (for the cache's status)."""
+    """`collate_skip_bad` that also returns the rows it dropped: `bad_index` (for the cache's status) and
+    `bad_samples` ({index, image_path, reason}, for the end-of-run summary; the collate may run in a worker)."""
 
     def __init__(self):
         from .data import SkipBadCollate
@@ -372,9 +393,11 @@ class _CollateRecordingBad:
         self.inner = SkipBadCollate()
 
     def __call__(self, rows):
-        bad = [int(row["index"]) for row in rows if bool(row.get("bad", False))]
+        bad_rows = [row for row in rows if bool(row.get("bad", False))]
         out = self.inner(rows)
-        out["bad_index"] = bad
+        out["bad_index"] = [int(row["index"]) for row in bad_rows]
+        out["bad_samples"] = [{"index": int(row["index"]), "image_path": str(row.get("image_path", "")),
+                               "reason": str(row.get("error", ""))} for row in bad_rows]
         return out
 
 
@@ -439,6 +462,7 @@ def _save_checkpoint(accelerator, checkpoint_root: Path, epoch: int, trainer_sta
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _write_json(tmp / TRAINER_STATE, trainer_state)  # written last: marks the folder complete
+        _test_pause("VIP2CLIP_TEST_PAUSE_IN_CHECKPOINT", epoch)  # test-only, no-op unless set
         if final.exists():  # re-training over an old run (--overwrite-output-dir)
             old = checkpoint_root / f"epoch_{epoch}.old"
             os.replace(final, old)
@@ -464,13 +488,14 @@ def run_training(
 
     Summary: `history` (one entry per optimiser step of this invocation: epoch, step, loss, pixel_loss,
     image_loss), `epochs` (per epoch: mean losses and seconds, including those restored from a checkpoint),
-    `global_step`, `prepass_seconds`, `model_dir`, `resumed_from`.
+    `global_step`, `prepass_seconds`, `model_dir`, `resumed_from`, `skipped` (the unusable samples met: index,
+    image_path, reason).
     """
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
 
-    from .data import SkipBadCollate, load_anomaly_dataset, to_torch_dataset
+    from .data import load_anomaly_dataset, to_torch_dataset
     from .feature_cache import CachedFeatureDataset, collate_cached, dataset_fingerprint
 
     if args.epochs < 0 or args.batch_size < 1 or args.gradient_accumulation_steps < 1:
@@ -537,6 +562,7 @@ def run_training(
         train_dataset = to_torch_dataset(dataset, processor)
     num_samples = len(train_dataset)
 
+    skipped: dict[int, dict] = {}  # unusable samples met by this process: index -> {index, image_path, reason}
     prepass_seconds = 0.0
     if args.cache_features:
         if dataset is None:
@@ -545,9 +571,17 @@ def run_training(
         cache, prepass_seconds = _build_feature_cache(accelerator, model, processor, dataset, train_dataset, args, dataset_fp)
         loader_dataset = CachedFeatureDataset(cache, image_paths=dataset["image_path"])
         collate = collate_cached
+        import numpy as np
+
+        from .feature_cache import STATUS_BAD
+
+        paths = dataset["image_path"]
+        skipped = {int(i): {"index": int(i), "image_path": str(paths[int(i)]),
+                            "reason": "unusable when the feature cache was built (its pre-pass log has the reason)"}
+                   for i in np.flatnonzero(np.asarray(cache["status"]) == STATUS_BAD)}
     else:
         loader_dataset = train_dataset
-        collate = SkipBadCollate()
+        collate = _CollateRecordingBad()
     sampler = EpochShuffleSampler(num_samples, args.seed)
     loader = torch.utils.data.DataLoader(
         loader_dataset, batch_size=args.batch_size, sampler=sampler, collate_fn=collate,
@@ -604,6 +638,8 @@ def run_training(
                 disable=args.no_progress or not accelerator.is_local_main_process,
             )
             for batch_number, batch in enumerate(progress, start=1):
+                for item in batch.get("bad_samples", ()):
+                    skipped.setdefault(int(item["index"]), item)
                 empty = _batch_size_of(batch) == 0
                 if empty and accelerator.num_processes == 1:
                     logger.warning("epoch %d batch %d: every sample was unusable, skipped", epoch + 1, batch_number)
@@ -657,6 +693,7 @@ def run_training(
                     if log_with:
                         accelerator.log({k: record[k] for k in ("loss", "pixel_loss", "image_loss")}, step=global_step)
                     progress.set_postfix(loss=f"{record['loss']:.4f}", step=global_step)
+                    _test_pause("VIP2CLIP_TEST_PAUSE_AFTER_STEP", global_step)  # test-only, no-op unless set
             seconds = time.perf_counter() - epoch_started
             means = sums / max(batches, 1)
             if accelerator.num_processes > 1:
@@ -677,6 +714,19 @@ def run_training(
         if log_with:
             accelerator.end_training()
 
+    # ---- unusable samples, over all processes
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        for item in gather_object(list(skipped.values())):
+            skipped.setdefault(int(item["index"]), item)
+    skipped_list = [skipped[index] for index in sorted(skipped)]
+    if skipped_list:
+        logger.warning(
+            "%d unusable training sample(s) skipped in every epoch: %s", len(skipped_list),
+            "; ".join(f"{item['image_path']} (index {item['index']}): {item['reason']}" for item in skipped_list),
+        )
+
     # ---- final model
     model_dir = output_dir / "model"
     accelerator.wait_for_everyone()
@@ -688,6 +738,7 @@ def run_training(
             "args": vars(args), "epochs": epoch_log, "global_step": global_step,
             "prepass_seconds": prepass_seconds, "resumed_from": str(resume_dir) if resume_dir else None,
             "num_processes": accelerator.num_processes, "model_dir": str(model_dir),
+            "num_skipped": len(skipped_list), "skipped": skipped_list,
         })
         logger.info("saved the trained model to %s", model_dir)
     accelerator.wait_for_everyone()
@@ -698,6 +749,7 @@ def run_training(
         "prepass_seconds": prepass_seconds,
         "model_dir": str(model_dir),
         "resumed_from": str(resume_dir) if resume_dir else None,
+        "skipped": skipped_list,
         "model": accelerator.unwrap_model(step_module).model,
     }
 
