@@ -255,3 +255,33 @@ def test_cli_and_validate_sample(tmp_path, capsys):
            "defect_type": "scratch", "split": "test", "image_path": "x.png"}
     problems = validate_sample(row)
     assert any("defect_type" in p for p in problems) and any("does not decode" in p for p in problems)
+
+
+def test_mask_on_a_normal_image_is_reported_and_ignored(tmp_path, processor, caplog):
+    import json
+
+    import datasets
+
+    root = tmp_path / "meta"
+    generate_synthetic_benchmark(root, categories=("fabric",), layout="meta_json", **GEN)
+    meta = json.loads((root / "meta.json").read_text())
+    normal = next(e for e in meta["test"]["fabric"] if e["anomaly"] == 0)
+    bad = next(e for e in meta["test"]["fabric"] if e["anomaly"] == 1)
+    normal["mask_path"] = bad["mask_path"]  # a defect mask attached to an image labelled normal
+    (root / "meta.json").write_text(json.dumps(meta))
+    ds, report = convert_meta_json(root, progress=False)
+    assert any(path == normal["img_path"] and "normal image has a mask" in why for path, why in report.warnings)
+    row = ds[[p for p in ds["image_path"]].index(normal["img_path"])]
+    assert row["label"] == 0 and row["mask"] is None
+    # a user-built dataset with the same mistake: the transform follows the label and says so
+    mask = Image.open(root / bad["mask_path"])
+    user = datasets.Dataset.from_dict(
+        {"image": [Image.open(root / normal["img_path"])], "mask": [mask], "label": [0],
+         "category": ["fabric"], "image_path": [normal["img_path"]]},
+        features=datasets.Features({"image": datasets.Image(), "mask": datasets.Image(), "label": datasets.Value("int64"),
+                                    "category": datasets.Value("string"), "image_path": datasets.Value("string")}),
+    )
+    with caplog.at_level("WARNING"):
+        batch = make_transform(processor)(without_decoding(user)[:1])
+    assert "labelled normal but its mask is not empty" in caplog.text
+    assert batch["masks"].sum() == 0 and not batch["bad"].any()

@@ -502,6 +502,9 @@ def convert_visa(
                 report.skip(where, "empty image path")
                 continue
             anomalous = rec["label"] == "anomaly"
+            if not anomalous and rec["mask"] and (root / rec["mask"]).is_file():
+                report.warn(rec["image"], f"normal image has a mask ({rec['mask']}); ignored, normal images are "
+                            "scored against an empty mask (fix the label if it is anomalous)")
             candidates.append(
                 _Candidate(
                     image=root / rec["image"],
@@ -568,6 +571,9 @@ def convert_meta_json(
                     defect = UNKNOWN_DEFECT
                 else:
                     defect = specie
+                if not anomalous and mask_rel and (root / mask_rel).is_file():
+                    report.warn(img_path, f"normal image has a mask ({mask_rel}); ignored, normal images are "
+                                "scored against an empty mask (fix the label if it is anomalous)")
                 mask = (root / mask_rel) if anomalous and mask_rel else None
                 expected = True
                 if mask is None or mask.is_dir():

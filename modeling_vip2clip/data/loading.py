@@ -202,6 +202,12 @@ def make_transform(processor: Any) -> Callable[[dict], dict]:
             except Exception as exc:  # noqa: BLE001
                 errors[i] = f"mask does not decode: {type(exc).__name__}: {exc}"
                 continue
+            if masks[i] is not None and int(batch["label"][i]) == 0 and masks[i].getbbox() is not None:
+                # The reference scores normal images against an empty mask; a defect drawn on an image
+                # labelled normal is a labelling error, so say so and follow the label.
+                logger.warning("%s is labelled normal but its mask is not empty; the mask is ignored "
+                               "(fix the label or the mask)", _where(batch, i))
+                masks[i] = None
             if masks[i] is not None and masks[i].size != images[i].size:
                 # Converters keep such rows (with a warning); bring the mask to its image's size here
                 # (nearest neighbour keeps it binary) since the processor requires equal sizes.
