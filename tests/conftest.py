@@ -41,3 +41,18 @@ def tiny_model(tiny_config):
 
     torch.manual_seed(0)
     return ViP2CLIPModel(tiny_config).eval()
+
+
+@pytest.fixture
+def contained_tempdir(tmp_path, monkeypatch):
+    """Stage library temp files in the test's tmp_path, not the system temp dir.
+
+    gradio_client downloads every result through a fresh `<tempdir>/<40 hex>/` folder that it leaves behind
+    (empty); a load test would otherwise leave hundreds of them in /tmp per run.
+    """
+    import tempfile
+
+    scratch = tmp_path / "tempdir"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    yield scratch

@@ -25,6 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "demo"
 APP = DEMO / "app.py"
 EXAMPLE = DEMO / "examples" / "fabric_hole.png"
+# gradio_client stages each download in <tempdir>/<40 hex>/: keep those inside the test's tmp_path.
+pytestmark = pytest.mark.usefixtures("contained_tempdir")
+
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 
 

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+# gradio_client stages each download in <tempdir>/<40 hex>/: keep those inside the test's tmp_path.
+pytestmark = pytest.mark.usefixtures("contained_tempdir")
+
 ROOT = Path(__file__).resolve().parents[1]
 REQUESTS, CLIENTS, PER_REQUEST_TIMEOUT_S, SETTLE_S = 50, 5, 30, 20
 
