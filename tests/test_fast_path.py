@@ -1,0 +1,112 @@
+"""Exactness of the fast inference paths (never timings): the standard bf16 load and the attention backends.
+
+* bf16: `AutoModel.from_pretrained(dir, trust_remote_code=True, dtype=torch.bfloat16)` keeps the learnable heads
+  (`ica`, `fgp`) in fp32 (`_keep_in_fp32_modules_strict`) and the CLIP towers in bf16; its scores stay within 0.01
+  of fp32 and its anomaly maps correlate ≥ 0.999 with fp32's per image — the targets of benchmarks/README.md.
+* fp32: `attn_implementation="eager"` and `"sdpa"` give the same scores, maps and embeddings to 1e-5.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModel
+
+from tiny_clip import tiny_vip2clip_config
+
+SCORE_TOL, PEARSON_MIN, FP32_TOL = 0.01, 0.999, 1e-5
+
+
+def _pearson_per_image(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a, b = a.double().flatten(1), b.double().flatten(1)
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+
+
+@pytest.fixture(scope="module")
+def saved_dir(tmp_path_factory):
+    """A tiny fp32 model with 'trained-like' heads (visibly image-dependent maps and scores), saved once."""
+    from modeling_vip2clip import ViP2CLIPModel
+
+    torch.manual_seed(0)
+    model = ViP2CLIPModel(tiny_vip2clip_config()).eval()
+    with torch.no_grad():
+        for parameter in (model.ica.normal_context, model.ica.abnormal_context, model.ica.class_context):
+            parameter.normal_(0, 0.5)
+        for linear in (model.fgp.q_proj, model.fgp.k_proj, model.fgp.v_proj, model.fgp.out_proj):
+            linear.weight.normal_(0, 0.5)
+    directory = tmp_path_factory.mktemp("fast_path") / "model"
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def images():
+    # smooth, image-like inputs (low-frequency fields at the CLIP-normalised scale), not white noise
+    generator = torch.Generator().manual_seed(3)
+    coarse = torch.randn(6, 3, 4, 4, generator=generator)
+    smooth = torch.nn.functional.interpolate(coarse, size=(32, 32), mode="bicubic", align_corners=False)
+    return smooth + 0.1 * torch.randn(6, 3, 32, 32, generator=generator)
+
+
+@pytest.fixture(scope="module")
+def fp32_output(saved_dir, images):
+    model = AutoModel.from_pretrained(saved_dir, trust_remote_code=True).eval()
+    with torch.inference_mode():
+        return model(pixel_values=images)
+
+
+def test_bf16_load_keeps_heads_fp32(saved_dir):
+    model = AutoModel.from_pretrained(saved_dir, trust_remote_code=True, dtype=torch.bfloat16).eval()
+    assert {p.dtype for p in model.ica.parameters()} == {torch.float32}
+    assert {p.dtype for p in model.fgp.parameters()} == {torch.float32}
+    vision, text = model.clip.vision_model, model.clip.text_model
+    assert {p.dtype for p in vision.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in text.parameters()} == {torch.bfloat16}
+
+
+def test_bf16_matches_fp32(saved_dir, images, fp32_output):
+    model = AutoModel.from_pretrained(saved_dir, trust_remote_code=True, dtype=torch.bfloat16).eval()
+    with torch.inference_mode():
+        output = model(pixel_values=images)
+    assert output.anomaly_score.dtype == torch.float32 and output.anomaly_map.dtype == torch.float32
+    # the comparison must not be vacuous: scores spread and maps carry structure
+    assert fp32_output.anomaly_score.std() > 1e-2
+    assert fp32_output.anomaly_map.flatten(1).std(1).min() > 1e-3
+    score_diff = (output.anomaly_score - fp32_output.anomaly_score).abs().max().item()
+    pearson = _pearson_per_image(output.anomaly_map, fp32_output.anomaly_map)
+    assert score_diff <= SCORE_TOL, f"bf16 scores differ from fp32 by {score_diff}"
+    assert pearson.min().item() >= PEARSON_MIN, f"bf16 maps correlate {pearson.tolist()} with fp32"
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_attention_backends_agree_fp32(saved_dir, images, fp32_output, attn):
+    model = AutoModel.from_pretrained(saved_dir, trust_remote_code=True, attn_implementation=attn).eval()
+    assert model.clip.vision_model.config._attn_implementation == attn
+    assert model.clip.text_model.config._attn_implementation == attn
+    with torch.inference_mode():
+        output = model(pixel_values=images)
+    for name in ("anomaly_score", "anomaly_map", "layer_anomaly_maps", "image_embeds", "text_embeds"):
+        torch.testing.assert_close(getattr(output, name), getattr(fp32_output, name), atol=FP32_TOL, rtol=0,
+                                   msg=lambda m, name=name: f"{attn} vs default on {name}: {m}")
+
+
+def test_cpu_fast_path_matches_plain_layers_fp32(saved_dir, images):
+    """The CPU fast path of the vision tower (oneDNN linears, chunked attention, one image at a time; proposed in
+    benchmarks/PROPOSED_MODEL_PATCHES.md) against the plain transformers layers of the same model, fp32."""
+    model = AutoModel.from_pretrained(saved_dir, trust_remote_code=True).eval()
+    if not hasattr(model, "_use_onednn_vision"):
+        pytest.skip("this model code has no CPU fast path")
+    if not model._use_onednn_vision(torch.device("cpu")):
+        pytest.skip("no oneDNN in this torch build")
+    with torch.inference_mode():
+        fast = model(pixel_values=images)
+        batch_features = model.encode_image(images)
+        single_features = model.encode_image(images[:1])
+        model.cpu_onednn_vision = False
+        plain = model(pixel_values=images)
+    for name in ("anomaly_score", "anomaly_map", "layer_anomaly_maps", "image_embeds", "text_embeds"):
+        torch.testing.assert_close(getattr(fast, name), getattr(plain, name), atol=FP32_TOL, rtol=0)
+    # the tower runs image by image inside a batch: the batch-of-one features, bit for bit
+    for in_batch, alone in zip(batch_features, single_features):
+        assert torch.equal(in_batch[:1], alone)
