@@ -212,15 +212,20 @@ def _transformer_flops(tokens: int, width: int, ffn: int, layers: int) -> int:
     return layers * (linear + attention)
 
 
-def model_flops_per_image(config, text_tokens: int | None = None, projected_tokens_per_layer: int | None = None) -> dict:
+def model_flops_per_image(config, text_tokens: int | None = None, projected_tokens_per_layer: int | None = None,
+                          fgp_unfolded: bool = False) -> dict:
     """Analytic FLOPs (2 × multiply-adds) of one image through ViP²-CLIP, by part.
 
-    vision: patch embedding (conv as a matmul) + 24 blocks on 1 + L tokens + post-LN/projection of the feature
-    layers' patch tokens + the CLS projection. text: two prompt sequences (normal, abnormal) of `text_tokens`
-    tokens (this package cuts after EOS: n_ctx + n_cls + 3; the reference runs all 77) + EOS projection. heads:
-    the ICA MLPs, FGP (q/k/v/o projections, logits, attention·V per feature layer), UTPA similarities, and the
-    separable blur. LayerNorm, softmax, GELU, the bilinear upsampling and other element-wise work are not
-    counted (they are not matmul FLOPs; they show up as lost utilisation).
+    Default = the model's required work, used for every MFU (so an implementation's extra work counts as lost
+    utilisation): vision = patch embedding (conv as a matmul) + the blocks on 1 + L tokens (q/k/v/o and MLP
+    linears, QKᵀ and AV) + post-LN/projection of the feature layers' L patch tokens + the CLS projection;
+    text = the two prompts (normal, abnormal) cut after EOS (n_ctx + n_cls + 3 tokens) + EOS projection;
+    heads = the ICA MLPs, FGP with its key/value projections folded into the two queries (q and out projections,
+    folding, logits and attention-pooling over the L patches), UTPA similarities and the separable blur.
+    LayerNorm, softmax, GELU, the bilinear upsampling and other element-wise work are not counted.
+
+    `text_tokens`, `projected_tokens_per_layer`, `fgp_unfolded=True` count what another implementation executes
+    instead (the authors' code: 77 tokens, all 1 + L tokens projected, k/v projections of every patch).
     """
     vision = config.clip_config.vision_config
     text = config.clip_config.text_config
@@ -240,11 +245,11 @@ def model_flops_per_image(config, text_tokens: int | None = None, projected_toke
         + 2 * text_width * dim
     )
     ica = config.n_cls * 2 * (dim * config.adapter_hidden_size + config.adapter_hidden_size * text_width)
-    fgp = n_layers * (
-        2 * 2 * 2 * dim * dim  # q and out projections of the 2 state embeddings
-        + 2 * 2 * patches * dim * dim  # k and v projections of every patch
-        + 2 * 2 * 2 * patches * dim  # logits and attention·V
-    )
+    heads = config.fgp_num_heads
+    if fgp_unfolded:  # q/out projections of the 2 states, k/v projections of every patch, logits, attention·V
+        fgp = n_layers * (2 * 2 * 2 * dim * dim + 2 * 2 * patches * dim * dim + 2 * 2 * 2 * patches * dim)
+    else:  # q/out projections, W_kᵀq and W_v·pooled per state, logits and pooling of 2·H rows over L patches
+        fgp = n_layers * (4 * 2 * 2 * dim * dim + 2 * 2 * 2 * heads * patches * dim)
     utpa = n_layers * 2 * patches * 2 * dim
     radius = int(config.blur_truncate * config.blur_sigma + 0.5)
     blur = 2 * 2 * (2 * radius + 1) * config.image_size**2 if config.blur_sigma > 0 else 0
@@ -253,7 +258,6 @@ def model_flops_per_image(config, text_tokens: int | None = None, projected_toke
         "vision": flops_vision,
         "text": flops_text,
         "heads": flops_heads,
-        "heads_fgp_kv": n_layers * 2 * 2 * patches * dim * dim,
         "total": flops_vision + flops_text + flops_heads,
         "text_tokens": tokens,
     }
