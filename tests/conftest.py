@@ -56,3 +56,15 @@ def contained_tempdir(tmp_path, monkeypatch):
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     yield scratch
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Each training / evaluation run builds its own Accelerator; reset Accelerate's singletons around a test."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()

@@ -16,15 +16,8 @@ from modeling_vip2clip.evaluate import PartialResults
 from modeling_vip2clip.metrics import METRIC_KEYS
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+# Each run builds its own Accelerator: start every test from a clean singleton state.
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")

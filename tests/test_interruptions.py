@@ -39,15 +39,8 @@ PAUSE = "60"  # seconds a hooked process sleeps: far longer than the test needs 
 WAIT = 90.0  # upper bound of every wait for a process (import + a few tiny epochs take ~6 s on a loaded machine)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+# Each run builds its own Accelerator: start every test from a clean singleton state.
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 # ---------------------------------------------------------------------------------------------------- processes

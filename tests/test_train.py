@@ -22,16 +22,8 @@ from modeling_vip2clip.train import NonFiniteLossError, build_parser, find_lates
 TINY = ["--image-size", "32", "--feature-layers", "1", "2", "--n-ctx", "3", "--n-cls", "2", "--top-k", "5"]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """Each run builds its own Accelerator; start every test from a clean singleton state."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+# Each run builds its own Accelerator: start every test from a clean singleton state.
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def _args(clip_dir, data_dir, out, *extra):

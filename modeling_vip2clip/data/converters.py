@@ -459,6 +459,14 @@ def convert_mvtec(
     return ds, report
 
 
+def _warn_if_normal_has_mask(report: ConversionReport, root: Path, image_rel: str, mask_rel: str) -> None:
+    """An index that gives a normal image a mask file: say so; the mask is ignored (the reference scores normal
+    images against an empty mask)."""
+    if mask_rel and (root / mask_rel).is_file():
+        report.warn(image_rel, f"normal image has a mask ({mask_rel}); ignored, normal images are "
+                    "scored against an empty mask (fix the label if it is anomalous)")
+
+
 def convert_visa(
     root: str | os.PathLike,
     split: str = "test",
@@ -502,9 +510,8 @@ def convert_visa(
                 report.skip(where, "empty image path")
                 continue
             anomalous = rec["label"] == "anomaly"
-            if not anomalous and rec["mask"] and (root / rec["mask"]).is_file():
-                report.warn(rec["image"], f"normal image has a mask ({rec['mask']}); ignored, normal images are "
-                            "scored against an empty mask (fix the label if it is anomalous)")
+            if not anomalous:
+                _warn_if_normal_has_mask(report, root, rec["image"], rec["mask"])
             candidates.append(
                 _Candidate(
                     image=root / rec["image"],
@@ -571,9 +578,8 @@ def convert_meta_json(
                     defect = UNKNOWN_DEFECT
                 else:
                     defect = specie
-                if not anomalous and mask_rel and (root / mask_rel).is_file():
-                    report.warn(img_path, f"normal image has a mask ({mask_rel}); ignored, normal images are "
-                                "scored against an empty mask (fix the label if it is anomalous)")
+                if not anomalous:
+                    _warn_if_normal_has_mask(report, root, img_path, mask_rel)
                 mask = (root / mask_rel) if anomalous and mask_rel else None
                 expected = True
                 if mask is None or mask.is_dir():
