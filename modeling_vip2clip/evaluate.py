@@ -471,10 +471,13 @@ def run_evaluation(args: argparse.Namespace, model=None, processor=None) -> dict
 
 
 def run(args: argparse.Namespace) -> int:
-    from .train import setup_logging
+    from .train import setup_logging, teardown_distributed
 
     setup_logging()
-    run_evaluation(args)
+    try:
+        run_evaluation(args)
+    finally:
+        teardown_distributed()
     return 0
 
 

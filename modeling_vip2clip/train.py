@@ -712,7 +712,10 @@ def run_training(
         for parameter in unused:
             parameter.requires_grad_(True)
         if log_with:
-            accelerator.end_training()
+            # Trackers only: `end_training` would also destroy the process group that the gather and the final save
+            # below still need; `run` tears it down once training has returned.
+            for tracker in accelerator.trackers:
+                tracker.finish()
 
     # ---- unusable samples, over all processes
     if accelerator.num_processes > 1:
@@ -762,7 +765,20 @@ def run(args: argparse.Namespace) -> int:
     except (NonFiniteLossError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    finally:
+        teardown_distributed()
     return 0
+
+
+def teardown_distributed() -> None:
+    """Destroy the process group of an `accelerate launch` run before the interpreter exits.
+
+    A group left alive at exit lets gloo's threads be destroyed while still joinable: the process then aborts
+    ("terminate called without an active exception", SIGABRT) after a run that succeeded, and the launcher reports
+    a failure.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

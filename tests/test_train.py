@@ -249,10 +249,14 @@ def test_two_cpu_processes_ddp_match_one_process(tiny_clip_dir, data_dir, tmp_pa
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
         "-m", "modeling_vip2clip.train", "--clip", str(tiny_clip_dir), *TINY, "--dataset", str(data_dir),
         "--output-dir", str(tmp_path / "ddp"), "--epochs", "1", "--batch-size", "2", "--num-workers", "0",
-        "--report-to", "none", "--no-progress",
+        "--report-to", "tensorboard", "--no-progress",
     ]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    # Exit 0 also proves the teardown: a process group alive at exit used to abort rank 1 (SIGABRT) after success,
+    # and closing the trackers with `end_training` destroyed the group the final gather still needed.
     assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "terminate called" not in completed.stderr
+    assert list((tmp_path / "ddp").rglob("events.out.tfevents.*")), "no tensorboard event file from the main process"
     assert (tmp_path / "ddp" / "checkpoints" / "epoch_1" / "random_states_1.pkl").is_file()  # really 2 processes
     ddp = load_file(tmp_path / "ddp" / "model" / "model.safetensors")
     reference = load_file(tmp_path / "single" / "model" / "model.safetensors")
