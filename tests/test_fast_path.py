@@ -110,3 +110,100 @@ def test_cpu_fast_path_matches_plain_layers_fp32(saved_dir, images):
     # the tower runs image by image inside a batch: the batch-of-one features, bit for bit
     for in_batch, alone in zip(batch_features, single_features):
         assert torch.equal(in_batch[:1], alone)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation", ["quick_gelu", "gelu"])
+def test_onednn_layer_matches_transformers_layer(dtype, activation):
+    """One CLIP encoder layer on the CPU fast path vs transformers' own layer, both against float64.
+
+    1100 tokens: more than two attention blocks of query rows. fp32 must agree with float64 to fp32 rounding;
+    bf16 (oneDNN-layout softmax, swish-fused quick_gelu with the slope moved into the LayerNorm affine and
+    biases) must be no less accurate than transformers' bf16 layer, on every output and on average."""
+    from transformers import CLIPVisionConfig
+    from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+
+    from modeling_vip2clip.modeling_vip2clip import _clip_layer_onednn, _onednn_bf16_supported
+
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        pytest.skip("no oneDNN in this torch build")
+    if dtype == torch.bfloat16 and not _onednn_bf16_supported():
+        pytest.skip("no native bf16 in oneDNN on this CPU")
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_attention_heads=4, hidden_act=activation)
+    config._attn_implementation = "sdpa"
+    layer = CLIPEncoderLayer(config).eval()
+    with torch.no_grad():
+        for norm in (layer.layer_norm1, layer.layer_norm2):  # a non-trivial affine: the slope is folded into it
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.normal_(0, 0.2)
+    hidden = torch.randn(2, 1100, 64)
+    with torch.inference_mode():
+        exact = CLIPEncoderLayer(config).double().eval()
+        exact.load_state_dict(layer.state_dict())
+        expected = exact(hidden.double(), None)
+        expected = expected[0] if isinstance(expected, tuple) else expected
+        layer = layer.to(dtype)
+        fast = _clip_layer_onednn(layer, hidden.to(dtype)).double()
+        plain = layer(hidden.to(dtype), None)
+        plain = (plain[0] if isinstance(plain, tuple) else plain).double()
+    assert fast.shape == expected.shape
+    fast_error, plain_error = (fast - expected).abs(), (plain - expected).abs()
+    if dtype == torch.float32:
+        torch.testing.assert_close(fast, expected, atol=2e-5, rtol=2e-5)
+    else:
+        assert plain_error.max() > 1e-3  # bf16 rounding is visible: the comparison is not vacuous
+        assert fast_error.mean() <= 1.25 * plain_error.mean(), (fast_error.mean(), plain_error.mean())
+        assert fast_error.max() <= 1.5 * plain_error.max(), (fast_error.max(), plain_error.max())
+
+
+def _fast_path_model(saved_dir, **kwargs):
+    model = AutoModel.from_pretrained(saved_dir, trust_remote_code=True, **kwargs).eval()
+    if not (hasattr(model, "_use_prepacked_weights") and model._use_onednn_vision(torch.device("cpu"))):
+        pytest.skip("no oneDNN fast path here")
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepacked_weights_change_no_number(saved_dir, images, dtype):
+    """oneDNN's prepacked weight layout runs the same GEMM kernel: bit-identical features, either dtype."""
+    model = _fast_path_model(saved_dir, dtype=dtype)
+    assert model._use_prepacked_weights() == (dtype == torch.bfloat16)  # the default: bf16 only
+    with torch.inference_mode():
+        model.cpu_prepacked_weights = False
+        plain = model.encode_image(images.to(dtype))
+        model.cpu_prepacked_weights = True
+        packed = model.encode_image(images.to(dtype))
+    for a, b in zip(plain, packed):
+        assert torch.equal(a, b)
+
+
+def test_prepacked_weights_follow_weight_updates_and_are_freed(saved_dir, images):
+    import gc
+    import sys
+
+    model = _fast_path_model(saved_dir)
+    model.cpu_prepacked_weights = True
+    cache = sys.modules[type(model).__module__]._PACKED_WEIGHTS
+    before = len(cache)
+    with torch.inference_mode():
+        model.encode_image(images[:1])
+    linears = [m for m in model.clip.vision_model.encoder.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(cache) == before + len(linears)  # one packed copy per linear of the tower, nothing else
+
+    # an in-place update (load_state_dict, an optimiser step) must not leave a stale packed copy in use
+    other = _fast_path_model(saved_dir)
+    with torch.no_grad():
+        for parameter in other.clip.vision_model.encoder.parameters():
+            parameter.mul_(0.9)
+    model.load_state_dict(other.state_dict())
+    with torch.inference_mode():
+        updated = model.encode_image(images[:1])
+        other.cpu_prepacked_weights = False
+        expected = other.encode_image(images[:1])
+    for a, b in zip(updated, expected):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+    del model, linears
+    gc.collect()
+    assert len(cache) == before  # freed with the model's weights
