@@ -19,13 +19,13 @@ siblings.
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 from os import PathLike
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 from transformers import CLIPModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.masking_utils import create_causal_mask
@@ -104,13 +104,13 @@ def _onednn_bf16_supported() -> bool:
     """oneDNN runs bf16 natively here (AVX-512 BF16/AMX, or AVX-512 with conversion); elsewhere the bf16 model
     keeps transformers' layers."""
     check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return check is not None and bool(check()) and hasattr(torch.ops.aten, "mkldnn_linear")
+    return check is not None and bool(check())
 
 
-# oneDNN copies of frozen linear weights in its blocked GEMM layout (see `_onednn_weight`), by id of the weight:
-# (weak reference to the weight, its stamp, the copy). An entry is dropped when its weight is freed; nothing here
-# is saved, copied or pickled with the model.
-_PACKED_WEIGHTS: dict[int, tuple] = {}
+# oneDNN copies of frozen linear weights in its blocked GEMM layout (see `_onednn_weight`): weight → (its stamp,
+# the copy), keyed by identity and weakly, so an entry is dropped with its weight; nothing here is saved, copied
+# or pickled with the model.
+_PACKED_WEIGHTS = WeakIdKeyDictionary()
 
 
 def _onednn_weight(weight: torch.Tensor, rows: int, packed: bool) -> torch.Tensor:
@@ -124,15 +124,12 @@ def _onednn_weight(weight: torch.Tensor, rows: int, packed: bool) -> torch.Tenso
     """
     if not packed:
         return weight
-    key, stamp = id(weight), (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape))
-    entry = _PACKED_WEIGHTS.get(key)
-    if entry is None or entry[0]() is not weight:
-        weakref.finalize(weight, _PACKED_WEIGHTS.pop, key, None)
-    elif entry[1] == stamp:
-        return entry[2]
-    packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
-    _PACKED_WEIGHTS[key] = (weakref.ref(weight), stamp, packed_weight)
-    return packed_weight
+    stamp = (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape))
+    entry = _PACKED_WEIGHTS.get(weight)
+    if entry is None or entry[0] != stamp:
+        entry = (stamp, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows))
+        _PACKED_WEIGHTS[weight] = entry
+    return entry[1]
 
 
 def _onednn_linear(
@@ -146,10 +143,9 @@ def _onednn_linear(
     return torch.ops.mkldnn._linear_pointwise.binary(hidden_states, residual, weight, linear.bias, "add")
 
 
-# Query rows per attention block on the CPU fast path: the fp32 score block (rows, N) of one head, and the bf16
-# score block of all heads / one head, stay in cache for the softmax and the product with v (measured on AVX-512).
-_FP32_ATTENTION_ROWS = 512
-_BF16_ATTENTION_ROWS = 512
+# Query rows per attention block on the CPU fast path: one head's (rows, N) score block stays in cache for the
+# softmax and the product with v (measured on AVX-512 for N = 1370, fp32 and bf16).
+_ATTENTION_ROWS = 512
 # quick_gelu's slope: x·σ(1.702x) (OpenAI CLIP; transformers' QuickGELUActivation).
 _QUICK_GELU_SLOPE = 1.702
 
@@ -157,38 +153,28 @@ _QUICK_GELU_SLOPE = 1.702
 def _chunked_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
     """softmax(q·kᵀ·scale)·v for contiguous `(B, H, N, d)` inputs, one image, head and block of query rows at a
     time so that the score block stays in cache: the math of transformers' eager attention (softmax accumulated
-    in fp32, rounded once to the input dtype). On CPU it beats the SDPA kernel, whose fp32 GEMMs are MKL's (AVX2
-    on AMD) and whose bf16 flash loop is about 2× slower than this.
+    in fp32, rounded once to the input dtype).
 
-    fp32: each head's products are oneDNN linears (~1.3× SDPA) and the softmax is ATen's. bf16: the score block
-    never leaves oneDNN's own tensor layout (`to_mkldnn`), so the softmax is oneDNN's JIT kernel, about twice the
-    rate of ATen's bf16 softmax, which was 15 % of the tower's time; only the small `(rows, d)` query and output
-    blocks are converted.
+    The score block never leaves oneDNN's own tensor layout (`to_mkldnn`): both products are oneDNN GEMMs and
+    the softmax is oneDNN's JIT kernel; only the small `(rows, d)` query and output blocks are converted. In
+    bf16 that halves the attention's time (ATen's bf16 softmax alone was 15 % of the tower's); in fp32 it takes
+    the same time as oneDNN products around ATen's softmax (measured), so both dtypes share this one path. On
+    CPU it beats the SDPA kernel, whose fp32 GEMMs are MKL's (AVX2 on AMD) and whose bf16 flash loop runs at
+    about half this rate.
     """
     output = torch.empty_like(queries)
     heads, tokens = queries.shape[1], queries.shape[2]
     values_t = values.transpose(-1, -2).contiguous()  # (B, H, d, N): the "weight" of scores·v
-    bf16 = queries.dtype == torch.bfloat16
-    rows_per_block = _BF16_ATTENTION_ROWS if bf16 else _FP32_ATTENTION_ROWS
     for index in range(queries.shape[0]):
         scaled = queries[index] * scale  # (H, N, d)
         for head in range(heads):
-            for start in range(0, tokens, rows_per_block):
-                rows = slice(start, start + rows_per_block)
-                if bf16:
-                    scores = torch.ops.aten.mkldnn_linear(scaled[head, rows].to_mkldnn(), keys[index, head], None)
-                    probabilities = torch.softmax(scores, dim=-1)  # (rows, N), oneDNN layout
-                    block = torch.ops.aten.mkldnn_linear(probabilities, values_t[index, head], None).to_dense()
-                else:
-                    scores = _onednn_matmul_nt(scaled[head, rows], keys[index, head])  # (rows, N)
-                    block = _onednn_matmul_nt(scores.softmax(dim=-1), values_t[index, head])  # (rows, d)
-                output[index, head, rows] = block
+            for start in range(0, tokens, _ATTENTION_ROWS):
+                rows = slice(start, start + _ATTENTION_ROWS)
+                scores = torch.ops.aten.mkldnn_linear(scaled[head, rows].to_mkldnn(), keys[index, head], None)
+                probabilities = torch.softmax(scores, dim=-1)  # (rows, N), oneDNN layout
+                block = torch.ops.aten.mkldnn_linear(probabilities, values_t[index, head], None)  # (rows, d)
+                output[index, head, rows] = block.to_dense()
     return output
-
-
-def _onednn_matmul_nt(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """left · rightᵀ for 2-D contiguous fp32 tensors, on oneDNN."""
-    return torch.ops.mkldnn._linear_pointwise(left, right, None, "none", [], "")
 
 
 def _clip_mlp_onednn(layer: nn.Module, hidden_states: torch.Tensor, packed: bool = False) -> torch.Tensor:
@@ -630,6 +616,7 @@ class ViP2CLIPModel(ViP2CLIPPreTrainedModel):
             and vision_dtype in (torch.float32, torch.bfloat16)
             and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_linear_pointwise")  # oneDNN's fused linear (PyTorch ≥ 2.0, x86 builds)
+            and hasattr(torch.ops.aten, "mkldnn_linear")  # the attention's products on oneDNN-layout tensors
             and (vision_dtype == torch.float32 or _onednn_bf16_supported())
             and self.clip.vision_model.config._attn_implementation == "sdpa"
         )

@@ -207,6 +207,23 @@ def test_transform_dataloader_skips_bad_rows(tmp_path, processor):
     assert item["pixel_values"].shape == (3, S, S) and item["masks"].shape == (S, S)
 
 
+def test_dataloader_workers_start_under_spawn(tmp_path, processor):
+    """The dataset wrapper and its transform pickle: workers started with `spawn` (the default on macOS and
+    Windows, and for Linux from Python 3.14) yield the same batches as the main process."""
+    root = tmp_path / "tree"
+    generate_synthetic_benchmark(root, categories=("fabric",), **GEN)
+    ds, _ = convert_mvtec(root, progress=False)
+    dataset = to_torch_dataset(ds, processor)
+    inline = list(torch.utils.data.DataLoader(dataset, batch_size=3, collate_fn=SkipBadCollate()))
+    spawned = list(torch.utils.data.DataLoader(dataset, batch_size=3, collate_fn=SkipBadCollate(), num_workers=1,
+                                               multiprocessing_context="spawn"))
+    assert len(spawned) == len(inline) > 1
+    for a, b in zip(inline, spawned):
+        assert a["index"] == b["index"] and a["image_path"] == b["image_path"]
+        assert torch.equal(a["pixel_values"], b["pixel_values"]) and torch.equal(a["masks"], b["masks"])
+    _check_batches(spawned, ds, n_bad=0)
+
+
 def test_mask_of_other_size_is_resized_not_dropped(tmp_path, processor):
     root = tmp_path / "folder"
     generate_synthetic_benchmark(root, categories=("pill_like",), layout="folder", **GEN)

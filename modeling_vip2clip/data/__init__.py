@@ -23,6 +23,7 @@ from .converters import (
     detect_layout,
 )
 from .loading import (
+    AnomalyBatchTransform,
     SkipBadCollate,
     TorchAnomalyDataset,
     collate_skip_bad,
@@ -81,6 +82,7 @@ __all__ = [
     "generate_synthetic_benchmark",
     "is_saved_dataset",
     "load_anomaly_dataset",
+    "AnomalyBatchTransform",
     "make_transform",
     "to_torch_dataset",
     "validate_sample",

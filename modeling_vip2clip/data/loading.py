@@ -38,6 +38,7 @@ __all__ = [
     "is_saved_dataset",
     "load_anomaly_dataset",
     "without_decoding",
+    "AnomalyBatchTransform",
     "make_transform",
     "SkipBadCollate",
     "collate_skip_bad",
@@ -159,8 +160,9 @@ def _where(batch: Mapping[str, list], i: int) -> str:
     return f"row {batch['index'][i] if batch.get('index') else i}"
 
 
-def make_transform(processor: Any) -> Callable[[dict], dict]:
-    """Return a ``Dataset.with_transform`` function producing model-ready batches.
+class AnomalyBatchTransform:
+    """A ``Dataset.with_transform`` function producing model-ready batches (a picklable object, so that
+    ``DataLoader`` workers also start under the ``spawn`` method: macOS, Windows, Python ≥ 3.14 defaults).
 
     Output per batch of B rows: ``pixel_values`` FloatTensor (B,3,S,S),
     ``masks`` FloatTensor (B,S,S) in {0,1} (zeros when there is no mask),
@@ -179,13 +181,16 @@ def make_transform(processor: Any) -> Callable[[dict], dict]:
     it on a dataset passed through :func:`without_decoding`, otherwise
     ``datasets`` decodes (and may fail on) images before this function runs.
     """
-    size = int(processor.image_size)
 
-    def _run(images: list, masks: list) -> tuple[torch.Tensor, torch.Tensor]:
-        out = processor(images=images, masks=masks, return_tensors="pt")
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor
+        self.size = int(processor.image_size)
+
+    def _run(self, images: list, masks: list) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.processor(images=images, masks=masks, return_tensors="pt")
         return torch.as_tensor(out["pixel_values"]).float(), torch.as_tensor(out["masks"]).float()
 
-    def transform(batch: dict) -> dict:
+    def __call__(self, batch: dict) -> dict:
         n = len(batch["image"])
         masks_in = batch.get("mask") or [None] * n
         errors = [""] * n
@@ -213,17 +218,17 @@ def make_transform(processor: Any) -> Callable[[dict], dict]:
                 # (nearest neighbour keeps it binary) since the processor requires equal sizes.
                 logger.debug("resizing mask of %s from %s to %s", _where(batch, i), masks[i].size, images[i].size)
                 masks[i] = masks[i].convert("L").resize(images[i].size, Image.Resampling.NEAREST)
-        pixel_values = torch.zeros(n, 3, size, size)
-        mask_t = torch.zeros(n, size, size)
+        pixel_values = torch.zeros(n, 3, self.size, self.size)
+        mask_t = torch.zeros(n, self.size, self.size)
         ok = [i for i in range(n) if not errors[i]]
         if ok:
             try:
-                pv, mk = _run([images[i] for i in ok], [masks[i] for i in ok])
+                pv, mk = self._run([images[i] for i in ok], [masks[i] for i in ok])
                 pixel_values[ok], mask_t[ok] = pv, mk
             except Exception:  # noqa: BLE001 - find the offending rows one by one
                 for i in ok:
                     try:
-                        pv, mk = _run([images[i]], [masks[i]])
+                        pv, mk = self._run([images[i]], [masks[i]])
                         pixel_values[i], mask_t[i] = pv[0], mk[0]
                     except Exception as exc:  # noqa: BLE001
                         errors[i] = f"processor rejected the image: {type(exc).__name__}: {exc}"
@@ -245,7 +250,11 @@ def make_transform(processor: Any) -> Callable[[dict], dict]:
             "error": errors,
         }
 
-    return transform
+
+
+def make_transform(processor: Any) -> AnomalyBatchTransform:
+    """Return the ``Dataset.with_transform`` function of :class:`AnomalyBatchTransform` for ``processor``."""
+    return AnomalyBatchTransform(processor)
 
 
 class SkipBadCollate:
