@@ -484,3 +484,25 @@ def test_plot_roc_curves_writes_png(tmp_path):
         path = plot_roc_curves(results, tmp_path / "sub" / "roc.png")
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+@pytest.mark.parametrize("from_origin", [False, True])
+def test_partial_area_matches_explicit_trapezoid(from_origin):
+    """The copy-free trapezoid (two dot products, the crossing segment cut at max_x) against an explicit curve
+    built point by point and integrated with numpy's trapezoid."""
+    from modeling_vip2clip.metrics import _partial_area
+
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        n = int(rng.integers(1, 12))
+        x = np.sort(np.round(rng.random(n) * 4) / 4)  # ties and vertical segments
+        y = np.sort(rng.random(n))
+        max_x = float(rng.choice([0.1, 0.25, 0.3, 0.5, 0.75, 1.0, 1.5]))
+        points = ([(0.0, 0.0)] if from_origin else []) + list(zip(x.tolist(), y.tolist()))
+        kept = [p for p in points if p[0] < max_x]
+        after = next((p for p in points if p[0] >= max_x), None)
+        if after is not None and kept:  # interpolate the crossing point
+            (x0, y0), (x1, y1) = kept[-1], after
+            kept.append((max_x, y0 + (max_x - x0) / (x1 - x0) * (y1 - y0)))
+        expected = float(np.trapezoid([p[1] for p in kept], [p[0] for p in kept])) if len(kept) > 1 else 0.0
+        assert _partial_area(x, y, max_x, from_origin=from_origin) == pytest.approx(expected, abs=1e-12)
