@@ -116,9 +116,9 @@ _PACKED_WEIGHTS = WeakIdKeyDictionary()
 def _onednn_weight(weight: torch.Tensor, rows: int, packed: bool) -> torch.Tensor:
     """The weight to hand to oneDNN: as stored, or (`packed`) a copy reordered once into oneDNN's blocked layout.
 
-    Given the plain weight, oneDNN reorders it inside every call; prepacked, a ViT-L layer runs ~13 % faster in
-    bf16 and ~7 % in fp32 (measured on AVX-512, benchmarks/README.md), with identical results (the same GEMM
-    kernel runs). The cost is a second copy of the vision tower's linear weights (≈ 0.6 GB in bf16 for ViT-L),
+    Given the plain weight, oneDNN reorders it inside every call; prepacked, a ViT-L layer runs ~6 % faster in
+    bf16 and in fp32 (measured on AVX-512, benchmarks/README.md), with identical results (the same GEMM kernel
+    runs). The cost is a second copy of the vision tower's linear weights (≈ 0.6 GB in bf16 for ViT-L),
     which is why it is on by default for bf16 only (`ViP2CLIPModel.cpu_prepacked_weights`). A copy is rebuilt
     when its weight changes (new storage or an in-place update such as `load_state_dict`).
     """
@@ -135,8 +135,8 @@ def _onednn_weight(weight: torch.Tensor, rows: int, packed: bool) -> torch.Tenso
 def _onednn_linear(
     hidden_states: torch.Tensor, linear: nn.Linear, residual: torch.Tensor | None = None, packed: bool = False
 ) -> torch.Tensor:
-    """`linear(hidden_states)` (`+ residual`) computed by oneDNN: fp32 in and out, bias and residual add fused
-    into the GEMM (the sum is the same fp32 addition as `residual + linear(hidden_states)`, bit for bit)."""
+    """`linear(hidden_states)` (`+ residual`) computed by oneDNN in the input's dtype, bias and residual add fused
+    into the GEMM (in fp32 the sum is the same addition as `residual + linear(hidden_states)`, bit for bit)."""
     weight = _onednn_weight(linear.weight, hidden_states.numel() // hidden_states.shape[-1], packed)
     if residual is None:
         return torch.ops.mkldnn._linear_pointwise(hidden_states, weight, linear.bias, "none", [], "")
@@ -189,8 +189,9 @@ def _clip_mlp_onednn(layer: nn.Module, hidden_states: torch.Tensor, packed: bool
     """
     mlp = layer.mlp
     activation = getattr(mlp.config, "hidden_act", None)
-    if hidden_states.dtype == torch.bfloat16 and activation == "quick_gelu":
-        norm = layer.layer_norm2
+    norm = layer.layer_norm2
+    affine = all(t is not None for t in (norm.weight, norm.bias, mlp.fc1.bias, mlp.fc2.bias))
+    if hidden_states.dtype == torch.bfloat16 and activation == "quick_gelu" and affine:
         slope = _QUICK_GELU_SLOPE
         normed = F.layer_norm(hidden_states, norm.normalized_shape, norm.weight * slope, norm.bias * slope, norm.eps)
         rows = normed.numel() // normed.shape[-1]
@@ -198,7 +199,7 @@ def _clip_mlp_onednn(layer: nn.Module, hidden_states: torch.Tensor, packed: bool
         activated = torch.ops.mkldnn._linear_pointwise(normed, fc1_weight, mlp.fc1.bias * slope, "swish", [], "")
         scaled_output = torch.ops.mkldnn._linear_pointwise(activated, fc2_weight, mlp.fc2.bias * slope, "none", [], "")
         return torch.add(hidden_states, scaled_output, alpha=1.0 / slope)
-    intermediate = _onednn_linear(layer.layer_norm2(hidden_states), mlp.fc1, packed=packed)
+    intermediate = _onednn_linear(norm(hidden_states), mlp.fc1, packed=packed)
     if activation == "quick_gelu":  # x·σ(1.702x), as transformers', in place
         intermediate = intermediate.mul_(torch.mul(intermediate, _QUICK_GELU_SLOPE).sigmoid_())
     else:
