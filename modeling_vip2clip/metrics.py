@@ -214,15 +214,20 @@ def _check_max_fpr(max_fpr: float) -> float:
 # --------------------------------------------------------------------------
 
 
-def _image_defined(metric: str, y: np.ndarray) -> bool:
-    n_pos = int(y.sum())
+def _both_classes(metric: str, y: np.ndarray, anomalous: str, normal: str) -> bool:
+    """True when `y` holds both classes; else warn that `metric` is undefined (saying which class is missing)."""
+    n_pos = int(np.count_nonzero(y))
     if n_pos == 0:
-        _undefined(metric, "no anomalous images (all labels are 0)")
+        _undefined(metric, f"no {anomalous}")
         return False
     if n_pos == y.size:
-        _undefined(metric, "no normal images (all labels are 1)")
+        _undefined(metric, f"no {normal}")
         return False
     return True
+
+
+def _image_defined(metric: str, y: np.ndarray) -> bool:
+    return _both_classes(metric, y, "anomalous images (all labels are 0)", "normal images (all labels are 1)")
 
 
 def image_auroc(labels: Any, scores: Any) -> float:
@@ -351,14 +356,7 @@ def _f1_from_counts(tps: np.ndarray, fps: np.ndarray) -> float:
 
 
 def _pixel_defined(metric: str, y: np.ndarray) -> bool:
-    n_pos = int(np.count_nonzero(y))
-    if n_pos == 0:
-        _undefined(metric, "no anomalous pixels in the masks")
-        return False
-    if n_pos == y.size:
-        _undefined(metric, "no normal pixels in the masks")
-        return False
-    return True
+    return _both_classes(metric, y, "anomalous pixels in the masks", "normal pixels in the masks")
 
 
 def _pixel_metric(metric: str, masks: Any, maps: Any, fn) -> float:
