@@ -439,23 +439,13 @@ def _round(value: float | None, digits: int = 3) -> float | None:
 
 # ---------------------------------------------------------------------------------------------- main
 def save_tiny_model(directory: Path) -> Path:
-    """The tests' tiny random ViP²-CLIP (tests/tiny_clip.py), saved with non-degenerate heads."""
-    import torch
-
+    """The tests' tiny random ViP²-CLIP with non-degenerate heads (`tests/tiny_clip.py:save_tiny_vip2clip`)."""
     for path in (str(ROOT), str(ROOT / "tests")):
         if path not in sys.path:
             sys.path.insert(0, path)
-    from modeling_vip2clip import ViP2CLIPModel, ViP2CLIPProcessor
-    from tiny_clip import tiny_vip2clip_config
+    from tiny_clip import save_tiny_vip2clip
 
-    torch.manual_seed(0)
-    model = ViP2CLIPModel(tiny_vip2clip_config()).eval()
-    with torch.no_grad():
-        for parameter in list(model.ica.parameters()) + list(model.fgp.parameters()):
-            parameter.normal_(0, 0.5)
-    model.save_pretrained(directory)
-    ViP2CLIPProcessor(image_size=32, min_image_size=8).save_pretrained(directory)
-    return directory
+    return save_tiny_vip2clip(directory)
 
 
 def main(argv: list[str] | None = None) -> int:

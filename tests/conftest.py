@@ -30,6 +30,20 @@ def tiny_clip_dir(tmp_path_factory):
     return save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_clip_dir, tmp_path_factory):
+    """`ViP2CLIPModel.from_clip` of the tiny CLIP (32 px, layers 1 and 2), saved with its processor: the folder
+    the command-line tests pass as `--model` (read only)."""
+    from modeling_vip2clip import ViP2CLIPModel, ViP2CLIPProcessor
+
+    torch.manual_seed(0)
+    model = ViP2CLIPModel.from_clip(tiny_clip_dir, image_size=32, feature_layers=[1, 2], n_ctx=3, n_cls=2, top_k=5)
+    out = tmp_path_factory.mktemp("tiny_model_dir")
+    model.save_pretrained(out)
+    ViP2CLIPProcessor(image_size=32).save_pretrained(out)
+    return out
+
+
 @pytest.fixture
 def tiny_config():
     return tiny_vip2clip_config()

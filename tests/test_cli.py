@@ -65,21 +65,7 @@ def test_help_states_the_paper_defaults(capsys):
         assert default in text, default
 
 
-@pytest.fixture(scope="module")
-def model_dir(tiny_clip_dir, tmp_path_factory):
-    import torch
-
-    from modeling_vip2clip import ViP2CLIPModel, ViP2CLIPProcessor
-
-    torch.manual_seed(0)
-    model = ViP2CLIPModel.from_clip(tiny_clip_dir, image_size=32, feature_layers=[1, 2], n_ctx=3, n_cls=2, top_k=5)
-    out = tmp_path_factory.mktemp("cli_model")
-    model.save_pretrained(out)
-    ViP2CLIPProcessor(image_size=32).save_pretrained(out)
-    return out
-
-
-def test_predict_writes_csv_and_overlays_and_reports_corrupt_files(model_dir, tmp_path, capsys):
+def test_predict_writes_csv_and_overlays_and_reports_corrupt_files(tiny_model_dir, tmp_path, capsys):
     folder = tmp_path / "photos"
     (folder / "sub").mkdir(parents=True)
     Image.new("RGB", (40, 30), (200, 10, 10)).save(folder / "red.png")
@@ -92,7 +78,7 @@ def test_predict_writes_csv_and_overlays_and_reports_corrupt_files(model_dir, tm
     Image.new("RGB", (32, 32), (0, 255, 0)).save(extra / "red.png")  # same name as photos/red.png
     out = tmp_path / "predictions"
 
-    code = cli_main(["predict", "--model", str(model_dir), str(folder), str(extra / "*.png"), str(tmp_path / "missing.png"),
+    code = cli_main(["predict", "--model", str(tiny_model_dir), str(folder), str(extra / "*.png"), str(tmp_path / "missing.png"),
                      "--output-dir", str(out), "--threshold", "0.5"])
     assert code == 0
     with open(out / "predictions.csv", newline="") as handle:
@@ -114,9 +100,9 @@ def test_predict_writes_csv_and_overlays_and_reports_corrupt_files(model_dir, tm
     assert "broken.png" in err and "missing.png" in err
 
 
-def test_predict_without_readable_images_fails(model_dir, tmp_path):
+def test_predict_without_readable_images_fails(tiny_model_dir, tmp_path):
     (tmp_path / "bad.png").write_bytes(b"nope")
-    assert cli_main(["predict", "--model", str(model_dir), str(tmp_path / "bad.png"), "--output-dir",
+    assert cli_main(["predict", "--model", str(tiny_model_dir), str(tmp_path / "bad.png"), "--output-dir",
                      str(tmp_path / "out")]) == 1
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tiny_clip import tiny_vip2clip_config
+from launch import free_port
+from tiny_clip import save_tiny_vip2clip
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "demo"
@@ -43,17 +43,7 @@ def app_module():
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny random model folder with non-degenerate heads (what `--model DIR` gets in these tests)."""
-    from modeling_vip2clip import ViP2CLIPModel, ViP2CLIPProcessor
-
-    torch.manual_seed(0)
-    model = ViP2CLIPModel(tiny_vip2clip_config()).eval()
-    with torch.no_grad():
-        for parameter in list(model.ica.parameters()) + list(model.fgp.parameters()):
-            parameter.normal_(0, 0.5)
-    directory = tmp_path_factory.mktemp("demo_model") / "tiny"
-    model.save_pretrained(directory)
-    ViP2CLIPProcessor(image_size=32, min_image_size=8).save_pretrained(directory)
-    return directory
+    return save_tiny_vip2clip(tmp_path_factory.mktemp("demo_model") / "tiny")
 
 
 @pytest.fixture(scope="module")
@@ -271,15 +261,9 @@ def test_runs_as_a_space_without_the_package(model_dir, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- the server
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class Server:
     def __init__(self, model: str, tmp: Path):
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.log = tmp / f"server_{self.port}.log"
         env = dict(os.environ, GRADIO_TEMP_DIR=str(tmp / "gradio"), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")

@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,23 +15,11 @@ from modeling_vip2clip.data import generate_synthetic_benchmark
 from modeling_vip2clip.evaluate import PartialResults
 from modeling_vip2clip.metrics import METRIC_KEYS
 
+from launch import launch_two_cpu_processes
+
 
 # Each run builds its own Accelerator: start every test from a clean singleton state.
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tiny_clip_dir, tmp_path_factory):
-    import torch
-
-    from modeling_vip2clip import ViP2CLIPModel, ViP2CLIPProcessor
-
-    torch.manual_seed(0)
-    model = ViP2CLIPModel.from_clip(tiny_clip_dir, image_size=32, feature_layers=[1, 2], n_ctx=3, n_cls=2, top_k=5)
-    out = tmp_path_factory.mktemp("eval_model")
-    model.save_pretrained(out)
-    ViP2CLIPProcessor(image_size=32).save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -52,20 +36,20 @@ def bench_dir(tmp_path_factory):
     return root
 
 
-def _evaluate(model_dir, bench_dir, out, *extra):
-    argv = ["evaluate", "--model", str(model_dir), "--dataset", str(bench_dir), "--output-dir", str(out),
+def _evaluate(tiny_model_dir, bench_dir, out, *extra):
+    argv = ["evaluate", "--model", str(tiny_model_dir), "--dataset", str(bench_dir), "--output-dir", str(out),
             "--batch-size", "4", "--num-workers", "0", "--no-progress", *extra]
     assert cli_main(argv) == 0
 
 
 @pytest.fixture(scope="module")
-def full_run(model_dir, bench_dir, tmp_path_factory):
+def full_run(tiny_model_dir, bench_dir, tmp_path_factory):
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     out = tmp_path_factory.mktemp("eval_full")
-    _evaluate(model_dir, bench_dir, out, "--save-maps")
+    _evaluate(tiny_model_dir, bench_dir, out, "--save-maps")
     return out, json.loads((out / "results.json").read_text())
 
 
@@ -114,10 +98,10 @@ def test_save_maps_writes_overlays_and_roc(full_run):
     assert not (out / "partial").exists()  # removed once the results are written
 
 
-def test_interrupted_evaluation_resumes_without_double_counting(full_run, model_dir, bench_dir, tmp_path):
+def test_interrupted_evaluation_resumes_without_double_counting(full_run, tiny_model_dir, bench_dir, tmp_path):
     _, reference = full_run
     out = tmp_path / "eval"
-    _evaluate(model_dir, bench_dir, out, "--max-batches", "2")
+    _evaluate(tiny_model_dir, bench_dir, out, "--max-batches", "2")
     assert not (out / "results.json").exists()
     partial = PartialResults(out / "partial")
     assert len(partial.done_indices()) == 8  # 2 batches of 4 of the 15 rows
@@ -126,7 +110,7 @@ def test_interrupted_evaluation_resumes_without_double_counting(full_run, model_
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-    _evaluate(model_dir, bench_dir, out, "--resume")
+    _evaluate(tiny_model_dir, bench_dir, out, "--resume")
     _assert_same_results(json.loads((out / "results.json").read_text()), reference, tolerance=1e-9)
 
 
@@ -163,31 +147,24 @@ def test_partial_results_deduplicate_by_index(tmp_path):
     assert partial.meta_matches({"x": 1}) and not partial.meta_matches({"x": 2})
 
 
-def test_resume_with_other_dataset_starts_over(full_run, model_dir, bench_dir, tmp_path):
+def test_resume_with_other_dataset_starts_over(full_run, tiny_model_dir, bench_dir, tmp_path):
     out = tmp_path / "eval"
     (out / "partial" / "r001_b000001").mkdir(parents=True)
     (out / "partial" / "meta.json").write_text(json.dumps({"model": "something else"}))
-    _evaluate(model_dir, bench_dir, out, "--resume")
+    _evaluate(tiny_model_dir, bench_dir, out, "--resume")
     results = json.loads((out / "results.json").read_text())
     assert results["counts"] == full_run[1]["counts"]
     assert not math.isnan(results["mean"]["image_auroc"])
 
 
-def test_two_cpu_processes_match_one_process(full_run, model_dir, bench_dir, tmp_path):
+def test_two_cpu_processes_match_one_process(full_run, tiny_model_dir, bench_dir, tmp_path):
     """`accelerate launch` with 2 CPU processes: the shards are gathered without the samples Accelerate repeats to
     even out the last batch (15 rows over 2 x batch 4), so every count and metric equals the one-process run."""
     _, reference = full_run
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-        "-m", "modeling_vip2clip.evaluate", "--model", str(model_dir), "--dataset", str(bench_dir),
+    completed = launch_two_cpu_processes(
+        "modeling_vip2clip.evaluate", "--model", str(tiny_model_dir), "--dataset", str(bench_dir),
         "--output-dir", str(tmp_path / "ddp"), "--batch-size", "4", "--num-workers", "0", "--no-progress",
-    ]
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    )
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "terminate called" not in completed.stderr
     # Not bit-equal: each process runs other batch shapes on one thread, so maps differ at float rounding (~1e-7)

@@ -24,7 +24,7 @@ import yaml
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
 
-from tiny_clip import tiny_vip2clip_config
+from tiny_clip import save_tiny_vip2clip
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLISH = ROOT / "hub" / "publish.py"
@@ -58,17 +58,7 @@ def publish():
 @pytest.fixture(scope="module")
 def source_dir(tmp_path_factory):
     """A tiny random ViP²-CLIP with non-degenerate heads, saved with its processor (the 'trained' folder)."""
-    from modeling_vip2clip import ViP2CLIPModel, ViP2CLIPProcessor
-
-    torch.manual_seed(0)
-    model = ViP2CLIPModel(tiny_vip2clip_config()).eval()
-    with torch.no_grad():  # larger than init, so every head parameter visibly moves the outputs
-        for parameter in list(model.ica.parameters()) + list(model.fgp.parameters()):
-            parameter.normal_(0, 0.5)
-    directory = tmp_path_factory.mktemp("trained") / "vip2clip-tiny"
-    model.save_pretrained(directory)
-    ViP2CLIPProcessor(image_size=32, min_image_size=8).save_pretrained(directory)
-    return directory
+    return save_tiny_vip2clip(tmp_path_factory.mktemp("trained") / "vip2clip-tiny")
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,7 @@ cache, NaN guard, the saved model, and a 2-process CPU DDP run. Tiny random CLIP
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,6 +14,8 @@ from safetensors.torch import load_file
 from modeling_vip2clip.data import generate_synthetic_benchmark, load_anomaly_dataset, to_torch_dataset
 from modeling_vip2clip.feature_cache import FeatureCache
 from modeling_vip2clip.train import NonFiniteLossError, build_parser, find_latest_checkpoint, run_training
+
+from launch import launch_two_cpu_processes
 
 TINY = ["--image-size", "32", "--feature-layers", "1", "2", "--n-ctx", "3", "--n-cls", "2", "--top-k", "5"]
 
@@ -234,24 +232,14 @@ def test_final_model_loads_with_automodel_remote_code(reference_run):
     torch.testing.assert_close(got.anomaly_map, expected.anomaly_map)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_cpu_processes_ddp_match_one_process(tiny_clip_dir, data_dir, tmp_path):
     """`accelerate launch` with 2 CPU processes x batch 2 = 1 process x batch 4 (same global batches)."""
     single = run_training(_args(tiny_clip_dir, data_dir, tmp_path / "single", "--epochs", "1", "--batch-size", "4"))
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-        "-m", "modeling_vip2clip.train", "--clip", str(tiny_clip_dir), *TINY, "--dataset", str(data_dir),
+    completed = launch_two_cpu_processes(
+        "modeling_vip2clip.train", "--clip", str(tiny_clip_dir), *TINY, "--dataset", str(data_dir),
         "--output-dir", str(tmp_path / "ddp"), "--epochs", "1", "--batch-size", "2", "--num-workers", "0",
         "--report-to", "tensorboard", "--no-progress",
-    ]
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    )
     # Exit 0 also proves the teardown: a process group alive at exit used to abort rank 1 (SIGABRT) after success,
     # and closing the trackers with `end_training` destroyed the group the final gather still needed.
     assert completed.returncode == 0, completed.stderr[-3000:]

@@ -14,7 +14,7 @@ import torch
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-__all__ = ["tiny_clip_config", "tiny_tokenizer", "save_tiny_clip", "tiny_vip2clip_config"]
+__all__ = ["tiny_clip_config", "tiny_tokenizer", "save_tiny_clip", "tiny_vip2clip_config", "save_tiny_vip2clip"]
 
 NATIVE_IMAGE_SIZE = 24
 PATCH = 8
@@ -93,3 +93,18 @@ def tiny_vip2clip_config(**overrides):
     )
     kwargs.update(overrides)
     return ViP2CLIPConfig(**kwargs)
+
+
+def save_tiny_vip2clip(directory: str | Path) -> Path:
+    """A tiny random ViP²-CLIP (`tiny_vip2clip_config`) with heads drawn at N(0, 0.5²) — larger than their init,
+    so every head parameter visibly moves the outputs — saved with its processor (what `--model DIR` gets)."""
+    from modeling_vip2clip import ViP2CLIPModel, ViP2CLIPProcessor
+
+    torch.manual_seed(0)
+    model = ViP2CLIPModel(tiny_vip2clip_config()).eval()
+    with torch.no_grad():
+        for parameter in list(model.ica.parameters()) + list(model.fgp.parameters()):
+            parameter.normal_(0, 0.5)
+    model.save_pretrained(directory)
+    ViP2CLIPProcessor(image_size=32, min_image_size=8).save_pretrained(directory)
+    return Path(directory)

@@ -1,0 +1,32 @@
+"""Helpers for tests that start real processes on localhost: a free TCP port, and `accelerate launch` with two
+CPU processes (DDP over gloo) of one of the package's modules."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+__all__ = ["free_port", "launch_two_cpu_processes"]
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_two_cpu_processes(module: str, *argv: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`accelerate launch` of `python -m module argv...` with 2 CPU processes, one thread each, offline.
+
+    `--multi_gpu` with `ACCELERATE_USE_CPU=true` is how Accelerate runs DDP on CPU without mpirun (`--cpu` with
+    several processes wants mpirun)."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+        "-m", module, *argv,
+    ]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
