@@ -412,6 +412,16 @@ def _positive_regions(m: np.ndarray) -> tuple[np.ndarray, int]:
     return np.concatenate(ids).astype(np.int64, copy=False), n_regions
 
 
+def _pro_weights(m: np.ndarray) -> tuple[np.ndarray, int]:
+    """Weight 1 / (R |r(p)|) of every anomalous pixel p (``m.ravel()`` order) and R, the number of regions.
+
+    PRO(t) = (1/R) sum_r |{p in r : s_p >= t}| / |r| is then the sum of these
+    weights over the positive pixels scoring >= t: a weighted cumulative count.
+    """
+    region, n_regions = _positive_regions(m)
+    return 1.0 / (np.bincount(region, minlength=n_regions)[region] * float(n_regions)), n_regions
+
+
 def _partial_area(x: np.ndarray, y: np.ndarray, max_x: float, from_origin: bool = False) -> float:
     """Trapezoid area under the polyline (x, y), x non-decreasing, over [0, max_x].
 
@@ -449,16 +459,13 @@ def _partial_area(x: np.ndarray, y: np.ndarray, max_x: float, from_origin: bool 
 
 
 def _aupro_exact(m: np.ndarray, a: np.ndarray, max_fpr: float, metric: str = "aupro") -> float:
-    region, n_regions = _positive_regions(m)
+    w, n_regions = _pro_weights(m)
     if n_regions == 0:
         return _undefined(metric, "no anomalous regions in the masks")
     y = m.ravel()
     n_neg = y.size - int(np.count_nonzero(y))
     if n_neg == 0:
         return _undefined(metric, "no normal pixels in the masks (FPR undefined)")
-    # PRO(t) = (1/R) sum_r |{p in r : s_p >= t}| / |r| = sum over covered
-    # positive pixels of 1 / (R |r(p)|): a weighted cumulative count.
-    w = 1.0 / (np.bincount(region, minlength=n_regions)[region] * float(n_regions))
     s = a.ravel()
     # Only thresholds down to the first FPR >= max_fpr matter, and the counts at
     # a threshold t depend only on the pixels scoring >= t.  So every pixel below
@@ -617,8 +624,7 @@ def compute_category_metrics(
         return out
 
     if pro_mode == "exact":
-        region, n_regions = _positive_regions(m)  # n_regions >= 1 because n_pos >= 1
-        w = 1.0 / (np.bincount(region, minlength=n_regions)[region] * float(n_regions))
+        w, _ = _pro_weights(m)  # at least one region because n_pos >= 1
         tps, fps, pro = _desc_curve(y, s, w)
         out["pixel_aupro"] = _aupro_from_curve(fps, pro, int(fps[-1]), max_fpr)
     else:
