@@ -14,6 +14,7 @@ from .converters import (
     LICENSES,
     MVTEC_CATEGORIES,
     VISA_CATEGORIES,
+    ConversionOptions,
     ConversionReport,
     convert,
     convert_folder,
@@ -40,6 +41,7 @@ from .schema import (
     NORMAL_DEFECT,
     UNKNOWN_DEFECT,
     anomaly_features,
+    decode_image,
     validate_sample,
 )
 
@@ -68,6 +70,7 @@ __all__ = [
     "NORMAL_DEFECT",
     "UNKNOWN_DEFECT",
     "VISA_CATEGORIES",
+    "ConversionOptions",
     "ConversionReport",
     "SkipBadCollate",
     "TorchAnomalyDataset",
@@ -78,6 +81,7 @@ __all__ = [
     "convert_meta_json",
     "convert_mvtec",
     "convert_visa",
+    "decode_image",
     "detect_layout",
     "generate_synthetic_benchmark",
     "is_saved_dataset",

@@ -61,7 +61,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 from datasets import Dataset, DatasetInfo
@@ -74,6 +74,7 @@ __all__ = [
     "MVTEC_CATEGORIES",
     "VISA_CATEGORIES",
     "LICENSES",
+    "ConversionOptions",
     "ConversionReport",
     "detect_layout",
     "convert",
@@ -154,6 +155,29 @@ class ConversionReport:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+@dataclass(frozen=True)
+class ConversionOptions:
+    """The options every converter takes as keywords (``convert_mvtec(root, progress=False)``, ...).
+
+    ``missing_mask``: ``"keep"`` an anomalous image whose mask is missing or unusable (with ``mask=None``
+    and a warning) or ``"skip"`` it. ``mask_threshold``: a mask pixel is defect where its grey value is
+    above it. ``verify``: fully decode every image (skipping bad files) rather than only checking it
+    exists. ``progress``: a tqdm bar. ``license``: the licence written into ``dataset.info`` (default:
+    detected for MVTec AD / VisA).
+    """
+
+    missing_mask: str = "keep"
+    mask_threshold: int = 0
+    verify: bool = True
+    progress: bool = True
+    license: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.missing_mask not in ("keep", "skip"):
+            raise ValueError(f"missing_mask must be 'keep' or 'skip', got {self.missing_mask!r}")
+
 
 
 @dataclass
@@ -238,26 +262,14 @@ def _license_for(categories: Iterable[str]) -> str | None:
     return None
 
 
-def _build(
-    candidates: Sequence[_Candidate],
-    root: Path,
-    report: ConversionReport,
-    *,
-    missing_mask: str,
-    mask_threshold: int,
-    verify: bool,
-    progress: bool,
-    license: str | None,
-) -> Dataset:
+def _build(candidates: Sequence[_Candidate], root: Path, report: ConversionReport, options: ConversionOptions) -> Dataset:
     from tqdm.auto import tqdm
 
-    if missing_mask not in ("keep", "skip"):
-        raise ValueError(f"missing_mask must be 'keep' or 'skip', got {missing_mask!r}")
     rows = []
     n_without_mask = 0
-    for cand in tqdm(candidates, desc=f"Converting {report.layout}", unit="img", disable=not progress):
+    for cand in tqdm(candidates, desc=f"Converting {report.layout}", unit="img", disable=not options.progress):
         size = None
-        if verify:
+        if options.verify:
             try:
                 size = _check_image(cand.image)
             except ValueError as exc:
@@ -278,7 +290,7 @@ def _build(
                 problem = f"mask file not found: {_rel(cand.mask, root)}"
             else:
                 try:
-                    mask_bytes, mask_size, nonempty = _load_mask(cand.mask, mask_threshold)
+                    mask_bytes, mask_size, nonempty = _load_mask(cand.mask, options.mask_threshold)
                 except ValueError as exc:
                     problem = f"mask {_rel(cand.mask, root)} unusable: {exc}"
                 else:
@@ -292,7 +304,7 @@ def _build(
                     if not nonempty:
                         report.warn(cand.rel, "mask of an anomalous image is empty")
             if problem is not None:
-                if missing_mask == "skip":
+                if options.missing_mask == "skip":
                     report.skip(cand.rel, problem)
                     continue
                 report.warn(cand.rel, problem + "; kept with mask=None")
@@ -314,7 +326,7 @@ def _build(
         )
     report.n_ok = len(rows)
 
-    key = license or _license_for(r["category"] for r in rows)
+    key = options.license or _license_for(r["category"] for r in rows)
     lic = LICENSES.get(key, key) if key else None
     note = _LICENSE_NOTES.get(key, "Check the licence of the source dataset before redistributing.")
     features = anomaly_features()
@@ -387,11 +399,7 @@ def convert_mvtec(
     categories: Sequence[str] | None = None,
     *,
     normal_dirs: Sequence[str] = ("good", "ok"),
-    missing_mask: str = "keep",
-    mask_threshold: int = 0,
-    verify: bool = True,
-    progress: bool = True,
-    license: str | None = None,
+    **options: Any,
 ) -> tuple[Dataset, ConversionReport]:
     """Convert an MVTec-AD-style tree (MVTec AD, MPDD, BTAD, ...).
 
@@ -399,9 +407,9 @@ def convert_mvtec(
     ``<root>/<category>/ground_truth/<defect>/<stem>_mask.<ext>`` (also
     ``<stem>.<ext>``), matched by stem. ``root`` may also be one category folder.
     Folders named in ``normal_dirs`` hold normal images (``defect_type`` "good").
-    MVTec AD is licensed CC BY-NC-SA 4.0 (non-commercial).
+    MVTec AD is licensed CC BY-NC-SA 4.0 (non-commercial). ``options``: see :class:`ConversionOptions`.
     """
-    root = Path(root)
+    root, opts = Path(root), ConversionOptions(**options)
     report = _new_report(root, "mvtec")
     wanted = set(categories) if categories is not None else None
     candidates: list[_Candidate] = []
@@ -452,11 +460,7 @@ def convert_mvtec(
         found = {c.category for c in candidates}
         for missing in sorted(wanted - found):
             report.warn(str(root), f"category {missing!r} not found")
-    ds = _build(
-        candidates, root, report, missing_mask=missing_mask, mask_threshold=mask_threshold,
-        verify=verify, progress=progress, license=license,
-    )
-    return ds, report
+    return _build(candidates, root, report, opts), report
 
 
 def _warn_if_normal_has_mask(report: ConversionReport, root: Path, image_rel: str, mask_rel: str) -> None:
@@ -473,19 +477,15 @@ def convert_visa(
     categories: Sequence[str] | None = None,
     *,
     csv_file: str = "split_csv/1cls.csv",
-    missing_mask: str = "keep",
-    mask_threshold: int = 0,
-    verify: bool = True,
-    progress: bool = True,
-    license: str | None = None,
+    **options: Any,
 ) -> tuple[Dataset, ConversionReport]:
     """Convert VisA through its split CSV (``object,split,label,image,mask``).
 
     Paths in the CSV are relative to ``root``; ``label`` is ``normal`` or
     ``anomaly``. VisA gives no defect names, so anomalous rows get
-    ``defect_type="anomaly"``. VisA is licensed CC BY 4.0.
+    ``defect_type="anomaly"``. VisA is licensed CC BY 4.0. ``options``: see :class:`ConversionOptions`.
     """
-    root = Path(root)
+    root, opts = Path(root), ConversionOptions(**options)
     report = _new_report(root, "visa")
     csv_path = root / csv_file
     wanted = set(categories) if categories is not None else None
@@ -523,11 +523,7 @@ def convert_visa(
                     mask=(root / rec["mask"]) if anomalous and rec["mask"] else None,
                 )
             )
-    ds = _build(
-        candidates, root, report, missing_mask=missing_mask, mask_threshold=mask_threshold,
-        verify=verify, progress=progress, license=license,
-    )
-    return ds, report
+    return _build(candidates, root, report, opts), report
 
 
 def convert_meta_json(
@@ -536,11 +532,7 @@ def convert_meta_json(
     categories: Sequence[str] | None = None,
     *,
     meta_file: str = "meta.json",
-    missing_mask: str = "keep",
-    mask_threshold: int = 0,
-    verify: bool = True,
-    progress: bool = True,
-    license: str | None = None,
+    **options: Any,
 ) -> tuple[Dataset, ConversionReport]:
     """Convert a dataset indexed by the authors' ``meta.json``.
 
@@ -550,9 +542,9 @@ def convert_meta_json(
     ``mask_path`` "" (or pointing at a folder, as the reference loader
     tolerates) has no mask: such image-level datasets give a single warning.
     ``specie_name`` becomes ``defect_type`` for anomalous rows (``"anomaly"``
-    when it is empty or is a file name).
+    when it is empty or is a file name). ``options``: see :class:`ConversionOptions`.
     """
-    root = Path(root)
+    root, opts = Path(root), ConversionOptions(**options)
     report = _new_report(root, "meta_json")
     with open(root / meta_file, encoding="utf-8") as f:
         meta = json.load(f)
@@ -596,11 +588,7 @@ def convert_meta_json(
                         mask_expected=expected,
                     )
                 )
-    ds = _build(
-        candidates, root, report, missing_mask=missing_mask, mask_threshold=mask_threshold,
-        verify=verify, progress=progress, license=license,
-    )
-    return ds, report
+    return _build(candidates, root, report, opts), report
 
 
 def _folder_parts(d: Path) -> tuple[Path | None, list[Path]]:
@@ -627,12 +615,7 @@ def convert_folder(
     split: str = "test",
     category: str | None = None,
     categories: Sequence[str] | None = None,
-    *,
-    missing_mask: str = "keep",
-    mask_threshold: int = 0,
-    verify: bool = True,
-    progress: bool = True,
-    license: str | None = None,
+    **options: Any,
 ) -> tuple[Dataset, ConversionReport]:
     """Convert a plain user folder: ``good/``, ``bad/`` (or ``anomalous/``,
     ``anomaly/``, ``defect/``), optional ``masks/``.
@@ -644,9 +627,9 @@ def convert_folder(
     The layout has no train/test split: every row is tagged with ``split``
     (``"all"`` tags ``"test"``). ``category`` overrides the folder name (single
     folder only); a root whose sub-folders each have this layout gives one
-    category per sub-folder (filter with ``categories``).
+    category per sub-folder (filter with ``categories``). ``options``: see :class:`ConversionOptions`.
     """
-    root = Path(root)
+    root, opts = Path(root), ConversionOptions(**options)
     report = _new_report(root, "folder")
     tag = "test" if split == "all" else _splits(split)[0]
     wanted = set(categories) if categories is not None else None
@@ -687,11 +670,7 @@ def convert_folder(
             )
         if n_no_masks:
             report.warn(_rel(cat_dir, root) if cat_dir != root else name, "no masks/ folder: image-level labels only")
-    ds = _build(
-        candidates, root, report, missing_mask=missing_mask, mask_threshold=mask_threshold,
-        verify=verify, progress=progress, license=license,
-    )
-    return ds, report
+    return _build(candidates, root, report, opts), report
 
 
 _CONVERTERS = {

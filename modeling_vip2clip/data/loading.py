@@ -22,7 +22,6 @@ them, so a corrupt image would raise inside ``datasets``; :func:`without_decodin
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from pathlib import Path
@@ -33,6 +32,7 @@ from datasets import Dataset, DatasetDict, Image as ImageFeature, load_dataset, 
 from PIL import Image
 
 from .converters import ConversionReport, convert, detect_layout
+from .schema import decode_image
 
 __all__ = [
     "is_saved_dataset",
@@ -128,29 +128,6 @@ def without_decoding(dataset: Dataset) -> Dataset:
     return dataset
 
 
-def _decode(value: Any) -> Image.Image | None:
-    if value is None:
-        return None
-    if isinstance(value, Image.Image):
-        value.load()
-        return value
-    if isinstance(value, Mapping):
-        if value.get("bytes") is not None:
-            img = Image.open(io.BytesIO(value["bytes"]))
-        elif value.get("path"):
-            img = Image.open(value["path"])
-        else:
-            raise ValueError("neither bytes nor path")
-    elif isinstance(value, (bytes, bytearray)):
-        img = Image.open(io.BytesIO(value))
-    elif isinstance(value, (str, os.PathLike)):
-        img = Image.open(value)
-    else:
-        raise TypeError(f"unsupported image value {type(value).__name__}")
-    img.load()
-    return img
-
-
 def _where(batch: Mapping[str, list], i: int) -> str:
     if batch.get("image_path"):
         return str(batch["image_path"][i])
@@ -198,12 +175,12 @@ class AnomalyBatchTransform:
         masks: list = [None] * n
         for i in range(n):
             try:
-                images[i] = _decode(batch["image"][i])  # mode conversion is the processor's job
+                images[i] = decode_image(batch["image"][i])  # mode conversion is the processor's job
             except Exception as exc:  # noqa: BLE001 - reported, not raised
                 errors[i] = f"image does not decode: {type(exc).__name__}: {exc}"
                 continue
             try:
-                masks[i] = _decode(masks_in[i])
+                masks[i] = decode_image(masks_in[i])
             except Exception as exc:  # noqa: BLE001
                 errors[i] = f"mask does not decode: {type(exc).__name__}: {exc}"
                 continue
