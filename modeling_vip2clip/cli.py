@@ -16,59 +16,10 @@ import argparse
 import sys
 from typing import Sequence
 
+from .convert_dataset import DESCRIPTION as _CONVERT_DESCRIPTION, UsageError
+from .convert_dataset import add_arguments as add_convert_arguments, run as run_convert
+
 __all__ = ["build_parser", "main", "add_convert_arguments", "run_convert"]
-
-_LAYOUTS = ("auto", "mvtec", "visa", "meta_json", "folder")
-
-
-def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument(
-        "--layout", choices=_LAYOUTS, default="auto",
-        help="source layout: mvtec (<cat>/{train,test}/<defect>/ + ground_truth/; also MPDD, BTAD), visa "
-        "(split_csv/1cls.csv), meta_json (the authors' meta.json), folder (good/ + bad/ [+ masks/]), or auto to "
-        "detect it (default: auto).",
-    )
-    parser.add_argument("--root", required=True, metavar="DIR", help="root folder of the raw benchmark.")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (datasets.save_to_disk, images embedded).")
-    parser.add_argument("--split", default="test", choices=["test", "train", "all"], help="split to convert (default: test).")
-    parser.add_argument("--categories", nargs="+", default=None, metavar="CAT", help="convert these categories only (default: all).")
-    parser.add_argument(
-        "--missing-mask", choices=["keep", "skip"], default="keep",
-        help="anomalous images whose mask is missing: keep them (image metrics only) or skip them (default: keep).",
-    )
-    parser.add_argument("--license", default=None, help="licence string stored in the dataset info (default: detected for MVTec AD / VisA).")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder.")
-    return parser
-
-
-def run_convert(args: argparse.Namespace) -> int:
-    """Convert a raw benchmark with the converters of `modeling_vip2clip.data` and save it to disk."""
-    import shutil
-    from pathlib import Path
-
-    from .data import convert
-
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        if not args.overwrite:
-            print(f"error: {out} exists and is not empty; pass --overwrite to replace it.", file=sys.stderr)
-            return 1
-        shutil.rmtree(out)
-    kwargs = {"missing_mask": args.missing_mask}
-    if args.license:
-        kwargs["license"] = args.license
-    dataset, report = convert(args.root, split=args.split, categories=args.categories,
-                              layout=None if args.layout == "auto" else args.layout, **kwargs)
-    if len(dataset) == 0:
-        print(report.summary(), file=sys.stderr)
-        print(f"error: nothing to convert in {args.root} (split {args.split!r}).", file=sys.stderr)
-        return 1
-    dataset.save_to_disk(str(out))
-    print(report.summary())
-    categories = sorted(set(dataset["category"]))
-    anomalous = sum(dataset["label"])
-    print(f"saved {len(dataset)} images ({anomalous} anomalous) in {len(categories)} categories to {out}")
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,8 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("predict", predict.add_arguments, "score image files/folders/globs: CSV + overlay PNGs",
          predict.build_parser().description),
         ("convert", add_convert_arguments, "convert a raw benchmark folder to a saved datasets folder",
-         "Convert a raw anomaly benchmark (MVTec-style tree, VisA CSV, the authors' meta.json, or good/bad folders) "
-         "to the canonical datasets schema and save it with save_to_disk."),
+         _CONVERT_DESCRIPTION),
     ]
     for name, add, summary, description in specs:
         sub = commands.add_parser(name, help=summary, description=description)
@@ -112,7 +62,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .predict import run
     else:
         run = run_convert
-    return run(args)
+    try:
+        return run(args)
+    except UsageError as exc:  # the one-line user error of issue 12 (the lead's runtime.run_main replaces this)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

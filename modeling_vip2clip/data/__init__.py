@@ -2,7 +2,7 @@
 
 * :mod:`.schema` — the canonical ``datasets.Features`` and :func:`validate_sample`.
 * :mod:`.converters` — MVTec-style trees, VisA's split CSV, the authors'
-  ``meta.json`` and plain good/bad folders → ``datasets.Dataset`` + a
+  ``meta.json`` and a user's own normal/anomalous folders → ``datasets.Dataset`` + a
   :class:`ConversionReport`. (MVTec AD: CC BY-NC-SA 4.0; VisA: CC BY 4.0.)
 * :mod:`.loading` — :func:`load_anomaly_dataset`, :func:`make_transform`,
   :func:`collate_skip_bad`, :func:`to_torch_dataset`.
@@ -10,9 +10,12 @@
 """
 
 from .converters import (
+    ANOMALOUS_FOLDER_NAMES,
     IMAGE_EXTENSIONS,
     LICENSES,
+    MASK_FOLDER_NAMES,
     MVTEC_CATEGORIES,
+    NORMAL_FOLDER_NAMES,
     VISA_CATEGORIES,
     ConversionOptions,
     ConversionReport,
@@ -22,6 +25,8 @@ from .converters import (
     convert_mvtec,
     convert_visa,
     detect_layout,
+    suggest_folder_command,
+    unrecognised_layout_message,
 )
 from .loading import (
     AnomalyBatchTransform,
@@ -38,6 +43,7 @@ from .schema import (
     ANOMALY_FEATURES,
     COLUMNS,
     LABEL_NAMES,
+    DatasetError,
     NORMAL_DEFECT,
     UNKNOWN_DEFECT,
     anomaly_features,
@@ -58,6 +64,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
+    "ANOMALOUS_FOLDER_NAMES",
     "ANOMALY_FEATURES",
     "COLUMNS",
     "DEFAULT_CATEGORIES",
@@ -66,12 +73,15 @@ __all__ = [
     "LABEL_NAMES",
     "LAYOUTS",
     "LICENSES",
+    "MASK_FOLDER_NAMES",
     "MVTEC_CATEGORIES",
+    "NORMAL_FOLDER_NAMES",
     "NORMAL_DEFECT",
     "UNKNOWN_DEFECT",
     "VISA_CATEGORIES",
     "ConversionOptions",
     "ConversionReport",
+    "DatasetError",
     "SkipBadCollate",
     "TorchAnomalyDataset",
     "anomaly_features",
@@ -83,12 +93,14 @@ __all__ = [
     "convert_visa",
     "decode_image",
     "detect_layout",
+    "suggest_folder_command",
     "generate_synthetic_benchmark",
     "is_saved_dataset",
     "load_anomaly_dataset",
     "AnomalyBatchTransform",
     "make_transform",
     "to_torch_dataset",
+    "unrecognised_layout_message",
     "validate_sample",
     "without_decoding",
 ]

@@ -31,8 +31,8 @@ import torch
 from datasets import Dataset, DatasetDict, Image as ImageFeature, load_dataset, load_from_disk
 from PIL import Image
 
-from .converters import ConversionReport, convert, detect_layout
-from .schema import decode_image
+from .converters import ConversionReport, convert, detect_layout, unrecognised_layout_message
+from .schema import DatasetError, decode_image
 
 __all__ = [
     "is_saved_dataset",
@@ -96,16 +96,13 @@ def load_anomaly_dataset(
     elif path.is_dir():
         layout = detect_layout(path)
         if layout is None:
-            raise ValueError(
-                f"{path}: neither a saved dataset nor a recognised raw layout (meta.json, "
-                "split_csv/1cls.csv, <category>/{train,test}/<defect>/ tree, good/ + bad/ folders)"
-            )
+            raise DatasetError(unrecognised_layout_message(path))
         ds, report = convert(path, split=split or "test", categories=categories, layout=layout, **converter_kwargs)
         categories = None  # already applied
     elif path.exists():
-        raise ValueError(f"{path} is a file; expected a dataset folder or a Hub dataset id")
+        raise DatasetError(f"{path} is a file; pass a dataset folder or a Hub dataset id")
     elif str(id_or_path).startswith(("/", "./", "../", "~", "\\")) or path.is_absolute():
-        raise FileNotFoundError(f"dataset folder {path} does not exist")
+        raise DatasetError(f"dataset folder {path} does not exist; check the path, or pass a Hub dataset id")
     else:
         ds = load_dataset(str(id_or_path), split=split or "test")
     if categories is not None:

@@ -31,6 +31,7 @@ import numpy as np
 from datasets import ClassLabel, Features, Image, Value
 
 __all__ = [
+    "DatasetError",
     "LABEL_NAMES",
     "NORMAL_DEFECT",
     "UNKNOWN_DEFECT",
@@ -49,6 +50,12 @@ NORMAL_DEFECT = "good"
 UNKNOWN_DEFECT = "anomaly"
 #: Column order of the canonical schema.
 COLUMNS = ("image", "mask", "label", "category", "defect_type", "split", "image_path")
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used as given (a folder that does not exist or has no known layout, a named
+    folder or column that is missing). The message reads ``<what is wrong with which value>; <the fix>``,
+    so entry points show it as a one-line user error."""
 
 
 def anomaly_features() -> Features:
