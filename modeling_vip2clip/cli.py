@@ -1,72 +1,70 @@
-"""The `vip2clip` command: `train`, `evaluate`, `predict` and `convert` (datasets) subcommands.
+"""The `vip2clip` command: a thin dispatcher to the subcommand modules.
 
     vip2clip convert --layout mvtec --root /data/mvtec_raw --out /data/mvtec --split test
     vip2clip train --clip openai/clip-vit-large-patch14-336 --dataset /data/mvtec --output-dir runs/mvtec
     vip2clip evaluate --model runs/mvtec/model --dataset /data/visa --output-dir results/visa
     vip2clip predict --model runs/mvtec/model photos/ 'line3/**/*.png' --threshold 0.5
 
-`vip2clip COMMAND --help` lists every option with its default. For several GPUs or machines, run the training
-and evaluation modules under Accelerate instead: `accelerate launch -m modeling_vip2clip.train ...` (see
-`docs/training.md`).
+Each subcommand lives in its own module, which exposes `DESCRIPTION`, `add_arguments(parser)` and `run(args)` and
+imports nothing heavy at module level; only the chosen one is imported, so `vip2clip --help` and
+`vip2clip COMMAND --help` never import torch. Errors follow `runtime.run_main`: one `error: ...` line, exit 2.
+For several GPUs or machines run a module under Accelerate: `accelerate launch -m modeling_vip2clip.train ...`
+(docs/training.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from typing import Sequence
 
-from .convert_dataset import DESCRIPTION as _CONVERT_DESCRIPTION, UsageError
-from .convert_dataset import add_arguments as add_convert_arguments, run as run_convert
+__all__ = ["COMMANDS", "build_parser", "main"]
 
-__all__ = ["build_parser", "main", "add_convert_arguments", "run_convert"]
+# name → (module, one-line summary); the module's DESCRIPTION is the command's --help text.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("modeling_vip2clip.train", "train the ICA/FGP heads on an auxiliary dataset (Accelerate loop)"),
+    "evaluate": ("modeling_vip2clip.evaluate", "per-category image/pixel metrics on a benchmark (table + JSON)"),
+    "predict": ("modeling_vip2clip.predict", "score image files/folders/globs: CSV + overlay PNGs"),
+    "convert": ("modeling_vip2clip.convert_dataset", "convert a raw benchmark folder to a saved datasets folder"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import evaluate, predict, train
+def _top_parser() -> argparse.ArgumentParser:
+    from . import __version__
 
     parser = argparse.ArgumentParser(
         prog="vip2clip",
         description="ViP2-CLIP zero-shot anomaly detection: train the prompt heads, evaluate on benchmarks, score "
         "images, convert datasets.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Run `vip2clip COMMAND --help` for the options of a command.",
     )
-    from . import __version__
-
     parser.add_argument("--version", action="version", version=f"vip2clip {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    specs = [
-        ("train", train.add_arguments, "train the ICA/FGP heads on an auxiliary dataset (Accelerate loop)",
-         train.build_parser().description),
-        ("evaluate", evaluate.add_arguments, "per-category image/pixel metrics on a benchmark (table + JSON)",
-         evaluate.build_parser().description),
-        ("predict", predict.add_arguments, "score image files/folders/globs: CSV + overlay PNGs",
-         predict.build_parser().description),
-        ("convert", add_convert_arguments, "convert a raw benchmark folder to a saved datasets folder",
-         _CONVERT_DESCRIPTION),
-    ]
-    for name, add, summary, description in specs:
-        sub = commands.add_parser(name, help=summary, description=description)
-        add(sub)
+    for name, (_, summary) in COMMANDS.items():
+        commands.add_parser(name, help=summary, add_help=False)
+    return parser
+
+
+def build_parser(command: str) -> argparse.ArgumentParser:
+    """The full parser of one subcommand (importing only its module)."""
+    module = importlib.import_module(COMMANDS[command][0])
+    parser = argparse.ArgumentParser(prog=f"vip2clip {command}", description=module.DESCRIPTION)
+    module.add_arguments(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "train":
-        from .train import run
-    elif args.command == "evaluate":
-        from .evaluate import run
-    elif args.command == "predict":
-        from .predict import run
-    else:
-        run = run_convert
-    try:
-        return run(args)
-    except UsageError as exc:  # the one-line user error of issue 12 (the lead's runtime.run_main replaces this)
-        print(f"error: {exc}", file=sys.stderr)
+    from .runtime import run_main
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        _top_parser().parse_args(argv)  # --help, --version, or argparse's error naming the valid commands
         return 2
+    command = argv[0]
+    args = build_parser(command).parse_args(argv[1:])
+    run = importlib.import_module(COMMANDS[command][0]).run
+    return run_main(run, args)
 
 
 if __name__ == "__main__":

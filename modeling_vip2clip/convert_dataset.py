@@ -19,19 +19,15 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["DESCRIPTION", "LAYOUTS", "UsageError", "add_arguments", "run", "main"]
+from .runtime import UsageError, add_debug_argument
+
+__all__ = ["DESCRIPTION", "LAYOUTS", "add_arguments", "run", "main"]
 
 DESCRIPTION = (
     "Convert a raw anomaly benchmark (MVTec-style tree, VisA CSV, the authors' meta.json, or your own "
     "normal/anomalous folders) to the canonical datasets schema and save it with save_to_disk."
 )
 LAYOUTS = ("auto", "mvtec", "visa", "meta_json", "folder")
-
-
-class UsageError(Exception):
-    """A user error: shown as one ``error: ...`` line on stderr, exit status 2.
-
-    Stand-in until ``modeling_vip2clip.runtime.UsageError`` exists (then this name re-exports it)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -73,8 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--license", default=None,
                         help="licence string stored in the dataset info (default: detected for MVTec AD / VisA).")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder.")
-    parser.add_argument("--debug", action="store_true",
-                        help="show the full traceback of an error (also VIP2CLIP_DEBUG=1).")
+    add_debug_argument(parser)
     return parser
 
 
@@ -123,7 +118,7 @@ def _save(dataset, out: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     """Convert ``args.root`` and save it to ``args.out``; user errors raise :class:`UsageError`."""
     root, out, layout = _check_paths(args)
-    from .data import DatasetError, convert, detect_layout, unrecognised_layout_message  # after the checks
+    from .data import convert, detect_layout, unrecognised_layout_message  # after the checks
 
     if layout is None and detect_layout(root) is None:
         raise UsageError(unrecognised_layout_message(args.root, args.out))
@@ -133,10 +128,8 @@ def run(args: argparse.Namespace) -> int:
         kwargs["license"] = args.license
     if layout == "folder":
         kwargs.update(normal_dirs=args.normal_dir, anomalous_dirs=args.anomalous_dir, mask_dir=args.mask_dir)
-    try:
-        dataset, report = convert(root, split=args.split, categories=args.categories, layout=layout, **kwargs)
-    except DatasetError as exc:
-        raise UsageError(str(exc)) from exc
+    # A DatasetError (a named folder missing, ...) is a UsageError: run_main shows it as one line.
+    dataset, report = convert(root, split=args.split, categories=args.categories, layout=layout, **kwargs)
     if len(dataset) == 0:
         print(report.summary(), file=sys.stderr)
         which = f" for --categories {' '.join(args.categories)}" if args.categories else ""
@@ -150,21 +143,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_main(args: argparse.Namespace) -> int:
-    try:
-        return run(args)
-    except UsageError as exc:
-        if getattr(args, "debug", False) or os.environ.get("VIP2CLIP_DEBUG") == "1":
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m modeling_vip2clip.convert_dataset``: the same as ``vip2clip convert``."""
+    from .runtime import run_main
+
     parser = argparse.ArgumentParser(prog="vip2clip convert", description=DESCRIPTION)
-    add_arguments(parser)
-    return _run_main(parser.parse_args(argv))
+    return run_main(run, add_arguments(parser).parse_args(argv))
 
 
 if __name__ == "__main__":

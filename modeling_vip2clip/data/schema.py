@@ -30,6 +30,8 @@ from typing import Any, Mapping
 import numpy as np
 from datasets import ClassLabel, Features, Image, Value
 
+from ..runtime import UsageError
+
 __all__ = [
     "DatasetError",
     "LABEL_NAMES",
@@ -52,10 +54,11 @@ UNKNOWN_DEFECT = "anomaly"
 COLUMNS = ("image", "mask", "label", "category", "defect_type", "split", "image_path")
 
 
-class DatasetError(ValueError):
+class DatasetError(UsageError, ValueError):
     """A dataset that cannot be used as given (a folder that does not exist or has no known layout, a named
-    folder or column that is missing). The message reads ``<what is wrong with which value>; <the fix>``,
-    so entry points show it as a one-line user error."""
+    folder or column that is missing). The message reads ``<what is wrong with which value>; <the fix>``; as a
+    :class:`~modeling_vip2clip.runtime.UsageError` every entry point shows it as a one-line user error (exit 2),
+    and as a ``ValueError`` library callers may catch it as before."""
 
 
 def anomaly_features() -> Features:
