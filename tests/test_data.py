@@ -302,3 +302,26 @@ def test_mask_on_a_normal_image_is_reported_and_ignored(tmp_path, processor, cap
         batch = make_transform(processor)(without_decoding(user)[:1])
     assert "labelled normal but its mask is not empty" in caplog.text
     assert batch["masks"].sum() == 0 and not batch["bad"].any()
+
+
+def test_synthetic_cli_describes_every_option_and_tiny_converts(tmp_path, capsys):
+    import argparse
+
+    from modeling_vip2clip.data import synthetic
+
+    parser = synthetic.add_arguments(argparse.ArgumentParser())
+    for action in parser._actions:
+        assert action.help, f"{action.dest} has no help"
+        if action.option_strings and action.dest not in ("help", "out", "tiny", "debug"):
+            assert "(default: " in action.help, action.dest
+    assert synthetic_main(["--out", str(tmp_path / "raw"), "--tiny"]) == 0
+    assert "wrote 6 images (2 anomalous) in the 'mvtec' layout" in capsys.readouterr().out
+    ds, report = convert(tmp_path / "raw", split="all", progress=False)
+    assert report.skipped == [] and len(ds) == 6 and set(ds["category"]) == {"fabric"}
+    assert {r["image"].size for r in ds} == {(32, 32)} and sum(ds["label"]) == 2
+    # a flag given with --tiny overrides the preset; a size below 16 is a one-line user error
+    assert synthetic_main(["--out", str(tmp_path / "raw2"), "--tiny", "--n-test-bad", "3", "--layout", "folder"]) == 0
+    assert "wrote 5 images (3 anomalous) in the 'folder' layout" in capsys.readouterr().out
+    assert synthetic_main(["--out", str(tmp_path / "raw3"), "--image-size", "8"]) == 2
+    assert capsys.readouterr().err == "error: --image-size 8: below 16 pixels; pass --image-size 16 or more\n"
+    assert not (tmp_path / "raw3").exists()
