@@ -4,8 +4,10 @@
 * :mod:`.converters` — MVTec-style trees, VisA's split CSV, the authors'
   ``meta.json`` and a user's own normal/anomalous folders → ``datasets.Dataset`` + a
   :class:`ConversionReport`. (MVTec AD: CC BY-NC-SA 4.0; VisA: CC BY 4.0.)
-* :mod:`.loading` — :func:`load_anomaly_dataset`, :func:`make_transform`,
-  :func:`collate_skip_bad`, :func:`to_torch_dataset`.
+* :mod:`.sources` — :func:`load_anomaly_dataset`: a saved folder, a raw benchmark folder,
+  parquet/imagefolder files or a Hub id (optionally streamed), in any column names
+  (:func:`add_schema_arguments`), with ``<category>.<split>`` split patterns → the schema.
+* :mod:`.loading` — :func:`make_transform`, :func:`collate_skip_bad`, :func:`to_torch_dataset`.
 * :mod:`.synthetic` — a procedural CC0 benchmark for tests and demos.
 """
 
@@ -25,8 +27,12 @@ _SUBMODULE_NAMES = {
         "suggest_folder_command", "unrecognised_layout_message",
     ),
     ".loading": (
-        "AnomalyBatchTransform", "SkipBadCollate", "TorchAnomalyDataset", "collate_skip_bad", "is_saved_dataset",
-        "load_anomaly_dataset", "make_transform", "to_torch_dataset", "without_decoding",
+        "AnomalyBatchTransform", "SkipBadCollate", "TorchAnomalyDataset", "collate_skip_bad", "make_transform",
+        "to_torch_dataset", "without_decoding",
+    ),
+    ".sources": (
+        "DEFAULT_COLUMNS", "add_schema_arguments", "is_saved_dataset", "load_anomaly_dataset", "schema_options",
+        "select_splits",
     ),
     ".schema": (
         "ANOMALY_FEATURES", "COLUMNS", "LABEL_NAMES", "DatasetError", "NORMAL_DEFECT", "UNKNOWN_DEFECT",
@@ -44,12 +50,16 @@ if TYPE_CHECKING:  # pragma: no cover
         unrecognised_layout_message,
     )
     from .loading import (
-        AnomalyBatchTransform, SkipBadCollate, TorchAnomalyDataset, collate_skip_bad, is_saved_dataset,
-        load_anomaly_dataset, make_transform, to_torch_dataset, without_decoding,
+        AnomalyBatchTransform, SkipBadCollate, TorchAnomalyDataset, collate_skip_bad, make_transform,
+        to_torch_dataset, without_decoding,
     )
     from .schema import (
         ANOMALY_FEATURES, COLUMNS, LABEL_NAMES, NORMAL_DEFECT, UNKNOWN_DEFECT, DatasetError, anomaly_features,
         decode_image, validate_sample,
+    )
+    from .sources import (
+        DEFAULT_COLUMNS, add_schema_arguments, is_saved_dataset, load_anomaly_dataset, schema_options,
+        select_splits,
     )
     from .synthetic import DEFAULT_CATEGORIES, DEFECT_KINDS, LAYOUTS, generate_synthetic_benchmark
 
