@@ -8,6 +8,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -148,12 +149,20 @@ def test_cli_user_errors_name_the_flag(own_folders, tmp_path, capsys, extra, mes
     assert err.startswith(message) and err.count("\n") == 1 and not (tmp_path / "o").exists()
 
 
-def test_missing_root_says_it_does_not_exist(tmp_path):
+def test_missing_root_says_it_does_not_exist_at_once(tmp_path):
     missing = tmp_path / "no-such-folder"
+    started = time.monotonic()
     done = _convert("--root", str(missing), "--out", str(tmp_path / "o"))
+    assert time.monotonic() - started < 5  # the bound: refused in seconds (about 0.5 s unloaded)
     assert done.returncode == 2
     assert done.stderr == f"error: --root {missing} does not exist; pass the folder that holds the raw benchmark\n"
     assert "Traceback" not in done.stderr + done.stdout and "unrecognised" not in done.stderr
+    # why it is fast: the check runs before torch, datasets or PIL are imported
+    probe = (f"import sys; from modeling_vip2clip.convert_dataset import main; rc = main(['--root', {str(missing)!r}, "
+             f"'--out', 'o']); print(rc, sorted(m for m in ('torch', 'datasets', 'PIL') if m in sys.modules))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env=env).stdout
+    assert out.split("\n")[0] == "2 []"
 
 
 def test_unrecognised_layout_lists_folders_and_the_command_that_converts_them(tmp_path):

@@ -797,7 +797,7 @@ def convert_folder(
     elif not cat_dirs:
         raise DatasetError(unrecognised_layout_message(root))
     if category is not None and len(cat_dirs) > 1:
-        raise ValueError("category= applies to a single good/bad folder; use categories= to filter")
+        raise ValueError("category= applies to a single folder of normal/anomalous images; use categories= to filter")
     for cat_dir in cat_dirs:
         name = category or cat_dir.name
         if wanted is not None and name not in wanted:

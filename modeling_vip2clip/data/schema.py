@@ -2,8 +2,8 @@
 
 Every converter in :mod:`modeling_vip2clip.data.converters` produces rows with
 exactly these columns, so training and evaluation code never has to know which
-on-disk layout (MVTec AD tree, VisA CSV, the authors' ``meta.json``, plain
-good/bad folders) a dataset came from:
+on-disk layout (MVTec AD tree, VisA CSV, the authors' ``meta.json``, a user's own
+normal/anomalous folders; a Hub dataset in other columns, see :mod:`.sources`) a dataset came from:
 
 ============== ======================= =========================================
 column         feature                 meaning
