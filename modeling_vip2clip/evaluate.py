@@ -80,12 +80,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .runtime import require_extra, setup_logging, teardown_distributed
+    from .runtime import require_extra, resolve_source, setup_logging, teardown_distributed
 
     for module in ("accelerate", "datasets", "sklearn", "scipy"):
         require_extra(module, "train", "vip2clip evaluate")
     if args.save_maps:
         require_extra("matplotlib", "train", "--save-maps (the ROC curves)")
+    resolve_source(args.dataset, "--dataset", repo_type="dataset")  # fail fast, before the heavy imports
+    resolve_source(args.model, "--model")
     from .evaluation import run_evaluation
 
     setup_logging()

@@ -100,7 +100,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """`vip2clip train` once the arguments are parsed: logging, training, teardown."""
-    from .runtime import setup_logging, teardown_distributed
+    from .runtime import require_extra, resolve_source, setup_logging, teardown_distributed
+
+    for module in ("accelerate", "datasets", "tqdm"):
+        require_extra(module, "train", "vip2clip train")
+    # Fail fast on a wrong source, before torch, transformers and Accelerate are even imported.
+    resolve_source(args.clip or args.model, "--clip" if args.clip else "--model")
+    resolve_source(args.dataset, "--dataset", repo_type="dataset")
     from .training import run_training
 
     setup_logging()
