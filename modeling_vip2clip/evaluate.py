@@ -80,27 +80,24 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .runtime import require_extra, setup_logging, teardown_distributed
+    from .runtime import require_extra, resolve_source, run_job
 
     for module in ("accelerate", "datasets", "sklearn", "scipy"):
         require_extra(module, "train", "vip2clip evaluate")
     if args.save_maps:
         require_extra("matplotlib", "train", "--save-maps (the ROC curves)")
+    resolve_source(args.dataset, "--dataset", repo_type="dataset")  # fail fast, before the heavy imports
+    resolve_source(args.model, "--model")
     from .evaluation import run_evaluation
 
-    setup_logging()
-    try:
-        run_evaluation(args)
-    finally:
-        teardown_distributed()
-    return 0
+    return run_job(run_evaluation, args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m modeling_vip2clip.evaluate` / `accelerate launch -m modeling_vip2clip.evaluate`."""
-    from .runtime import run_main
+    from .runtime import entry_point_main
 
-    return run_main(run, build_parser(prog="modeling_vip2clip.evaluate").parse_args(argv))
+    return entry_point_main(run, build_parser(prog="modeling_vip2clip.evaluate"), argv)
 
 
 if __name__ == "__main__":

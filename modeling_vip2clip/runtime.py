@@ -29,6 +29,8 @@ __all__ = [
     "UsageError",
     "debug_enabled",
     "run_main",
+    "entry_point_main",
+    "run_job",
     "setup_logging",
     "check_distributed_setup",
     "teardown_distributed",
@@ -80,6 +82,22 @@ def run_main(run: Callable[[argparse.Namespace], int], args: argparse.Namespace)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         return 130
+
+
+def entry_point_main(run: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser, argv=None) -> int:
+    """`python -m modeling_vip2clip.X` (and `accelerate launch -m ...`): parse, then :func:`run_main`."""
+    return run_main(run, parser.parse_args(argv))
+
+
+def run_job(work: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
+    """Console logging, `work(args)`, and the process group torn down however it ends (train, evaluate, predict
+    under `accelerate launch`)."""
+    setup_logging()
+    try:
+        work(args)
+    finally:
+        teardown_distributed()
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------------- logging

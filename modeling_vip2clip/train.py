@@ -100,22 +100,23 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """`vip2clip train` once the arguments are parsed: logging, training, teardown."""
-    from .runtime import setup_logging, teardown_distributed
+    from .runtime import require_extra, resolve_source, run_job
+
+    for module in ("accelerate", "datasets", "tqdm"):
+        require_extra(module, "train", "vip2clip train")
+    # Fail fast on a wrong source, before torch, transformers and Accelerate are even imported.
+    resolve_source(args.clip or args.model, "--clip" if args.clip else "--model")
+    resolve_source(args.dataset, "--dataset", repo_type="dataset")
     from .training import run_training
 
-    setup_logging()
-    try:
-        run_training(args)
-    finally:
-        teardown_distributed()
-    return 0
+    return run_job(run_training, args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m modeling_vip2clip.train` / `accelerate launch -m modeling_vip2clip.train`."""
-    from .runtime import run_main
+    from .runtime import entry_point_main
 
-    return run_main(run, build_parser(prog="modeling_vip2clip.train").parse_args(argv))
+    return entry_point_main(run, build_parser(prog="modeling_vip2clip.train"), argv)
 
 
 if __name__ == "__main__":

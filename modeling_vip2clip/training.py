@@ -24,7 +24,14 @@ from .checkpointing import (
     read_trainer_state,
     save_checkpoint,
 )
-from .runtime import UsageError, atomic_write_json, check_distributed_setup, load_model_and_processor, test_pause
+from .runtime import (
+    UsageError,
+    atomic_write_json,
+    check_distributed_setup,
+    load_model_and_processor,
+    resolve_source,
+    test_pause,
+)
 
 logger = logging.getLogger("modeling_vip2clip.train")
 
@@ -104,7 +111,6 @@ def load_training_model(args):
     """The model and processor a run starts from: `--clip` (untrained heads, seeded) or `--model` (a saved one)."""
     from .modeling_vip2clip import ViP2CLIPModel
     from .processing_vip2clip import ViP2CLIPProcessor
-    from .runtime import resolve_source
 
     if args.clip:
         config_kwargs = model_options_from_args(args)
@@ -227,9 +233,11 @@ def run_training(
     dataset = None
     dataset_fp = None
     if train_dataset is None:
-        dataset = load_anomaly_dataset(args.dataset, split=args.split, categories=args.categories)
+        source = resolve_source(args.dataset, "--dataset", repo_type="dataset")
+        dataset = load_anomaly_dataset(source, split=args.split, categories=args.categories)
         if len(dataset) == 0:
-            raise ValueError(f"{args.dataset} (split {args.split!r}) has no samples to train on.")
+            raise UsageError(f"--dataset {args.dataset} (--split {args.split}): no samples to train on; check the "
+                             "split and --categories names.")
         dataset_fp = dataset_fingerprint(dataset)
         train_dataset = to_torch_dataset(dataset, processor)
     num_samples = len(train_dataset)
