@@ -30,10 +30,8 @@ _SUBMODULE_NAMES = {
         "AnomalyBatchTransform", "SkipBadCollate", "TorchAnomalyDataset", "collate_skip_bad", "make_transform",
         "to_torch_dataset", "without_decoding",
     ),
-    ".sources": (
-        "DEFAULT_COLUMNS", "add_schema_arguments", "is_saved_dataset", "load_anomaly_dataset", "schema_options",
-        "select_splits",
-    ),
+    ".options": ("DEFAULT_COLUMNS", "add_schema_arguments", "schema_options"),
+    ".sources": ("is_saved_dataset", "load_anomaly_dataset", "select_splits"),
     ".schema": (
         "ANOMALY_FEATURES", "COLUMNS", "LABEL_NAMES", "DatasetError", "NORMAL_DEFECT", "UNKNOWN_DEFECT",
         "anomaly_features", "decode_image", "validate_sample",
@@ -57,10 +55,8 @@ if TYPE_CHECKING:  # pragma: no cover
         ANOMALY_FEATURES, COLUMNS, LABEL_NAMES, NORMAL_DEFECT, UNKNOWN_DEFECT, DatasetError, anomaly_features,
         decode_image, validate_sample,
     )
-    from .sources import (
-        DEFAULT_COLUMNS, add_schema_arguments, is_saved_dataset, load_anomaly_dataset, schema_options,
-        select_splits,
-    )
+    from .options import DEFAULT_COLUMNS, add_schema_arguments, schema_options
+    from .sources import is_saved_dataset, load_anomaly_dataset, select_splits
     from .synthetic import DEFAULT_CATEGORIES, DEFECT_KINDS, LAYOUTS, generate_synthetic_benchmark
 
 

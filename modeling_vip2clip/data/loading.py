@@ -18,7 +18,7 @@ them, so a corrupt image would raise inside ``datasets``; :func:`without_decodin
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from datasets import Dataset, Image as ImageFeature

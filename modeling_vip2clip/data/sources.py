@@ -27,13 +27,13 @@ point's parser and :func:`schema_options` turns them into this function's keywor
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from .options import DEFAULT_COLUMNS, add_schema_arguments, schema_options  # noqa: F401 - re-exported
 from .schema import COLUMNS, NORMAL_DEFECT, UNKNOWN_DEFECT, DatasetError, anomaly_features
 
 __all__ = ["DEFAULT_COLUMNS", "is_saved_dataset", "load_anomaly_dataset", "add_schema_arguments", "schema_options",
@@ -41,9 +41,6 @@ __all__ = ["DEFAULT_COLUMNS", "is_saved_dataset", "load_anomaly_dataset", "add_s
 
 logger = logging.getLogger(__name__)
 
-#: The canonical column each option names, and its default (the canonical name itself).
-DEFAULT_COLUMNS = {"image_column": "image", "label_column": "label", "mask_column": "mask",
-                   "category_column": "category"}
 _FLAGS = {key: "--" + key.replace("_", "-") for key in DEFAULT_COLUMNS}
 _NORMAL_LABELS = ("0", "normal", "good", "ok", "nominal", "false")
 _ANOMALOUS_LABELS = ("1", "anomaly", "anomalous", "abnormal", "bad", "defect", "defective", "ng", "true")
@@ -60,32 +57,6 @@ def is_saved_dataset(path: str | os.PathLike) -> bool:
 
 
 # --------------------------------------------------------------------------------------------- command line
-
-
-def add_schema_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add ``--image-column``, ``--label-column``, ``--mask-column``, ``--category-column`` (for datasets in
-    other schemas, e.g. ``BrachioLab/visa``); pass :func:`schema_options` ``(args)`` to
-    :func:`load_anomaly_dataset`."""
-    group = parser.add_argument_group(
-        "dataset columns", "for a dataset in another schema (a Hub dataset, parquet files): the names of its "
-        "columns. A --split such as test also selects every split named <category>.test.")
-    group.add_argument("--image-column", default="image", metavar="NAME",
-                       help="column of the images (default: image).")
-    group.add_argument("--label-column", default="label", metavar="NAME",
-                       help="column of the labels: 0/1, true/false, normal/anomalous names, or a ClassLabel whose "
-                       "normal class is named good/normal/ok/nominal (default: label).")
-    group.add_argument("--mask-column", default="mask", metavar="NAME",
-                       help="column of the ground-truth masks, any non-zero pixel a defect (default: mask; without "
-                       "such a column the metrics are image-level only).")
-    group.add_argument("--category-column", default="category", metavar="NAME",
-                       help="column of the object/texture class (default: category; without such a column the "
-                       "category is the <category> of a <category>.<split> split name, else the dataset's name).")
-    return parser
-
-
-def schema_options(args: argparse.Namespace) -> dict[str, str]:
-    """The keywords of :func:`load_anomaly_dataset` from the flags of :func:`add_schema_arguments`."""
-    return {key: getattr(args, key, default) for key, default in DEFAULT_COLUMNS.items()}
 
 
 # --------------------------------------------------------------------------------------------- splits
