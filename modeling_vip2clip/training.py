@@ -35,8 +35,9 @@ from .runtime import (
 
 logger = logging.getLogger("modeling_vip2clip.train")
 
-__all__ = ["NonFiniteLossError", "EpochShuffleSampler", "RecordingBadCollate", "PAPER_MODEL_OPTIONS", "model_options_from_args", "load_training_model",
-           "run_training"]
+__all__ = ["NonFiniteLossError", "EpochShuffleSampler", "PAPER_MODEL_OPTIONS", "model_options_from_args",
+           "load_training_model", "run_training"]
+
 
 class NonFiniteLossError(UsageError):
     """The training loss became NaN or infinite; the message names the epoch, step and batch."""
@@ -142,24 +143,6 @@ def _tracker_config(args) -> dict[str, Any]:
     return config
 
 
-class RecordingBadCollate:
-    """`collate_skip_bad` that also returns the rows it dropped: `bad_index` (for the cache's status) and
-    `bad_samples` ({index, image_path, reason}, for the end-of-run summary; the collate may run in a worker)."""
-
-    def __init__(self):
-        from .data import SkipBadCollate
-
-        self.inner = SkipBadCollate()
-
-    def __call__(self, rows):
-        bad_rows = [row for row in rows if bool(row.get("bad", False))]
-        out = self.inner(rows)
-        out["bad_index"] = [int(row["index"]) for row in bad_rows]
-        out["bad_samples"] = [{"index": int(row["index"]), "image_path": str(row.get("image_path", "")),
-                               "reason": str(row.get("error", ""))} for row in bad_rows]
-        return out
-
-
 def run_training(
     args: argparse.Namespace,
     model: nn.Module | None = None,
@@ -181,7 +164,7 @@ def run_training(
     from accelerate.utils import ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
 
-    from .data import load_anomaly_dataset, schema_options, to_torch_dataset
+    from .data import SkipBadCollate, load_anomaly_dataset, schema_options, to_torch_dataset
     from .feature_cache import (
         CachedFeatureDataset,
         build_feature_cache,
@@ -251,7 +234,7 @@ def run_training(
         directory = output_dir / "feature_cache" if args.cache_features == "auto" else Path(args.cache_features)
         cache, prepass_seconds = build_feature_cache(
             accelerator, model, processor, dataset, train_dataset, directory, batch_size=args.batch_size,
-            num_workers=args.num_workers, cache_dtype=args.cache_dtype, collate_fn=RecordingBadCollate(),
+            num_workers=args.num_workers, cache_dtype=args.cache_dtype, collate_fn=SkipBadCollate(),
             dataset_fp=dataset_fp, show_progress=not args.no_progress,
         )
         loader_dataset = CachedFeatureDataset(cache, image_paths=dataset["image_path"])
@@ -259,7 +242,7 @@ def run_training(
         skipped = cached_bad_samples(cache, dataset["image_path"])
     else:
         loader_dataset = train_dataset
-        collate = RecordingBadCollate()
+        collate = SkipBadCollate()
     sampler = EpochShuffleSampler(num_samples, args.seed)
     loader = torch.utils.data.DataLoader(
         loader_dataset, batch_size=args.batch_size, sampler=sampler, collate_fn=collate,

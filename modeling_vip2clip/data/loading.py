@@ -162,7 +162,7 @@ class SkipBadCollate:
     kept in ``self.skipped`` as ``(index, image_path, error)`` and counted in
     ``self.n_skipped``. The result is a dict of ``pixel_values`` (B',3,S,S),
     ``masks`` (B',S,S), ``labels``, ``has_mask``, ``category``, ``index``,
-    ``image_path``; B' may be 0 when every row of a batch is bad (skip such
+    ``image_path``, and the dropped rows as ``bad_index`` / ``bad_samples``; B' may be 0 when every row of a batch is bad (skip such
     batches). With ``num_workers > 0`` each worker process keeps its own count.
     Accepts a list of row dicts (``DataLoader`` default) or one batched dict.
     """
@@ -207,6 +207,11 @@ class SkipBadCollate:
             "category": [r.get("category", "") for r in good],
             "index": [int(r.get("index", -1)) for r in good],
             "image_path": [r.get("image_path", "") for r in good],
+            # The rows dropped from this batch, for callers in another process than the collate (DataLoader
+            # workers): `bad_index` (the feature cache's status) and `bad_samples` (a run's skipped list).
+            "bad_index": [int(r.get("index", -1)) for r in rows if bool(r.get("bad", False))],
+            "bad_samples": [{"index": int(r.get("index", -1)), "image_path": str(r.get("image_path", "")),
+                             "reason": str(r.get("error", ""))} for r in rows if bool(r.get("bad", False))],
         }
 
 
