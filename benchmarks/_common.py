@@ -96,25 +96,24 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def current_peak_rss_gib() -> float | None:
-    """VmHWM: the peak RSS since the process started or since the last `reset_peak_rss()`."""
+def _proc_status_gib(field: str) -> float | None:
+    """A memory line of /proc/self/status (kB) in GiB, or None where there is no such file (not Linux)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024 / GIB
     except OSError:
         pass
     return None
+
+
+def current_peak_rss_gib() -> float | None:
+    """VmHWM: the peak RSS since the process started or since the last `reset_peak_rss()`."""
+    return _proc_status_gib("VmHWM")
 
 
 def current_rss_gib() -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024 / GIB
-    except OSError:
-        pass
-    return None
+    return _proc_status_gib("VmRSS")
 
 
 def lifetime_peak_rss_gib() -> float:

@@ -439,11 +439,8 @@ def _round(value: float | None, digits: int = 3) -> float | None:
 
 # ---------------------------------------------------------------------------------------------- main
 def save_tiny_model(directory: Path) -> Path:
-    """The tests' tiny random ViP²-CLIP with non-degenerate heads (`tests/tiny_clip.py:save_tiny_vip2clip`)."""
-    for path in (str(ROOT), str(ROOT / "tests")):
-        if path not in sys.path:
-            sys.path.insert(0, path)
-    from tiny_clip import save_tiny_vip2clip
+    """The tests' tiny random ViP²-CLIP with non-degenerate heads (`modeling_vip2clip.testing_utils`)."""
+    from modeling_vip2clip.testing_utils import save_tiny_vip2clip
 
     return save_tiny_vip2clip(directory)
 
@@ -468,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         server = DemoServer(model, work / "server").wait(args.boot_timeout)
         report, _ = load_session(server, inputs, work / "clients", requests=args.requests, clients=args.clients,
                                  timeout=args.timeout, settle=args.settle)
-        result = {"model": "tiny random (tests/tiny_clip.py)" if args.tiny_model else str(args.model), **asdict(report)}
+        result = {"model": "tiny random (modeling_vip2clip.testing_utils)" if args.tiny_model else str(args.model), **asdict(report)}
         print(json.dumps(result), flush=True)
         healthy = (report.server_alive and report.answers_after_load and report.warmup_ok
                    and report.ok + report.error_messages == args.requests and report.rss_after_ratio <= 1.10)

@@ -89,13 +89,73 @@ def test_table_and_json_are_complete(full_run, bench_dir):
     assert isinstance(tiny["index"], int) and "smaller" in tiny["reason"]
 
 
-def test_save_maps_writes_overlays_and_roc(full_run):
+# matplotlib's default colour cycle: the n-th category drawn gets the n-th colour.
+_CYCLE = [(31, 119, 180), (255, 127, 14), (44, 160, 44)]
+
+
+def _pixels_of(image: np.ndarray, colour, tolerance: int = 40) -> np.ndarray:
+    """(row, col) of the pixels within `tolerance` (per channel) of `colour`."""
+    return np.argwhere((np.abs(image - np.array(colour)) <= tolerance).all(axis=-1))
+
+
+def _distance_to_polyline(points: np.ndarray, vertices: np.ndarray) -> np.ndarray:
+    """Euclidean distance of each point (P, 2) to the polyline through `vertices` (V, 2)."""
+    start, end = vertices[:-1], vertices[1:]
+    segment = end - start
+    t = ((points[:, None] - start) * segment).sum(-1) / np.maximum((segment**2).sum(-1), 1e-12)
+    nearest = start + np.clip(t, 0, 1)[..., None] * segment
+    return np.linalg.norm(points[:, None] - nearest, axis=-1).min(axis=1)
+
+
+def test_save_maps_writes_overlays_and_roc(full_run, tmp_path):
+    from sklearn.metrics import roc_curve
+
+    from modeling_vip2clip.metrics import plot_roc_curves
+
     out, results = full_run
     overlays = sorted((out / "maps").rglob("*.png"))
     assert len(overlays) == results["num_evaluated"]
     assert Image.open(overlays[0]).size == (32, 32)
-    assert (out / "roc_curves.png").is_file()
     assert not (out / "partial").exists()  # removed once the results are written
+
+    # The run's ROC picture: a 6.4 x 6.0 in figure at 120 dpi, not blank; one curve per category with both
+    # classes (fabric, wood_like: the first two colours), none for pill_like (normal images only).
+    with Image.open(out / "roc_curves.png") as png:
+        assert png.format == "PNG" and png.size == (768, 720)
+        picture = np.asarray(png.convert("RGB")).astype(int)
+    assert len(np.unique(picture.reshape(-1, 3), axis=0)) > 50
+    assert len(_pixels_of(picture, _CYCLE[0], 10)) > 100 and len(_pixels_of(picture, _CYCLE[1], 10)) > 100
+    assert len(_pixels_of(picture, _CYCLE[2], 10)) == 0
+
+    # What is drawn is sklearn's roc_curve: the same plotting code on known scores, the curve read back from
+    # the pixels. The axes frame (black spines) maps pixels to (FPR, TPR); x spans [0, 1], y [0, 1.01].
+    labels = [0, 1, 0, 1, 1, 0]
+    scores = [0.1, 0.9, 0.4, 0.35, 0.8, 0.2]
+    fpr, tpr, _ = roc_curve(labels, scores)  # (0, 0) (0, 2/3) (1/3, 2/3) (1/3, 1) (1, 1)
+    plot_roc_curves({"known": (labels, scores)}, tmp_path / "roc.png")
+    picture = np.asarray(Image.open(tmp_path / "roc.png").convert("RGB")).astype(int)
+    black = picture.sum(axis=-1) == 0
+    left, right = np.nonzero(black.sum(axis=0) > 0.4 * picture.shape[0])[0][[0, -1]]
+    top, bottom = np.nonzero(black.sum(axis=1) > 0.4 * picture.shape[1])[0][[0, -1]]
+    vertices = np.stack([left + fpr * (right - left), bottom - tpr / 1.01 * (bottom - top)], axis=1)  # (x, y) px
+
+    def above_chance(points):  # the legend's sample line sits below the diagonal (lower right): left out
+        return (bottom - points[:, 1]) / (bottom - top) * 1.01 > (points[:, 0] - left) / (right - left) + 0.05
+
+    curve = _pixels_of(picture, _CYCLE[0])[:, ::-1].astype(float)  # (x, y) px
+    curve = curve[above_chance(curve)]
+    assert len(curve) > 300
+    assert _distance_to_polyline(curve, vertices).max() <= 3.0  # every drawn pixel lies on sklearn's curve ...
+    samples = np.concatenate([np.linspace(a, b, 40) for a, b in zip(vertices[:-1], vertices[1:])])
+    samples = samples[above_chance(samples) & (samples[:, 0] > left + 4)]  # (the left spine covers x = 0)
+    gaps = np.linalg.norm(samples[:, None] - curve[None], axis=-1).min(axis=1)
+    assert gaps.max() <= 3.0  # ... and all of it is drawn
+    # The dashed grey chance line is the diagonal (grey text outside the frame and in the legend left out).
+    grey = _pixels_of(picture, (153, 153, 153), 8)[:, ::-1].astype(float)
+    x, y = (grey[:, 0] - left) / (right - left), (bottom - grey[:, 1]) / (bottom - top) * 1.01
+    chance = grey[(x > 0.01) & (x < 0.99) & (y > 0.01) & (y < 1.0) & (y > x - 0.2)]
+    diagonal = np.array([[left, bottom], [right, bottom - (bottom - top) / 1.01]], dtype=float)
+    assert len(chance) > 100 and _distance_to_polyline(chance, diagonal).max() <= 3.0
 
 
 def test_interrupted_evaluation_resumes_without_double_counting(full_run, tiny_model_dir, bench_dir, tmp_path):
