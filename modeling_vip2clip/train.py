@@ -1,8 +1,7 @@
-"""`vip2clip train`: train the ViP²-CLIP heads (ICA + FGP) on an auxiliary anomaly dataset with 🤗 Accelerate.
-
-The protocol, the options, what a run writes, resuming and multi-GPU / multi-node launches are in
-docs/training.md; the loop itself is `modeling_vip2clip.training`.
-"""
+"""Train the ViP²-CLIP heads (ICA + FGP) on an auxiliary anomaly dataset with 🤗 Accelerate: `vip2clip train`,
+or `accelerate launch -m modeling_vip2clip.train` for several GPUs / machines. The method and its defaults are in
+docs/method.md §1 and §6; usage, outputs, resuming and distributed launches are in docs/training.md; the loop itself
+is `modeling_vip2clip.training`."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
-from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_auc_score
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 from modeling_vip2clip.metrics import (
     METRIC_KEYS,
@@ -33,6 +33,7 @@ from modeling_vip2clip.metrics import (
     summarize,
 )
 from modeling_vip2clip.report import format_markdown_table, plot_roc_curves
+from modeling_vip2clip.testing_utils import authors_loop_aupro
 
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -110,28 +111,6 @@ def brute_aupro(masks: np.ndarray, maps: np.ndarray, max_fpr: float = 0.3) -> fl
     x = np.append(fprs[: i + 1], max_fpr)
     y = np.append(pros[: i + 1], end)
     return float(np.trapezoid(y, x) / max_fpr)
-
-
-def authors_loop_aupro(masks: np.ndarray, maps: np.ndarray, max_step: int = 200, expect_fpr: float = 0.3) -> float:
-    """Straight re-implementation of the reference loop (per threshold, per image, per region)."""
-    masks = np.asarray(masks) > 0.5
-    lo, hi = maps.min(), maps.max()
-    pros, fprs = [], []
-    for th in np.arange(lo, hi, (hi - lo) / max_step):
-        binary = maps > th
-        overlaps = []
-        for b, m in zip(binary, masks):
-            lab, n = ndimage.label(m, structure=np.ones((3, 3)))
-            for r in range(1, n + 1):
-                rr, cc = np.nonzero(lab == r)
-                overlaps.append(b[rr, cc].sum() / rr.size)
-        fprs.append(np.logical_and(~masks, binary).sum() / (~masks).sum())
-        pros.append(np.mean(overlaps))
-    fprs, pros = np.array(fprs), np.array(pros)
-    keep = fprs < expect_fpr
-    f = fprs[keep]
-    f = (f - f.min()) / (f.max() - f.min())
-    return float(auc(f, pros[keep]))
 
 
 def sklearn_f1_max(y: np.ndarray, s: np.ndarray) -> float:
