@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=50)
     args = parser.parse_args(argv)
 
-    from modeling_vip2clip.convert import convert_official_checkpoint
+    from modeling_vip2clip.official_checkpoint import convert_official_checkpoint
 
     try:
         model = convert_official_checkpoint(
