@@ -218,9 +218,11 @@ def _download(url: str, partial: Path, label: str) -> None:
     if size is not None and resume > size:  # not a prefix of this file: start again
         partial.unlink()
         resume = 0
+    from tqdm import tqdm
+
     LOGGER.info(
-        "Downloading the authors' %s (%s) from %s%s", label, f"{size / 1e6:.1f} MB" if size else "size unknown", url,
-        f", resuming at {resume / 1e6:.1f} MB" if resume else "",
+        "Downloading the authors' %s (%s) from %s%s", label, tqdm.format_sizeof(size, "B") if size else "size unknown",
+        url, f", resuming after {tqdm.format_sizeof(resume, 'B')}" if resume else "",
     )
     partial.parent.mkdir(parents=True, exist_ok=True)
     with partial.open("ab") as file:  # append: http_get writes from the current end (and truncates on restart)

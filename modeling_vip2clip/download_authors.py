@@ -27,8 +27,8 @@ from .authors_checkpoint import (
     PAPER,
     RELEASES,
     AuthorsCheckpointError,
-    get_release,
     download_authors_checkpoint,
+    get_release,
 )
 
 __all__ = ["DESCRIPTION", "add_arguments", "run", "main"]

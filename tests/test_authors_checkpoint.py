@@ -4,140 +4,26 @@ cached under HF_HOME; interrupted, wrong, truncated and concurrent downloads; th
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
-import threading
-import time
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import CLIPModel
-
 from launch import free_port
-from reference_vip2clip import RefCLIP, RefFGP, RefICA
-from tiny_clip import tiny_tokenizer
+from loopback_server import FILE_PATH, FileServer, blob_id, write_authors_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-FILE_PATH = "/kim0806/ViP2-CLIP/raw/pinned/models/mvtec_train_epoch_10.pth"
 # the tiny CLIP's geometry (tests/tiny_clip.py): conversion options of every call here
 OPTIONS = dict(image_size=32, feature_layers=[1, 2], top_k=5)
 CLI_OPTIONS = ["--image-size", "32", "--feature-layers", "1", "2", "--top-k", "5"]
 CHUNK = 1024
 
 
-# ---------------------------------------------------------------------------------------------- the server
-@dataclass
-class ServerState:
-    files: dict[str, bytes]
-    honour_range: bool = True
-    drop_after: int | None = None  # the next GET sends this many body bytes, then the connection is cut
-    fail_status: int | None = None  # GETs answer this status (set after a drop: "server error mid-way")
-    fail_after_drop: int | None = None
-    body_delay: float = 0.0  # seconds before a GET's body (the concurrency test)
-    requests: list[tuple[str, str, str | None]] = field(default_factory=list)
-    body_bytes: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def gets(self, path: str = FILE_PATH) -> list[str | None]:
-        """The Range header of each GET of `path` (None: a plain GET)."""
-        return [rng for method, got, rng in self.requests if method == "GET" and got == path]
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args):  # keep pytest's output clean
-        pass
-
-    def do_HEAD(self):
-        self._serve(body=False)
-
-    def do_GET(self):
-        self._serve(body=True)
-
-    def _serve(self, body: bool):
-        state: ServerState = self.server.state
-        range_header = self.headers.get("Range")
-        with state.lock:
-            state.requests.append((self.command, self.path, range_header))
-        data = state.files.get(self.path)
-        if data is None or (body and state.fail_status):
-            self.send_response(404 if data is None else state.fail_status)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        start = 0
-        if range_header and state.honour_range:
-            start = int(range_header.removeprefix("bytes=").split("-")[0])
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        else:
-            self.send_response(200)
-        self.send_header("Accept-Ranges", "bytes" if state.honour_range else "none")
-        self.send_header("Content-Length", str(len(data) - start))
-        self.send_header("Content-Type", "application/octet-stream")
-        self.end_headers()
-        if not body:
-            return
-        time.sleep(state.body_delay)
-        payload = data[start:]
-        if state.drop_after is not None:  # cut the connection mid-way, once
-            payload, state.drop_after = payload[: state.drop_after], None
-            state.fail_status = state.fail_after_drop
-            self.close_connection = True
-        self.wfile.write(payload)
-        self.wfile.flush()
-        with state.lock:
-            state.body_bytes += len(payload)
-
-
-class FileServer:
-    """A real ThreadingHTTPServer on 127.0.0.1 with Range support that can misbehave on request."""
-
-    def __init__(self, files: dict[str, bytes]):
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        self.httpd.daemon_threads = True
-        self.state = self.httpd.state = ServerState(files=dict(files))
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def url(self, path: str = FILE_PATH) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
-
-    def stop(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 # ---------------------------------------------------------------------------------------------- fixtures
-def write_authors_checkpoint(clip_dir: Path, path: Path, seed: int = 321) -> Path:
-    """A `.pth` in the authors' layout ({"prompt_learner": ICA.state_dict(), "Zero_try": FGP.state_dict()}) from
-    the independent re-implementation of their modules (tests/reference_vip2clip.py), heads drawn large."""
-    torch.manual_seed(seed)
-    ref_clip = RefCLIP(CLIPModel.from_pretrained(clip_dir).eval()).eval()
-    ica = RefICA(ref_clip, tiny_tokenizer(), 3, 2, embed_dim=32, hidden=16).eval()
-    fgp = RefFGP(32).eval()
-    with torch.no_grad():
-        for parameter in (ica.ctx_pos, ica.ctx_neg, ica.cls_ctx, ica.cls_prompter.bias):
-            parameter.normal_(0, 0.5)
-        for conv in (fgp.q_proj_pre, fgp.k_proj_pre_1, fgp.v_proj_pre_1, fgp.proj_post_t):
-            conv.weight.normal_(0, 0.5)
-    torch.save({"prompt_learner": ica.state_dict(), "Zero_try": fgp.state_dict()}, path)
-    return path
-
-
-def blob_id(data: bytes) -> str:
-    """git's blob id, written out independently of the package."""
-    return hashlib.sha1(b"blob " + str(len(data)).encode() + b"\0" + data).hexdigest()
-
-
 @pytest.fixture(scope="module")
 def authors_pth(tiny_clip_dir, tmp_path_factory) -> Path:
     return write_authors_checkpoint(tiny_clip_dir, tmp_path_factory.mktemp("authors") / "mvtec_train_epoch_10.pth")
@@ -178,7 +64,7 @@ def hf_home(tmp_path, monkeypatch):
 @pytest.fixture
 def small_chunks(monkeypatch):
     """huggingface_hub writes what it receives in chunks of DOWNLOAD_CHUNK_SIZE (10 MB): at 1 KiB a cut in this
-    40 KB file falls after some written chunks, as a cut in the real 17 MB file would."""
+    40 KB file falls after some written chunks, as a cut in a real, larger file would."""
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "DOWNLOAD_CHUNK_SIZE", CHUNK)
@@ -229,7 +115,11 @@ def test_git_blob_id(tmp_path, authors_pth):
 
 # ---------------------------------------------------------------------------------------------- download → model
 def test_download_verify_convert_load_then_cached(server, authors_pth, plain_converted, tiny_clip_dir, hf_home):
-    from modeling_vip2clip import ViP2CLIPModel, download_authors_checkpoint, load_authors_model
+    from modeling_vip2clip import (
+        ViP2CLIPModel,
+        download_authors_checkpoint,
+        load_authors_model,
+    )
     from modeling_vip2clip.authors_checkpoint import compute_git_blob_sha1
 
     blob = blob_id(authors_pth.read_bytes())
@@ -273,7 +163,10 @@ def test_download_verify_convert_load_then_cached(server, authors_pth, plain_con
 
 
 def test_wrong_blob_id_is_refused_and_deleted(server, tiny_clip_dir, hf_home):
-    from modeling_vip2clip.authors_checkpoint import AuthorsChecksumError, download_authors_checkpoint
+    from modeling_vip2clip.authors_checkpoint import (
+        AuthorsChecksumError,
+        download_authors_checkpoint,
+    )
 
     wrong = "0123456789abcdef0123456789abcdef01234567"
     with pytest.raises(AuthorsChecksumError) as caught:
@@ -286,7 +179,10 @@ def test_wrong_blob_id_is_refused_and_deleted(server, tiny_clip_dir, hf_home):
 
 def test_truncated_file_is_refused(server, authors_pth, tiny_clip_dir, hf_home):
     """A mirror serving a cut copy (its headers consistent with the cut): the pinned id catches it."""
-    from modeling_vip2clip.authors_checkpoint import AuthorsChecksumError, download_authors_checkpoint
+    from modeling_vip2clip.authors_checkpoint import (
+        AuthorsChecksumError,
+        download_authors_checkpoint,
+    )
 
     data = authors_pth.read_bytes()
     server.state.files[FILE_PATH] = data[: len(data) // 2]
@@ -316,7 +212,10 @@ def test_server_error_midway_then_next_call_resumes(server, authors_pth, tiny_cl
                                                     honour_range):
     """Cut half-way, then HTTP 500: the call fails with one line and keeps only the partial file; the next call
     asks for the rest with Range (a server that ignores Range sends everything again: restarted, still verified)."""
-    from modeling_vip2clip.authors_checkpoint import AuthorsDownloadError, download_authors_checkpoint
+    from modeling_vip2clip.authors_checkpoint import (
+        AuthorsDownloadError,
+        download_authors_checkpoint,
+    )
 
     data = authors_pth.read_bytes()
     blob, cut = blob_id(data), len(data) // 2 + 100
@@ -341,7 +240,10 @@ def test_server_error_midway_then_next_call_resumes(server, authors_pth, tiny_cl
 def test_no_network_and_http_errors_give_one_line(tiny_clip_dir, hf_home, server):
     import huggingface_hub.constants
 
-    from modeling_vip2clip.authors_checkpoint import AuthorsDownloadError, download_authors_checkpoint
+    from modeling_vip2clip.authors_checkpoint import (
+        AuthorsDownloadError,
+        download_authors_checkpoint,
+    )
 
     nowhere = f"http://127.0.0.1:{free_port()}/models/mvtec_train_epoch_10.pth"  # nothing listens there
     with pytest.raises(AuthorsDownloadError, match=r"cannot download the authors' mvtec checkpoint from .*ConnectError"):
@@ -356,7 +258,10 @@ def test_no_network_and_http_errors_give_one_line(tiny_clip_dir, hf_home, server
 
 
 def test_bad_names_and_ids(tiny_clip_dir, hf_home):
-    from modeling_vip2clip.authors_checkpoint import AuthorsCheckpointError, download_authors_checkpoint
+    from modeling_vip2clip.authors_checkpoint import (
+        AuthorsCheckpointError,
+        download_authors_checkpoint,
+    )
 
     with pytest.raises(AuthorsCheckpointError, match="unknown authors' checkpoint 'mvtech'; choose mvtec .*visa"):
         download_authors_checkpoint("mvtech")
@@ -365,7 +270,10 @@ def test_bad_names_and_ids(tiny_clip_dir, hf_home):
 
 
 def test_clip_that_does_not_fit_is_reported_and_nothing_is_cached(server, authors_pth, tmp_path, hf_home):
-    from modeling_vip2clip.authors_checkpoint import AuthorsConversionError, download_authors_checkpoint
+    from modeling_vip2clip.authors_checkpoint import (
+        AuthorsConversionError,
+        download_authors_checkpoint,
+    )
 
     blob = blob_id(authors_pth.read_bytes())
     empty = tmp_path / "not-a-clip"
