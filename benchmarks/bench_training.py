@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modeling_vip2clip import ViP2CLIPConfig, ViP2CLIPModel, ViP2CLIPProcessor  # noqa: E402
 from modeling_vip2clip.data import generate_synthetic_benchmark  # noqa: E402
-from modeling_vip2clip.train import build_parser as train_parser, run_training  # noqa: E402
+from modeling_vip2clip.train import build_parser as train_parser  # noqa: E402
+from modeling_vip2clip.training import run_training  # noqa: E402
 
 
 def machine() -> dict:

@@ -37,6 +37,8 @@ from PIL import Image  # noqa: E402
 
 from model_card import DEFAULT_REPO_ID, TRAIN_DATASETS, build_model_card, load_eval_results  # noqa: E402
 
+from modeling_vip2clip.runtime import UsageError  # noqa: E402
+
 __all__ = ["ParityError", "PARITY_ATOL", "build_hub_folder", "check_parity", "parity_inputs", "upload", "main"]
 
 PARITY_ATOL = 1e-6
@@ -65,25 +67,11 @@ def parity_inputs(seed: int = 1234) -> list[Image.Image]:
 
 # ---------------------------------------------------------------------------------------------- building
 def _load_source(model_dir: Path):
-    from modeling_vip2clip import ViP2CLIPModel, ViP2CLIPProcessor
+    """The source model and processor, through the package's one loader (`runtime.load_model_and_processor`):
+    a folder whose weights do not fit its config, or whose processor has another input size, is refused."""
+    from modeling_vip2clip.runtime import load_model_and_processor
 
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir} is not a model folder (no config.json).")
-    model, info = ViP2CLIPModel.from_pretrained(model_dir, output_loading_info=True)
-    problems = {key: value for key, value in info.items() if value and key in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-    if problems:
-        raise ValueError(f"{model_dir}: the weights do not fit the config: {problems}")
-    model.eval()
-    if (model_dir / "preprocessor_config.json").is_file():
-        processor = ViP2CLIPProcessor.from_pretrained(model_dir)
-    else:
-        processor = ViP2CLIPProcessor(image_size=model.config.image_size, min_image_size=model.config.patch_size)
-    if processor.image_size != model.config.image_size:
-        raise ValueError(
-            f"{model_dir}: preprocessor image_size {processor.image_size} differs from the model's "
-            f"{model.config.image_size}."
-        )
-    return model, processor
+    return load_model_and_processor(str(model_dir))
 
 
 def _prepare_out(out: Path, model_dir: Path, overwrite: bool) -> None:
@@ -339,8 +327,8 @@ def main(argv: list[str] | None = None) -> int:
             args.model, out, repo_id=args.repo_id, eval_json=args.eval_json, train_dataset=args.train_dataset,
             license=args.license, with_pipeline=not args.no_pipeline, overwrite=args.overwrite,
         )
-    except (ValueError, FileNotFoundError, FileExistsError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (UsageError, ValueError, FileNotFoundError, FileExistsError, OSError) as error:
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     print(f"built {out}: " + ", ".join(sorted(path.name for path in out.iterdir())))
 

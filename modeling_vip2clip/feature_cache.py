@@ -1,6 +1,6 @@
 """On-disk cache of the frozen backbone's features, so training epochs can skip CLIP (`train --cache-features`).
 
-The vision tower of ViP²-CLIP is frozen (SPEC §2, §6): for a given backbone, input size and image, `encode_image`
+The vision tower of ViP²-CLIP is frozen (docs/method.md §2, §6): for a given backbone, input size and image, `encode_image`
 always returns the same `image_embeds` (D,) and `patch_embeds` (n, L, D). A pre-pass computes them once per
 sample and stores them here; every training epoch then calls `model.score_features(...)` on the cached features
 (only the small ICA/FGP heads and the frozen *text* encoder run), with the same losses as the uncached path.
@@ -28,13 +28,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
+
+logger = logging.getLogger("modeling_vip2clip.feature_cache")
 
 __all__ = [
     "CACHE_FORMAT_VERSION",
@@ -44,6 +48,8 @@ __all__ = [
     "cache_key",
     "CachedFeatureDataset",
     "collate_cached",
+    "build_feature_cache",
+    "cached_bad_samples",
 ]
 
 CACHE_FORMAT_VERSION = 1
@@ -323,3 +329,58 @@ def collate_cached(batch: dict[str, Any]) -> dict[str, Any]:
         else:
             out[name] = [value[i] for i in keep.tolist()]
     return out
+
+
+# ---------------------------------------------------------------------------------------------------- pre-pass
+
+
+def build_feature_cache(accelerator, model, processor, dataset, torch_dataset, directory: Path, *, batch_size: int,
+                        num_workers: int, cache_dtype: str, collate_fn, dataset_fp: str, show_progress: bool = True):
+    """The pre-pass of `train --cache-features`: each process encodes its share of the samples once and writes
+    them into the shared memory maps; a valid cache (same key) is reused as is.
+
+    `collate_fn` must return `index`, `bad_index` (rows it dropped), `pixel_values`, `masks`, `labels`,
+    `has_mask`. Returns `(cache opened read-only, seconds spent)`.
+    """
+    from tqdm.auto import tqdm
+
+    key = cache_key(model, processor, dataset, cache_dtype, accelerator.mixed_precision, dataset_fp=dataset_fp)
+    cache = FeatureCache(directory)
+    if cache.is_valid(key):
+        logger.info("reusing the feature cache in %s", directory)
+        return cache.open("r"), 0.0
+    reason = cache.stale_reason(key)
+    accelerator.wait_for_everyone()  # everyone has read the old index before the main process deletes it
+    config = model.config
+    if accelerator.is_main_process:
+        logger.info("building the feature cache in %s (%s)", directory, reason)
+        cache.create(key, len(dataset), config.projection_dim,
+                     (len(config.feature_layers), config.num_patches, config.projection_dim), config.image_size)
+    accelerator.wait_for_everyone()
+    cache.open("r+")
+    started = time.perf_counter()
+    mine = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
+    loader = torch.utils.data.DataLoader(torch_dataset, batch_size=batch_size, sampler=mine, collate_fn=collate_fn,
+                                         num_workers=num_workers)
+    with torch.no_grad():  # the bare model: no gradients, no DDP
+        for batch in tqdm(loader, desc="caching features", disable=not (show_progress and accelerator.is_local_main_process)):
+            cache.mark_bad(batch["bad_index"])
+            if not batch["index"]:
+                continue
+            with accelerator.autocast():
+                image_embeds, patch_embeds = model.encode_image(batch["pixel_values"].to(accelerator.device))
+            cache.write(batch["index"], image_embeds, patch_embeds, batch["masks"], batch["labels"], batch["has_mask"])
+    cache.flush()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        index = cache.finalize()
+        logger.info("feature cache complete: %d samples, %d unusable", index["num_ok"], index["num_bad"])
+    accelerator.wait_for_everyone()
+    return cache.open("r"), time.perf_counter() - started
+
+
+def cached_bad_samples(cache: FeatureCache, image_paths: Sequence[str]) -> dict[int, dict]:
+    """The rows the pre-pass found unusable, as the training summary lists skipped samples."""
+    return {int(i): {"index": int(i), "image_path": str(image_paths[int(i)]),
+                     "reason": "unusable when the feature cache was built (its pre-pass log has the reason)"}
+            for i in np.flatnonzero(np.asarray(cache["status"]) == STATUS_BAD)}

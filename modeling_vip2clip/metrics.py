@@ -1,4 +1,4 @@
-"""Evaluation metrics for zero-shot anomaly detection (SPEC §7).
+"""Evaluation metrics for zero-shot anomaly detection (docs/method.md §7).
 
 Image level (one score per image): AUROC, AP and F1-max.
 Pixel level (one map per image, ``(N, H, W)`` arrays, flattened): AUROC, AP,
@@ -20,7 +20,7 @@ Conventions shared by every function here:
   (scikit-learn's convention), except in :func:`aupro_reference`, which keeps
   the reference's ``map > threshold``.
 * Masks that are not binary (e.g. bilinearly resized) are binarised with
-  ``mask > 0.5``, as the data pipeline does (SPEC §7).  Image labels must
+  ``mask > 0.5``, as the data pipeline does (docs/method.md §7).  Image labels must
   already be 0/1.
 * A metric that is undefined on the input (no anomalous or no normal images,
   no positive or no negative pixels, ...) returns ``float('nan')`` and emits a
@@ -44,11 +44,8 @@ results (exact :func:`aupro` 2-3.5 s vs ~25 s for the reference's loop); ``tests
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Mapping
-from os import PathLike
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -58,7 +55,6 @@ from sklearn.metrics import (
     average_precision_score,
     precision_recall_curve,
     roc_auc_score,
-    roc_curve,
 )
 
 __all__ = [
@@ -74,8 +70,6 @@ __all__ = [
     "aupro_reference",
     "compute_category_metrics",
     "summarize",
-    "format_markdown_table",
-    "plot_roc_curves",
 ]
 
 #: Keys returned by :func:`compute_category_metrics`, in table order.
@@ -164,7 +158,7 @@ def _as_masks(x: Any, name: str) -> np.ndarray:
         a = a.astype(np.float64)
     if np.issubdtype(a.dtype, np.floating):
         _check_finite(a, name)
-    # Non-binary masks (bilinear resize) are binarised at 0.5, as in SPEC §7.
+    # Non-binary masks (bilinear resize) are binarised at 0.5, as in docs/method.md §7.
     return a > 0.5
 
 
@@ -652,82 +646,3 @@ def summarize(per_category: Mapping[str, Mapping[str, float]]) -> dict[str, dict
         # nanmean warns "Mean of empty slice" on all-NaN columns; NaN is the answer we want.
         mean[key] = float(np.mean(vals[~np.isnan(vals)])) if (~np.isnan(vals)).any() else float("nan")
     return {**cats, "mean": mean}
-
-
-def format_markdown_table(
-    results: Mapping[str, Mapping[str, float]], columns: list[str] | tuple[str, ...] | None = None
-) -> str:
-    """Markdown (pipe) table: one row per category plus ``mean``, values x100 with one decimal.
-
-    ``results`` maps category -> metrics (as from :func:`compute_category_metrics`);
-    the ``mean`` row is added with :func:`summarize` when absent.  By default
-    the columns are :data:`METRIC_KEYS` (then any other keys) that are not
-    NaN in every row.  Undefined values print as ``nan``.
-    """
-    table = dict(results) if "mean" in results else summarize(results)
-    rows = [k for k in table if k != "mean"] + ["mean"]
-    if columns is None:
-        present: list[str] = []
-        for r in rows:
-            present.extend(k for k in table[r] if k not in present)
-        ordered = [k for k in METRIC_KEYS if k in present] + [k for k in present if k not in METRIC_KEYS]
-
-        def all_nan(key: str) -> bool:
-            return all(math.isnan(float(table[r].get(key, float("nan")))) for r in rows)
-
-        columns = [k for k in ordered if not all_nan(k)]
-
-    def fmt(v: float) -> str:
-        v = float(v)
-        # np.round then one decimal, as the reference table does.
-        return "nan" if math.isnan(v) else f"{np.round(v * 100, 1):.1f}"
-
-    header = ["objects", *columns]
-    lines = [
-        "| " + " | ".join(header) + " |",
-        "|:" + "-" * max(len(header[0]) - 1, 3) + "|" + "|".join("-" * max(len(c) - 1, 3) + ":" for c in columns) + "|",
-    ]
-    for r in rows:
-        lines.append("| " + " | ".join([r, *(fmt(table[r].get(c, float("nan"))) for c in columns)]) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def plot_roc_curves(
-    results: Mapping[str, tuple[Any, Any]], path: str | PathLike[str], title: str = "Image-level ROC"
-) -> Path:
-    """Draw the image-level ROC curve of each category to a PNG; returns the path.
-
-    ``results`` maps category -> ``(labels, scores)``.  Categories where the
-    ROC is undefined (a single class) are skipped with a warning.  Uses the
-    Agg canvas directly, so pyplot's global backend/state is left untouched.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.4, 6.0), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    ax.plot([0, 1], [0, 1], linestyle="--", color="0.6", linewidth=1, label="chance")
-    n_drawn = 0
-    for name, (labels, scores) in results.items():
-        y, s = _image_inputs(labels, scores)
-        n_pos = int(y.sum())
-        if n_pos == 0 or n_pos == y.size:
-            _undefined(f"ROC curve of {name!r}", "single class among the images (skipped in the plot)")
-            continue
-        fpr, tpr, _ = roc_curve(y, s)
-        ax.plot(fpr, tpr, linewidth=1.4, label=f"{name} (AUROC {100 * roc_auc_score(y, s):.1f})")
-        n_drawn += 1
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.01)
-    ax.set_xlabel("false-positive rate")
-    ax.set_ylabel("true-positive rate")
-    ax.set_title(title)
-    ax.set_aspect("equal")
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower right", fontsize=7 if n_drawn > 8 else 9, frameon=True)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png")
-    return out

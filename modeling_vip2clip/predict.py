@@ -1,4 +1,4 @@
-"""Score images with a trained ViP²-CLIP model: `vip2clip predict --model DIR INPUT...`.
+"""`vip2clip predict --model DIR INPUT...`: score images with a trained ViP²-CLIP model.
 
 INPUT is any mix of image files, folders (searched recursively for image files) and glob patterns (quoted, so the
 shell leaves them alone; `**` recurses). Writes to `--output-dir`:
@@ -23,32 +23,30 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import torch
-from PIL import Image
+from .runtime import add_debug_argument, positive_int, probability
 
 logger = logging.getLogger("modeling_vip2clip.predict")
 
-__all__ = ["add_arguments", "build_parser", "collect_inputs", "run_prediction", "run", "main"]
+__all__ = ["DESCRIPTION", "add_arguments", "build_parser", "collect_inputs", "run_prediction", "run", "main"]
+
+DESCRIPTION = ("Score images for anomalies with a trained ViP2-CLIP model: a CSV of (path, score, verdict) and an "
+               "anomaly-map overlay per image.")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, metavar="DIR", help="trained ViP2CLIP model folder (or Hub id).")
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or glob patterns.")
     parser.add_argument("--output-dir", default="vip2clip-predictions", help="where predictions.csv and the overlays go (default: vip2clip-predictions).")
-    parser.add_argument("--threshold", type=float, default=0.5, help="score at or above which an image is called anomalous (default: 0.5).")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8).")
+    parser.add_argument("--threshold", type=probability, default=0.5, help="score at or above which an image is called anomalous (default: 0.5).")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass (default: 8).")
     parser.add_argument("--device", default=None, help="torch device, e.g. cuda:0 or cpu (default: cuda if available, else cpu).")
     parser.add_argument("--no-overlays", action="store_true", help="do not write the overlay PNGs.")
+    add_debug_argument(parser)
     return parser
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog or "vip2clip predict",
-        description="Score images for anomalies with a trained ViP2-CLIP model: a CSV of (path, score, verdict) and "
-        "an anomaly-map overlay per image.",
-    )
-    return add_arguments(parser)
+    return add_arguments(argparse.ArgumentParser(prog=prog or "vip2clip predict", description=DESCRIPTION))
 
 
 def _image_extensions() -> set[str]:
@@ -88,7 +86,9 @@ def collect_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[tuple[str, s
     return list(unique.values()), problems
 
 
-def _open_image(path: Path, processor) -> Image.Image:
+def _open_image(path: Path, processor):
+    from PIL import Image
+
     with Image.open(path) as handle:
         handle.load()
         image = handle.copy()
@@ -107,7 +107,11 @@ def _overlay_name(path: Path, used: set[str]) -> str:
 
 def run_prediction(args: argparse.Namespace, model=None, processor=None) -> dict:
     """Score the inputs; returns {"predictions": [(path, score, verdict)], "skipped": [(path, reason)], ...}."""
-    from .evaluate import load_model_and_processor
+    from .runtime import load_model_and_processor, resolve_source
+
+    if model is None:
+        resolve_source(args.model, "--model")  # fail fast, before torch is imported
+    import torch
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if model is None:
@@ -117,7 +121,7 @@ def run_prediction(args: argparse.Namespace, model=None, processor=None) -> dict
     output_dir.mkdir(parents=True, exist_ok=True)
     files, skipped = collect_inputs(args.inputs)
 
-    readable: list[tuple[Path, Image.Image]] = []
+    readable = []
     for file in files:
         try:
             readable.append((file, _open_image(file, processor)))
@@ -159,7 +163,7 @@ def run_prediction(args: argparse.Namespace, model=None, processor=None) -> dict
 
 
 def run(args: argparse.Namespace) -> int:
-    from .train import setup_logging
+    from .runtime import setup_logging
 
     setup_logging()
     result = run_prediction(args)
@@ -172,7 +176,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run(build_parser(prog="modeling_vip2clip.predict").parse_args(argv))
+    from .runtime import run_main
+
+    return run_main(run, build_parser(prog="modeling_vip2clip.predict").parse_args(argv))
 
 
 if __name__ == "__main__":

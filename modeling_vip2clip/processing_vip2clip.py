@@ -125,6 +125,12 @@ class ViP2CLIPProcessor(ImageProcessingMixin):
         if self.image_size < 1 or len(self.image_mean) != 3 or len(self.image_std) != 3:
             raise ValueError("image_size must be positive and image_mean / image_std must have 3 values.")
 
+    @classmethod
+    def for_model(cls, config, **kwargs) -> "ViP2CLIPProcessor":
+        """The processor a model folder without `preprocessor_config.json` gets: the method's pre-processing
+        (docs/method.md §7) at the model's input size, refusing images smaller than one patch."""
+        return cls(image_size=config.image_size, min_image_size=config.patch_size, **kwargs)
+
     # ------------------------------------------------------------------ input conversion
     def to_pil(self, image: Any, what: str = "image") -> Image.Image:
         """Any accepted input → an RGB `PIL.Image` at its original size (see the class docstring)."""

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from modeling_vip2clip.cli import build_parser, main as cli_main
+from modeling_vip2clip.training import model_options_from_args
 from modeling_vip2clip.data import generate_synthetic_benchmark, load_anomaly_dataset
 
 FLAGS = {
@@ -18,11 +19,12 @@ FLAGS = {
         "--clip", "--model", "--image-size", "--feature-layers", "--n-ctx", "--n-cls", "--top-k", "--dataset",
         "--split", "--categories", "--num-workers", "--epochs", "--batch-size", "--lr", "--fgp-lr-scale",
         "--gradient-accumulation-steps", "--mixed-precision", "--seed", "--output-dir", "--resume",
-        "--overwrite-output-dir", "--cache-features", "--cache-dtype", "--report-to", "--no-progress",
+        "--overwrite-output-dir", "--cache-features", "--cache-dtype", "--report-to", "--no-progress", "--debug",
     ],
     "evaluate": [
         "--model", "--dataset", "--split", "--categories", "--dataset-name", "--batch-size", "--num-workers",
         "--output-dir", "--save-maps", "--pro-mode", "--mixed-precision", "--resume", "--max-batches", "--no-progress",
+        "--debug",
     ],
     "predict": ["--model", "INPUT", "--output-dir", "--threshold", "--batch-size", "--device", "--no-overlays"],
     "convert": ["--layout", "--root", "--out", "--split", "--categories", "--missing-mask", "--license", "--overwrite"],
@@ -51,18 +53,23 @@ def test_subcommand_help_mentions_every_flag(command, capsys):
     for flag in FLAGS[command]:
         assert flag in text, f"{command} --help lacks {flag}"
     # ... and every option the parser really has (nothing undocumented), each with a help text.
-    sub = build_parser()._subparsers._group_actions[0].choices[command]
+    sub = build_parser(command)
     for action in sub._actions:
         for option in action.option_strings:
             assert option in text
         assert action.help, f"{command}: {action.dest} has no help"
 
 
-def test_help_states_the_paper_defaults(capsys):
-    text = " ".join(_help(["train"], capsys).split())
-    for default in ("(default: 10)", "(default: 8)", "(default: 1e-3)", "(default: 0.01", "(default: 111)",
-                    "(default: 7)", "(default: 3)", "(default: 50)", "(default: 518)", "(default: test"):
-        assert default in text, default
+def test_train_parser_defaults_are_the_papers():
+    """The parsed defaults (not the help text): docs/method.md §6 optimisation and the paper's model geometry."""
+    args = build_parser("train").parse_args(["--clip", "some/clip", "--dataset", "data"])
+    assert (args.epochs, args.batch_size, args.lr, args.fgp_lr_scale, args.seed, args.split) == (
+        10, 8, 1e-3, 0.01, 111, "test")
+    assert args.lr * args.fgp_lr_scale == pytest.approx(1e-5)  # the FGP's learning rate
+    assert model_options_from_args(args) == {"image_size": 518, "feature_layers": [6, 12, 18, 24], "n_ctx": 7,
+                                             "n_cls": 3, "top_k": 50}
+    given = build_parser("train").parse_args(["--clip", "c", "--dataset", "d", "--image-size", "224", "--n-ctx", "9"])
+    assert model_options_from_args(given)["image_size"] == 224 and model_options_from_args(given)["n_ctx"] == 9
 
 
 def test_predict_writes_csv_and_overlays_and_reports_corrupt_files(tiny_model_dir, tmp_path, capsys):
@@ -115,6 +122,6 @@ def test_convert_saves_a_loadable_dataset(tmp_path, capsys):
     assert "saved 4 images (2 anomalous)" in capsys.readouterr().out
     dataset = load_anomaly_dataset(out)
     assert len(dataset) == sum(r["split"] == "test" for r in records) == 4
-    assert cli_main(["convert", "--root", str(raw), "--out", str(out)]) == 1  # exists: needs --overwrite
+    assert cli_main(["convert", "--root", str(raw), "--out", str(out)]) == 2  # exists: needs --overwrite
     assert cli_main(["convert", "--root", str(raw), "--out", str(out), "--split", "all", "--overwrite"]) == 0
     assert len(load_anomaly_dataset(out, split="all")) == 5

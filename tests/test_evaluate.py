@@ -12,7 +12,7 @@ from PIL import Image
 
 from modeling_vip2clip.cli import main as cli_main
 from modeling_vip2clip.data import generate_synthetic_benchmark
-from modeling_vip2clip.evaluate import PartialResults
+from modeling_vip2clip.results_store import PartialResults
 from modeling_vip2clip.metrics import METRIC_KEYS
 
 from launch import launch_two_cpu_processes

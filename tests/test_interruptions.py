@@ -9,7 +9,7 @@ no mocks, tiny random CLIP and 32 px synthetic images (each run takes seconds, m
 * Evaluation SIGKILLed mid-way and `--resume`d: every sample counted exactly once, the same metrics.
 (A NaN loss stopping the run with its epoch/step is covered by tests/test_train.py::test_nan_loss_stops_...)
 
-The moments are pinned with the test-only hooks of `modeling_vip2clip.train._test_pause` (environment variables
+The moments are pinned with the test-only hooks of `modeling_vip2clip.runtime.test_pause` (environment variables
 `VIP2CLIP_TEST_PAUSE_*="N:SECONDS"`, no-ops unless set): the process prints one line and sleeps there, and the
 test kills it; otherwise a 0.03 s epoch or a millisecond checkpoint write could not be hit reliably.
 """
@@ -29,8 +29,8 @@ import torch
 from safetensors.torch import load_file
 
 from modeling_vip2clip.data import convert, generate_synthetic_benchmark
-from modeling_vip2clip.evaluate import PartialResults
-from modeling_vip2clip.train import find_latest_checkpoint
+from modeling_vip2clip.results_store import PartialResults
+from modeling_vip2clip.checkpointing import find_latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--image-size", "32", "--feature-layers", "1", "2", "--n-ctx", "3", "--n-cls", "2", "--top-k", "5"]

@@ -25,15 +25,14 @@ from modeling_vip2clip.metrics import (
     aupro_reference,
     compute_category_metrics,
     f1_max,
-    format_markdown_table,
     image_ap,
     image_auroc,
     pixel_ap,
     pixel_auroc,
     pixel_f1_max,
-    plot_roc_curves,
     summarize,
 )
+from modeling_vip2clip.report import format_markdown_table, plot_roc_curves
 
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -13,7 +13,10 @@ from safetensors.torch import load_file
 
 from modeling_vip2clip.data import generate_synthetic_benchmark, load_anomaly_dataset, to_torch_dataset
 from modeling_vip2clip.feature_cache import FeatureCache
-from modeling_vip2clip.train import NonFiniteLossError, build_parser, find_latest_checkpoint, run_training
+from modeling_vip2clip.checkpointing import find_latest_checkpoint
+from modeling_vip2clip.train import build_parser
+from modeling_vip2clip.runtime import UsageError
+from modeling_vip2clip.training import NonFiniteLossError, run_training
 
 from launch import launch_two_cpu_processes
 
@@ -147,7 +150,7 @@ def test_resume_after_epoch_1_matches_uninterrupted_run(reference_run, tiny_clip
 def test_existing_checkpoints_need_resume_or_overwrite(reference_run, tiny_clip_dir, data_dir, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(reference_run["out"], out)
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(UsageError, match="already holds checkpoints; pass --resume"):
         run_training(_args(tiny_clip_dir, data_dir, out, "--epochs", "2", "--batch-size", "3"))
 
 
