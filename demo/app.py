@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also VIP2CLIP_DEBUG=1)")
     authors = parser.add_argument_group(
         "the authors' weights (served when --model is not given; environment variables in brackets)")
     authors.add_argument(
@@ -78,19 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def model_argument_problem(model: str) -> str | None:
-    """Why a `--model` that names a local path cannot be a model folder (None: a folder with config.json, or a Hub
-    id, which only loading can check). Paths are `./`, `../`, `/`, `~`, anything with two slashes, or existing."""
-    path = Path(model).expanduser()
-    looks_like_path = model.startswith(("./", "../", "/", "~", ".\\")) or model.count("/") > 1 or "\\" in model
-    if not (looks_like_path or path.exists()):
+    """Why a `--model` naming a local path cannot be loaded (missing, or a folder without config.json), from the
+    package's own check (`runtime.resolve_source`); None for a usable folder or a Hub id (checked when loading),
+    and where the package is absent (a Space with demo/ alone: loading reports it)."""
+    try:
+        from modeling_vip2clip.runtime import UsageError, looks_like_path, resolve_source
+    except ImportError:
         return None
-    fix = "pass a model folder (`vip2clip download-authors mvtec --out DIR` writes one), or omit --model"
-    if not path.exists():
-        return f"--model {model} does not exist; {fix}"
-    if not path.is_dir():
-        return f"--model {model} is a file, not a model folder; {fix}"
-    if not (path / "config.json").is_file():
-        return f"--model {model} is not a model folder (no config.json in it); {fix}"
+    if not (looks_like_path(model) or Path(model).expanduser().exists()):
+        return None
+    try:
+        resolve_source(model, "--model")
+    except UsageError as error:
+        return str(error)
     return None
 
 
@@ -104,6 +105,14 @@ import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, UnidentifiedImageError  # noqa: E402
+
+try:
+    from modeling_vip2clip.runtime import UsageError
+except ImportError:  # a Space holding demo/ alone: nothing raises it
+
+    class UsageError(Exception):
+        pass
+
 
 LOGGER = logging.getLogger("vip2clip.demo")
 
@@ -255,22 +264,19 @@ class ModelLoadError(Exception):
 
 
 def _load_requested(model_id: str, dtype: str = "fp32"):
-    """The requested checkpoint; with this repository's package when importable (no remote code is executed),
-    else through transformers' remote code (a Space without the package). `dtype` is the standard
-    `from_pretrained(dtype=...)`: bf16 converts the CLIP towers and keeps the heads fp32."""
+    """The requested checkpoint: through the package's one loader (`runtime.load_model_and_processor`: the source
+    checked first, no remote code executed) when the package is importable, else through transformers' remote code
+    (a Space holding demo/ alone). `dtype` is the standard `from_pretrained(dtype=...)`: bf16 converts the CLIP
+    towers and keeps the heads fp32."""
     try:
-        from modeling_vip2clip import ViP2CLIPModel, ViP2CLIPProcessor
+        from modeling_vip2clip.runtime import load_model_and_processor
     except ImportError:
         from transformers import AutoModel, AutoProcessor
 
         model = AutoModel.from_pretrained(model_id, trust_remote_code=True, dtype=DTYPES[dtype])
         processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True)
         return model, processor, "remote code"
-    model = ViP2CLIPModel.from_pretrained(model_id, dtype=DTYPES[dtype])
-    try:
-        processor = ViP2CLIPProcessor.from_pretrained(model_id)
-    except OSError:  # no preprocessor_config.json: the method's defaults at the model's size
-        processor = ViP2CLIPProcessor(image_size=model.config.image_size, min_image_size=model.config.patch_size)
+    model, processor = load_model_and_processor(model_id, dtype=DTYPES[dtype])
     return model, processor, "package"
 
 
@@ -283,13 +289,12 @@ def load_model(model_id: str, dtype: str = "fp32") -> LoadedModel:
     """Load `model_id` (folder or Hub id) in `dtype` ("fp32", "bf16" or "auto", see `resolve_dtype`), or raise
     `ModelLoadError`: a model the user named is served or refused, never replaced."""
     dtype = resolve_dtype(dtype)
-    problem = model_argument_problem(model_id)
-    if problem:
-        raise ModelLoadError(problem)
     print(f"Loading model '{model_id}'...", flush=True)
     try:
         model, processor, via = _load_requested(model_id, dtype)
-    except Exception as error:  # offline, missing repo, not a ViP²-CLIP folder, ...
+    except UsageError as error:  # the package's loader says what is wrong and how to fix it
+        raise ModelLoadError(str(error)) from error
+    except Exception as error:  # remote code: offline, missing repo, not a ViP²-CLIP folder, ...
         raise ModelLoadError(
             f"--model {model_id} cannot be loaded ({_one_line(error)}); pass a ViP²-CLIP model folder or a reachable "
             "Hub id, or omit --model to serve the authors' weights"
@@ -692,7 +697,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             loaded = load_model(args.model, args.dtype)
         except ModelLoadError as error:
-            print(f"error: {error}", file=sys.stderr)
+            if args.debug or os.environ.get("VIP2CLIP_DEBUG", "") not in ("", "0"):
+                traceback.print_exc()
+            print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
             return 2
     else:
         loaded = load_authors_weights(

@@ -45,6 +45,8 @@ from os import PathLike
 from pathlib import Path
 from typing import Sequence
 
+from .runtime import UsageError
+
 __all__ = [
     "AUTHORS_REPOSITORY",
     "AUTHORS_COMMIT",
@@ -116,8 +118,9 @@ RELEASES: dict[str, AuthorsRelease] = {
 
 
 # ---------------------------------------------------------------------------------------------- errors
-class AuthorsCheckpointError(Exception):
-    """A problem the user can fix (network, wrong id or URL, CLIP); the message is one line: what, then the fix."""
+class AuthorsCheckpointError(UsageError):
+    """A problem the user can fix (network, wrong id or URL, CLIP); one line: what is wrong, then the fix. The
+    entry points print it as `error: ...` and exit 2 (`runtime.run_main`)."""
 
 
 class AuthorsDownloadError(AuthorsCheckpointError):

@@ -26,10 +26,10 @@ from .authors_checkpoint import (
     LOGGER,
     PAPER,
     RELEASES,
-    AuthorsCheckpointError,
     download_authors_checkpoint,
     get_release,
 )
+from .runtime import UsageError, add_debug_argument, entry_point_main, positive_int
 
 __all__ = ["DESCRIPTION", "add_arguments", "run", "main"]
 
@@ -58,14 +58,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--url", default=None, help="download from this URL instead (a mirror, a test server)")
     parser.add_argument("--git-blob-sha1", default=None, metavar="HEX",
                         help="the git blob id the file must have (default: the pinned id of NAME)")
-    parser.add_argument("--image-size", type=int, default=518, metavar="N", help="input size (default 518)")
-    parser.add_argument("--feature-layers", type=int, nargs="+", default=[6, 12, 18, 24], metavar="L",
+    parser.add_argument("--image-size", type=positive_int, default=518, metavar="N",
+                        help="input size, a multiple of the CLIP's patch (default 518)")
+    parser.add_argument("--feature-layers", type=positive_int, nargs="+", default=[6, 12, 18, 24], metavar="L",
                         help="1-based CLIP blocks whose patch features are scored (default 6 12 18 24)")
-    parser.add_argument("--top-k", type=int, default=50, metavar="K",
+    parser.add_argument("--top-k", type=positive_int, default=50, metavar="K",
                         help="patches per layer behind the image score (default 50)")
+    add_debug_argument(parser)
     parser.epilog = _EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     return parser
+
+
+def _show_progress() -> None:
+    """The download / conversion steps on stderr, once each (the byte counter is huggingface_hub's tqdm bar)."""
+    if not LOGGER.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        LOGGER.addHandler(handler)
+    LOGGER.setLevel(logging.INFO)
+    LOGGER.propagate = False
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
     release = get_release(args.name)
     out = Path(args.out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise AuthorsCheckpointError(f"--out {out} exists and is not an empty folder; pass a new folder name")
+        raise UsageError(f"--out {out} exists and is not an empty folder; pass a new folder name")
+    _show_progress()
     model_dir = download_authors_checkpoint(
         release.name, clip=args.clip, image_size=args.image_size, feature_layers=args.feature_layers,
         top_k=args.top_k, url=args.url, git_blob_sha1=args.git_blob_sha1,
@@ -100,17 +113,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m modeling_vip2clip.download_authors", description=DESCRIPTION)
-    args = add_arguments(parser).parse_args(argv)
-    handler = logging.StreamHandler()  # the download / conversion steps on stderr (the byte counter is tqdm's)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    LOGGER.addHandler(handler)
-    LOGGER.setLevel(logging.INFO)
-    LOGGER.propagate = False
-    try:
-        return run(args)
-    except AuthorsCheckpointError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return entry_point_main(run, add_arguments(parser), argv)
 
 
 if __name__ == "__main__":
