@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
+from .data.options import add_schema_arguments
 from .runtime import add_common_arguments, positive_int
 
 __all__ = ["DESCRIPTION", "add_arguments", "build_parser", "run", "main"]
@@ -50,8 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, metavar="DIR", help="trained ViP2CLIP model folder (or Hub id).")
     parser.add_argument(
         "--dataset", required=True, metavar="ID_OR_PATH",
-        help="benchmark to evaluate: a raw folder (MVTec tree, VisA split_csv, meta.json, good/bad folders), a "
-        "folder written by `vip2clip convert`, or a Hub dataset id.",
+        help="benchmark to evaluate: a raw folder (MVTec tree, VisA split_csv, meta.json, your own normal/anomalous folders), a "
+        "folder written by `vip2clip convert`, parquet/arrow files, or a Hub dataset id (other column names: "
+        "--image-column etc.).",
     )
     parser.add_argument("--split", default="test", help="split to evaluate (default: test).")
     parser.add_argument("--categories", nargs="+", default=None, metavar="CAT", help="evaluate these categories only (default: all).")
@@ -70,6 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--max-batches", type=positive_int, default=None, metavar="N",
         help="stop after N batches per process, keeping the partial results for --resume (default: no limit).",
     )
+    add_schema_arguments(parser)
     add_common_arguments(parser, batch_size=8, output_dir="vip2clip-eval",
                          output_help="where results.json/results.md, maps and partial results go")
     return parser

@@ -135,7 +135,7 @@ def run_evaluation(args: argparse.Namespace, model=None, processor=None) -> dict
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    from .data import load_anomaly_dataset, to_torch_dataset
+    from .data import load_anomaly_dataset, schema_options, to_torch_dataset
     from .feature_cache import dataset_fingerprint
     from .metrics import METRIC_KEYS
     from .report import format_markdown_table, plot_roc_curves
@@ -156,7 +156,8 @@ def run_evaluation(args: argparse.Namespace, model=None, processor=None) -> dict
         processor = ViP2CLIPProcessor.for_model(model.config)
     model = model.to(accelerator.device).eval()
 
-    dataset, report = load_anomaly_dataset(dataset_source, split=args.split, categories=args.categories, return_report=True)
+    dataset, report = load_anomaly_dataset(dataset_source, split=args.split, categories=args.categories,
+                                           return_report=True, **schema_options(args))
     # Files the converter could not use (raw folders only) are reported with the loader's unusable samples.
     conversion_skipped = [{"index": None, "image_path": path, "reason": f"conversion: {reason}"}
                           for path, reason in (report.skipped if report is not None else [])]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
+from .data.options import add_schema_arguments
 from .runtime import add_common_arguments, positive_float, positive_int
 
 __all__ = ["DESCRIPTION", "add_arguments", "build_parser", "run", "main"]
@@ -43,8 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     data = parser.add_argument_group("data")
     data.add_argument(
         "--dataset", required=True, metavar="ID_OR_PATH",
-        help="training data: a raw benchmark folder (MVTec tree, VisA split_csv, meta.json, good/bad folders), a "
-        "folder written by `vip2clip convert`/save_to_disk, or a Hub dataset id.",
+        help="training data: a raw benchmark folder (MVTec tree, VisA split_csv, meta.json, your own normal/anomalous folders), a "
+        "folder written by `vip2clip convert`/save_to_disk, parquet/arrow files, or a Hub dataset id (other column names: "
+        "--image-column etc.).",
     )
     data.add_argument(
         "--split", default="test",
@@ -65,6 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     optim.add_argument("--seed", type=int, default=111, help="seed of the head init and of the sample order (default: 111).")
 
+    add_schema_arguments(parser)
     add_common_arguments(parser, batch_size=8, output_dir="vip2clip-train",
                          output_help="where checkpoints, logs and the final model go")
     run = parser.add_argument_group("checkpoints and logs")

@@ -181,7 +181,7 @@ def run_training(
     from accelerate.utils import ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
 
-    from .data import load_anomaly_dataset, to_torch_dataset
+    from .data import load_anomaly_dataset, schema_options, to_torch_dataset
     from .feature_cache import (
         CachedFeatureDataset,
         build_feature_cache,
@@ -234,7 +234,7 @@ def run_training(
     dataset_fp = None
     if train_dataset is None:
         source = resolve_source(args.dataset, "--dataset", repo_type="dataset")
-        dataset = load_anomaly_dataset(source, split=args.split, categories=args.categories)
+        dataset = load_anomaly_dataset(source, split=args.split, categories=args.categories, **schema_options(args))
         if len(dataset) == 0:
             raise UsageError(f"--dataset {args.dataset} (--split {args.split}): no samples to train on; check the "
                              "split and --categories names.")

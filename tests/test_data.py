@@ -13,6 +13,8 @@ import torch
 from PIL import Image
 
 from modeling_vip2clip.data import (
+    DatasetError,
+    decode_image,
     SkipBadCollate,
     convert,
     convert_folder,
@@ -302,3 +304,157 @@ def test_mask_on_a_normal_image_is_reported_and_ignored(tmp_path, processor, cap
         batch = make_transform(processor)(without_decoding(user)[:1])
     assert "labelled normal but its mask is not empty" in caplog.text
     assert batch["masks"].sum() == 0 and not batch["bad"].any()
+
+
+def test_synthetic_cli_describes_every_option_and_tiny_converts(tmp_path, capsys):
+    import argparse
+
+    from modeling_vip2clip.data import synthetic
+
+    parser = synthetic.add_arguments(argparse.ArgumentParser())
+    for action in parser._actions:
+        assert action.help, f"{action.dest} has no help"
+        if action.option_strings and action.dest not in ("help", "out", "tiny", "debug"):
+            assert "(default: " in action.help, action.dest
+    assert synthetic_main(["--out", str(tmp_path / "raw"), "--tiny"]) == 0
+    assert "wrote 6 images (2 anomalous) in the 'mvtec' layout" in capsys.readouterr().out
+    ds, report = convert(tmp_path / "raw", split="all", progress=False)
+    assert report.skipped == [] and len(ds) == 6 and set(ds["category"]) == {"fabric"}
+    assert {r["image"].size for r in ds} == {(32, 32)} and sum(ds["label"]) == 2
+    # a flag given with --tiny overrides the preset; a size below 16 is a one-line user error
+    assert synthetic_main(["--out", str(tmp_path / "raw2"), "--tiny", "--n-test-bad", "3", "--layout", "folder"]) == 0
+    assert "wrote 5 images (3 anomalous) in the 'folder' layout" in capsys.readouterr().out
+    assert synthetic_main(["--out", str(tmp_path / "raw3"), "--image-size", "8"]) == 2
+    assert capsys.readouterr().err == "error: --image-size 8: below 16 pixels; pass --image-size 16 or more\n"
+    assert not (tmp_path / "raw3").exists()
+
+
+# ------------------------------------------------------------------------------ other schemas (sources.py)
+
+
+def _visa_like_parquet(root: Path) -> dict:
+    """The layout of the Hub's BrachioLab/visa: data/<class>.<split>-00000-of-00001.parquet, columns image, mask,
+    label (0/1), no category column. Returns {(split name, row): (label, image array, mask array)}."""
+    import datasets
+
+    expected = {}
+    features = datasets.Features({"image": datasets.Image(), "mask": datasets.Image(), "label": datasets.Value("int64")})
+    for c, cls in enumerate(("candle", "pcb1")):
+        for split, labels in (("train", [0, 0]), ("test", [0, 1, 1])):
+            rows = {"image": [], "mask": [], "label": []}
+            for i, label in enumerate(labels):
+                rng = np.random.default_rng([c, len(split), i])
+                image = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)
+                mask = np.zeros((20, 20), np.uint8)
+                if label:
+                    mask[2 + i : 9 + i, 3:11] = 255
+                rows["image"].append(Image.fromarray(image))
+                rows["mask"].append(Image.fromarray(mask, mode="L"))
+                rows["label"].append(label)
+                expected[(f"{cls}.{split}", i)] = (label, image, mask)
+            path = root / "data" / f"{cls}.{split}-00000-of-00001.parquet"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            datasets.Dataset.from_dict(rows, features=features).to_parquet(str(path))
+    return expected
+
+
+def _check_visa_like(ds, expected, splits):
+    rows = list(ds)
+    assert len(rows) == sum(1 for s, _ in expected if s in splits)
+    seen = set()
+    for row in rows:
+        split_name, index = row["image_path"].rsplit("/", 1)
+        label, image, mask = expected[(split_name, int(index))]
+        seen.add((split_name, int(index)))
+        assert validate_sample(row) == []
+        assert row["category"] == split_name.split(".")[0] and row["split"] == split_name.split(".")[1]
+        assert row["label"] == label and row["defect_type"] == ("anomaly" if label else "good")
+        assert np.array_equal(np.asarray(decode_image(row["image"])), image)  # streamed rows are not decoded
+        assert np.array_equal(np.asarray(decode_image(row["mask"])), mask)
+    assert {s for s, _ in seen} == set(splits) and len(seen) == len(rows)  # every row once, image_path unique
+
+
+def test_hub_style_parquet_with_one_split_per_class(tmp_path, processor):
+    import datasets
+
+    from modeling_vip2clip.data import ANOMALY_FEATURES
+
+    root = tmp_path / "visa_hub"
+    expected = _visa_like_parquet(root)
+    ds = load_anomaly_dataset(root, split="test")  # the folder: every <class>.test split, category from its name
+    assert ds.features == ANOMALY_FEATURES
+    _check_visa_like(ds, expected, {"candle.test", "pcb1.test"})
+    _check_visa_like(load_anomaly_dataset(root), expected, {"candle.test", "pcb1.test"})  # None: the test splits
+    _check_visa_like(load_anomaly_dataset(root, split="candle.train"), expected, {"candle.train"})
+    _check_visa_like(load_anomaly_dataset(root, split="all", categories=["pcb1"]), expected, {"pcb1.train", "pcb1.test"})
+    # ... the same through datasets.load_dataset("parquet", data_files=...), and streamed
+    files = {p.name.split("-")[0]: str(p) for p in (root / "data").glob("*.parquet")}
+    _check_visa_like(load_anomaly_dataset(datasets.load_dataset("parquet", data_files=files), split="test"), expected,
+                     {"candle.test", "pcb1.test"})
+    streamed = load_anomaly_dataset(root, split="test", streaming=True)
+    assert isinstance(streamed, datasets.IterableDataset)
+    _check_visa_like(streamed, expected, {"candle.test", "pcb1.test"})
+    # ... and into model-ready batches: anomalous rows carry their masks
+    batch = SkipBadCollate()(to_torch_dataset(ds, processor).__getitems__(list(range(len(ds)))))
+    assert batch["labels"].tolist() == ds["label"] and [bool(m.any()) for m in batch["masks"]] == [bool(v) for v in ds["label"]]
+
+
+def test_other_column_names_and_label_kinds():
+    import datasets
+
+    images = [Image.new("RGB", (16, 16), (i * 40, 0, 0)) for i in range(5)]
+    source = datasets.Dataset.from_dict(
+        {"picture": images, "verdict": [0, 1, 2, 0, 2], "part": ["a", "a", "b", "b", "b"]},
+        features=datasets.Features({"picture": datasets.Image(), "verdict": datasets.ClassLabel(names=["OK", "crack", "dent"]),
+                                    "part": datasets.Value("string")}))
+    ds = load_anomaly_dataset(source, image_column="picture", label_column="verdict", category_column="part")
+    assert ds["label"] == [0, 1, 1, 0, 1] and ds["defect_type"] == ["good", "crack", "dent", "good", "dent"]
+    assert ds["category"] == ["a", "a", "b", "b", "b"] and ds["mask"] == [None] * 5  # no mask column: image-level
+    assert np.array_equal(np.asarray(ds[2]["image"]), np.asarray(images[2]))
+    strings = datasets.Dataset.from_dict({"image": images[:3], "label": ["good", "NG", "Anomalous"]})
+    assert load_anomaly_dataset(strings)["label"] == [0, 1, 1]
+    unlabelled = load_anomaly_dataset(datasets.Dataset.from_dict({"image": images[:2]}), require_labels=False)
+    assert unlabelled["label"] == [-1, -1]
+    with pytest.raises(DatasetError, match=r"^--label-column label: label 'maybe' is neither normal"):
+        load_anomaly_dataset(datasets.Dataset.from_dict({"image": images[:1], "label": ["maybe"]}))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"image_column": "img"}, r"^--image-column img: no column 'img' in .* \(columns: image, mask, label\); pass --image-column"),
+        ({"label_column": "y"}, r"^--label-column y: no column 'y' .* pass --label-column"),
+        ({"mask_column": "gt"}, r"^--mask-column gt: no column 'gt' .* pass --mask-column"),
+        ({"category_column": "cls"}, r"^--category-column cls: no column 'cls' .* pass --category-column"),
+        ({"split": "val"}, r"^--split val: .* has no split 'val' nor any '<category>.val' \(splits: .*candle.test.*\)"),
+    ],
+)
+def test_schema_errors_name_the_flag_and_what_is_there(tmp_path_factory, kwargs, message):
+    root = tmp_path_factory.getbasetemp() / "visa_hub_errors"
+    if not root.exists():
+        _visa_like_parquet(root)
+    with pytest.raises(DatasetError, match=message):
+        load_anomaly_dataset(root, **{"split": "test", **kwargs})
+
+
+def test_saved_dataset_dict_and_schema_flags(tmp_path):
+    import argparse
+
+    import datasets
+
+    from modeling_vip2clip.data import add_schema_arguments, schema_options
+
+    src = tmp_path / "src"
+    generate_synthetic_benchmark(src, categories=("fabric",), **GEN)
+    dd = datasets.DatasetDict({s: convert(src, split=s, progress=False)[0] for s in ("train", "test")})
+    dd.save_to_disk(str(tmp_path / "saved"))
+    assert set(load_anomaly_dataset(tmp_path / "saved")["split"]) == {"test"}
+    train = load_anomaly_dataset(tmp_path / "saved", split="train")
+    assert set(train["split"]) == {"train"} and train["image_path"] == dd["train"]["image_path"]
+    with pytest.raises(DatasetError, match="--split val"):
+        load_anomaly_dataset(tmp_path / "saved", split="val")
+    with pytest.raises(DatasetError, match="does not exist"):
+        load_anomaly_dataset(tmp_path / "nothing-here")
+    args = add_schema_arguments(argparse.ArgumentParser()).parse_args(["--image-column", "img", "--mask-column", "gt"])
+    assert schema_options(args) == {"image_column": "img", "label_column": "label", "mask_column": "gt",
+                                    "category_column": "category"}

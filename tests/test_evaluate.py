@@ -170,3 +170,38 @@ def test_two_cpu_processes_match_one_process(full_run, tiny_model_dir, bench_dir
     # Not bit-equal: each process runs other batch shapes on one thread, so maps differ at float rounding (~1e-7)
     # and near-tied pixels may swap ranks; a dropped or doubled sample moves a metric by > 1e-2.
     _assert_same_results(json.loads((tmp_path / "ddp" / "results.json").read_text()), reference, tolerance=1e-4)
+
+
+def test_other_schema_parquet_with_renamed_columns(tiny_model_dir, tmp_path):
+    """A Hub-style parquet dataset (BrachioLab/visa layout: one split per class, `<class>.test`) whose columns have
+    other names: `--image-column/--label-column/--mask-column` map it, the category comes from the split name,
+    and the metrics equal those computed here from the model's own outputs on the same images."""
+    import datasets
+    import torch
+
+    from modeling_vip2clip.metrics import compute_category_metrics
+    from modeling_vip2clip.runtime import load_model_and_processor
+    from test_data import _visa_like_parquet
+
+    expected = _visa_like_parquet(tmp_path / "raw")
+    root = tmp_path / "renamed"
+    for path in (tmp_path / "raw" / "data").glob("*.parquet"):
+        table = datasets.Dataset.from_parquet(str(path)).rename_columns({"image": "img", "mask": "gt", "label": "y"})
+        (root / "data").mkdir(parents=True, exist_ok=True)
+        table.to_parquet(str(root / "data" / path.name))
+    out = tmp_path / "eval"
+    _evaluate(tiny_model_dir, root, out, "--image-column", "img", "--mask-column", "gt", "--label-column", "y")
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["per_category"]) == {"candle", "pcb1"}
+    model, processor = load_model_and_processor(str(tiny_model_dir))
+    for category in ("candle", "pcb1"):
+        rows = [expected[(f"{category}.test", i)] for i in range(3)]
+        assert results["counts"][category] == {"normal": 1, "anomalous": 2, "with_mask": 2}
+        inputs = processor(images=[Image.fromarray(image) for _, image, _ in rows],
+                           masks=[Image.fromarray(mask) for _, _, mask in rows])
+        with torch.no_grad():
+            output = model(pixel_values=inputs["pixel_values"])
+        mine = compute_category_metrics(np.array([label for label, _, _ in rows]), output.anomaly_score.numpy(),
+                                        (inputs["masks"].numpy() > 0.5).astype(np.uint8), output.anomaly_map.numpy())
+        for key, value in mine.items():  # 1e-4: other batch shapes round the maps differently (near-tied pixels)
+            assert results["per_category"][category][key] == pytest.approx(value, abs=1e-4), (category, key)

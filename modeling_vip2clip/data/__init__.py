@@ -2,89 +2,74 @@
 
 * :mod:`.schema` — the canonical ``datasets.Features`` and :func:`validate_sample`.
 * :mod:`.converters` — MVTec-style trees, VisA's split CSV, the authors'
-  ``meta.json`` and plain good/bad folders → ``datasets.Dataset`` + a
+  ``meta.json`` and a user's own normal/anomalous folders → ``datasets.Dataset`` + a
   :class:`ConversionReport`. (MVTec AD: CC BY-NC-SA 4.0; VisA: CC BY 4.0.)
-* :mod:`.loading` — :func:`load_anomaly_dataset`, :func:`make_transform`,
-  :func:`collate_skip_bad`, :func:`to_torch_dataset`.
+* :mod:`.sources` — :func:`load_anomaly_dataset`: a saved folder, a raw benchmark folder,
+  parquet/imagefolder files or a Hub id (optionally streamed), in any column names
+  (:func:`add_schema_arguments`), with ``<category>.<split>`` split patterns → the schema.
+* :mod:`.loading` — :func:`make_transform`, :func:`collate_skip_bad`, :func:`to_torch_dataset`.
 * :mod:`.synthetic` — a procedural CC0 benchmark for tests and demos.
 """
 
-from .converters import (
-    IMAGE_EXTENSIONS,
-    LICENSES,
-    MVTEC_CATEGORIES,
-    VISA_CATEGORIES,
-    ConversionReport,
-    convert,
-    convert_folder,
-    convert_meta_json,
-    convert_mvtec,
-    convert_visa,
-    detect_layout,
-)
-from .loading import (
-    AnomalyBatchTransform,
-    SkipBadCollate,
-    TorchAnomalyDataset,
-    collate_skip_bad,
-    is_saved_dataset,
-    load_anomaly_dataset,
-    make_transform,
-    to_torch_dataset,
-    without_decoding,
-)
-from .schema import (
-    ANOMALY_FEATURES,
-    COLUMNS,
-    LABEL_NAMES,
-    NORMAL_DEFECT,
-    UNKNOWN_DEFECT,
-    anomaly_features,
-    validate_sample,
-)
+from __future__ import annotations
 
-_SYNTHETIC_NAMES = ("DEFAULT_CATEGORIES", "DEFECT_KINDS", "LAYOUTS", "generate_synthetic_benchmark")
+import importlib
+from typing import TYPE_CHECKING
+
+# name → submodule. Imported on first use: `from modeling_vip2clip.data import convert` does not import torch
+# (only .loading needs it), and `python -m modeling_vip2clip.data.synthetic` does not find its module already
+# imported by the package (runpy's RuntimeWarning).
+_SUBMODULE_NAMES = {
+    ".converters": (
+        "ANOMALOUS_FOLDER_NAMES", "IMAGE_EXTENSIONS", "LICENSES", "MASK_FOLDER_NAMES", "MVTEC_CATEGORIES",
+        "NORMAL_FOLDER_NAMES", "VISA_CATEGORIES", "ConversionOptions", "ConversionReport", "convert",
+        "convert_folder", "convert_meta_json", "convert_mvtec", "convert_visa", "detect_layout",
+        "suggest_folder_command", "unrecognised_layout_message",
+    ),
+    ".loading": (
+        "AnomalyBatchTransform", "SkipBadCollate", "TorchAnomalyDataset", "collate_skip_bad", "make_transform",
+        "to_torch_dataset", "without_decoding",
+    ),
+    ".options": ("DEFAULT_COLUMNS", "add_schema_arguments", "schema_options"),
+    ".sources": ("is_saved_dataset", "load_anomaly_dataset", "select_splits"),
+    ".schema": (
+        "ANOMALY_FEATURES", "COLUMNS", "LABEL_NAMES", "DatasetError", "NORMAL_DEFECT", "UNKNOWN_DEFECT",
+        "anomaly_features", "decode_image", "validate_sample",
+    ),
+    ".synthetic": ("DEFAULT_CATEGORIES", "DEFECT_KINDS", "LAYOUTS", "generate_synthetic_benchmark"),
+}
+_LAZY = {name: module for module, names in _SUBMODULE_NAMES.items() for name in names}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .converters import (
+        ANOMALOUS_FOLDER_NAMES, IMAGE_EXTENSIONS, LICENSES, MASK_FOLDER_NAMES, MVTEC_CATEGORIES,
+        NORMAL_FOLDER_NAMES, VISA_CATEGORIES, ConversionOptions, ConversionReport, convert, convert_folder,
+        convert_meta_json, convert_mvtec, convert_visa, detect_layout, suggest_folder_command,
+        unrecognised_layout_message,
+    )
+    from .loading import (
+        AnomalyBatchTransform, SkipBadCollate, TorchAnomalyDataset, collate_skip_bad, make_transform,
+        to_torch_dataset, without_decoding,
+    )
+    from .schema import (
+        ANOMALY_FEATURES, COLUMNS, LABEL_NAMES, NORMAL_DEFECT, UNKNOWN_DEFECT, DatasetError, anomaly_features,
+        decode_image, validate_sample,
+    )
+    from .options import DEFAULT_COLUMNS, add_schema_arguments, schema_options
+    from .sources import is_saved_dataset, load_anomaly_dataset, select_splits
+    from .synthetic import DEFAULT_CATEGORIES, DEFECT_KINDS, LAYOUTS, generate_synthetic_benchmark
 
 
 def __getattr__(name: str):
-    # Imported lazily so that ``python -m modeling_vip2clip.data.synthetic`` does not find the
-    # module already imported by its package (runpy's RuntimeWarning).
-    if name in _SYNTHETIC_NAMES:
-        from . import synthetic
-
-        return getattr(synthetic, name)
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-__all__ = [
-    "ANOMALY_FEATURES",
-    "COLUMNS",
-    "DEFAULT_CATEGORIES",
-    "DEFECT_KINDS",
-    "IMAGE_EXTENSIONS",
-    "LABEL_NAMES",
-    "LAYOUTS",
-    "LICENSES",
-    "MVTEC_CATEGORIES",
-    "NORMAL_DEFECT",
-    "UNKNOWN_DEFECT",
-    "VISA_CATEGORIES",
-    "ConversionReport",
-    "SkipBadCollate",
-    "TorchAnomalyDataset",
-    "anomaly_features",
-    "collate_skip_bad",
-    "convert",
-    "convert_folder",
-    "convert_meta_json",
-    "convert_mvtec",
-    "convert_visa",
-    "detect_layout",
-    "generate_synthetic_benchmark",
-    "is_saved_dataset",
-    "load_anomaly_dataset",
-    "AnomalyBatchTransform",
-    "make_transform",
-    "to_torch_dataset",
-    "validate_sample",
-    "without_decoding",
-]
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
+__all__ = sorted(_LAZY)

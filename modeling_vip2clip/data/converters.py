@@ -21,10 +21,13 @@ Supported layouts
   authors' ``<root>/meta.json`` (``{"train": {cls: [{img_path, mask_path,
   cls_name, specie_name, anomaly}, ...]}, "test": {...}}``), which their
   ``generate_dataset_json`` scripts write for all 18 benchmarks of the paper.
-* ``folder`` (:func:`convert_folder`): a user's plain layout ``<root>/good/*``,
-  ``<root>/bad/*`` (or ``anomalous/``, ``anomaly/``, ``defect/``; sub-folders of
-  it become defect types), optional masks ``<root>/masks/<stem>[_mask].*``;
-  the category is the folder name (or ``category=``). A root whose
+* ``folder`` (:func:`convert_folder`): a user's own folders (anomalib's ``Folder``
+  convention): normal images in ``<root>/good/`` (or ``ok``, ``normal``, ``nominal``,
+  any case, or the folders named with ``normal_dirs=``), anomalous ones in ``bad/``
+  (``anomalous``, ``anomaly``, ``defect``, ``defective``, ``NG``; sub-folders become
+  defect types) or in folders named with ``anomalous_dirs=`` (``scratch/`` + ``dent/``:
+  each name is a defect type), optional masks ``<root>/masks/[<folder>/]<stem>[_mask].*``
+  (``mask_dir=``); the category is the folder name (or ``category=``). A root whose
   sub-folders each have that layout gives one category per sub-folder.
 
 Missing masks
@@ -59,21 +62,27 @@ import io
 import json
 import logging
 import os
+import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 from datasets import Dataset, DatasetInfo
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from .schema import NORMAL_DEFECT, UNKNOWN_DEFECT, anomaly_features
+from .schema import NORMAL_DEFECT, UNKNOWN_DEFECT, DatasetError, anomaly_features
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "NORMAL_FOLDER_NAMES",
+    "ANOMALOUS_FOLDER_NAMES",
+    "MASK_FOLDER_NAMES",
     "MVTEC_CATEGORIES",
     "VISA_CATEGORIES",
     "LICENSES",
+    "ConversionOptions",
     "ConversionReport",
     "detect_layout",
     "convert",
@@ -81,6 +90,8 @@ __all__ = [
     "convert_visa",
     "convert_meta_json",
     "convert_folder",
+    "suggest_folder_command",
+    "unrecognised_layout_message",
 ]
 
 logger = logging.getLogger(__name__)
@@ -105,8 +116,10 @@ _LICENSE_NOTES = {
     "visa": "VisA (Amazon) is licensed under CC BY 4.0: attribution required.",
 }
 _SPLITS = ("train", "test")
-_NORMAL_DIRS = ("good", "ok", "normal")
-_BAD_DIRS = ("bad", "anomalous", "anomaly", "defect", "defective")
+#: Folder names (case-insensitive) that the ``folder`` layout reads as normal / anomalous images / masks.
+NORMAL_FOLDER_NAMES = ("good", "ok", "normal", "nominal")
+ANOMALOUS_FOLDER_NAMES = ("bad", "anomalous", "anomaly", "defect", "defective", "ng")
+MASK_FOLDER_NAMES = ("masks", "mask")
 _MASK_SUFFIXES = ("_mask", "_gt", "-mask", "")
 
 
@@ -154,6 +167,29 @@ class ConversionReport:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+@dataclass(frozen=True)
+class ConversionOptions:
+    """The options every converter takes as keywords (``convert_mvtec(root, progress=False)``, ...).
+
+    ``missing_mask``: ``"keep"`` an anomalous image whose mask is missing or unusable (with ``mask=None``
+    and a warning) or ``"skip"`` it. ``mask_threshold``: a mask pixel is defect where its grey value is
+    above it. ``verify``: fully decode every image (skipping bad files) rather than only checking it
+    exists. ``progress``: a tqdm bar. ``license``: the licence written into ``dataset.info`` (default:
+    detected for MVTec AD / VisA).
+    """
+
+    missing_mask: str = "keep"
+    mask_threshold: int = 0
+    verify: bool = True
+    progress: bool = True
+    license: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.missing_mask not in ("keep", "skip"):
+            raise ValueError(f"missing_mask must be 'keep' or 'skip', got {self.missing_mask!r}")
+
 
 
 @dataclass
@@ -238,26 +274,14 @@ def _license_for(categories: Iterable[str]) -> str | None:
     return None
 
 
-def _build(
-    candidates: Sequence[_Candidate],
-    root: Path,
-    report: ConversionReport,
-    *,
-    missing_mask: str,
-    mask_threshold: int,
-    verify: bool,
-    progress: bool,
-    license: str | None,
-) -> Dataset:
+def _build(candidates: Sequence[_Candidate], root: Path, report: ConversionReport, options: ConversionOptions) -> Dataset:
     from tqdm.auto import tqdm
 
-    if missing_mask not in ("keep", "skip"):
-        raise ValueError(f"missing_mask must be 'keep' or 'skip', got {missing_mask!r}")
     rows = []
     n_without_mask = 0
-    for cand in tqdm(candidates, desc=f"Converting {report.layout}", unit="img", disable=not progress):
+    for cand in tqdm(candidates, desc=f"Converting {report.layout}", unit="img", disable=not options.progress):
         size = None
-        if verify:
+        if options.verify:
             try:
                 size = _check_image(cand.image)
             except ValueError as exc:
@@ -278,7 +302,7 @@ def _build(
                 problem = f"mask file not found: {_rel(cand.mask, root)}"
             else:
                 try:
-                    mask_bytes, mask_size, nonempty = _load_mask(cand.mask, mask_threshold)
+                    mask_bytes, mask_size, nonempty = _load_mask(cand.mask, options.mask_threshold)
                 except ValueError as exc:
                     problem = f"mask {_rel(cand.mask, root)} unusable: {exc}"
                 else:
@@ -292,7 +316,7 @@ def _build(
                     if not nonempty:
                         report.warn(cand.rel, "mask of an anomalous image is empty")
             if problem is not None:
-                if missing_mask == "skip":
+                if options.missing_mask == "skip":
                     report.skip(cand.rel, problem)
                     continue
                 report.warn(cand.rel, problem + "; kept with mask=None")
@@ -314,7 +338,7 @@ def _build(
         )
     report.n_ok = len(rows)
 
-    key = license or _license_for(r["category"] for r in rows)
+    key = options.license or _license_for(r["category"] for r in rows)
     lic = LICENSES.get(key, key) if key else None
     note = _LICENSE_NOTES.get(key, "Check the licence of the source dataset before redistributing.")
     features = anomaly_features()
@@ -326,7 +350,8 @@ def _build(
         ),
         license=lic or "",
     )
-    ds = Dataset.from_list(rows, features=features, info=info)
+    columns = {name: [r[name] for r in rows] for name in features}  # from_list cannot build an empty table
+    ds = Dataset.from_dict(columns, features=features, info=info)
     logger.info(report.summary())
     return ds
 
@@ -387,11 +412,7 @@ def convert_mvtec(
     categories: Sequence[str] | None = None,
     *,
     normal_dirs: Sequence[str] = ("good", "ok"),
-    missing_mask: str = "keep",
-    mask_threshold: int = 0,
-    verify: bool = True,
-    progress: bool = True,
-    license: str | None = None,
+    **options: Any,
 ) -> tuple[Dataset, ConversionReport]:
     """Convert an MVTec-AD-style tree (MVTec AD, MPDD, BTAD, ...).
 
@@ -399,9 +420,9 @@ def convert_mvtec(
     ``<root>/<category>/ground_truth/<defect>/<stem>_mask.<ext>`` (also
     ``<stem>.<ext>``), matched by stem. ``root`` may also be one category folder.
     Folders named in ``normal_dirs`` hold normal images (``defect_type`` "good").
-    MVTec AD is licensed CC BY-NC-SA 4.0 (non-commercial).
+    MVTec AD is licensed CC BY-NC-SA 4.0 (non-commercial). ``options``: see :class:`ConversionOptions`.
     """
-    root = Path(root)
+    root, opts = Path(root), ConversionOptions(**options)
     report = _new_report(root, "mvtec")
     wanted = set(categories) if categories is not None else None
     candidates: list[_Candidate] = []
@@ -452,11 +473,7 @@ def convert_mvtec(
         found = {c.category for c in candidates}
         for missing in sorted(wanted - found):
             report.warn(str(root), f"category {missing!r} not found")
-    ds = _build(
-        candidates, root, report, missing_mask=missing_mask, mask_threshold=mask_threshold,
-        verify=verify, progress=progress, license=license,
-    )
-    return ds, report
+    return _build(candidates, root, report, opts), report
 
 
 def _warn_if_normal_has_mask(report: ConversionReport, root: Path, image_rel: str, mask_rel: str) -> None:
@@ -473,19 +490,15 @@ def convert_visa(
     categories: Sequence[str] | None = None,
     *,
     csv_file: str = "split_csv/1cls.csv",
-    missing_mask: str = "keep",
-    mask_threshold: int = 0,
-    verify: bool = True,
-    progress: bool = True,
-    license: str | None = None,
+    **options: Any,
 ) -> tuple[Dataset, ConversionReport]:
     """Convert VisA through its split CSV (``object,split,label,image,mask``).
 
     Paths in the CSV are relative to ``root``; ``label`` is ``normal`` or
     ``anomaly``. VisA gives no defect names, so anomalous rows get
-    ``defect_type="anomaly"``. VisA is licensed CC BY 4.0.
+    ``defect_type="anomaly"``. VisA is licensed CC BY 4.0. ``options``: see :class:`ConversionOptions`.
     """
-    root = Path(root)
+    root, opts = Path(root), ConversionOptions(**options)
     report = _new_report(root, "visa")
     csv_path = root / csv_file
     wanted = set(categories) if categories is not None else None
@@ -523,11 +536,7 @@ def convert_visa(
                     mask=(root / rec["mask"]) if anomalous and rec["mask"] else None,
                 )
             )
-    ds = _build(
-        candidates, root, report, missing_mask=missing_mask, mask_threshold=mask_threshold,
-        verify=verify, progress=progress, license=license,
-    )
-    return ds, report
+    return _build(candidates, root, report, opts), report
 
 
 def convert_meta_json(
@@ -536,11 +545,7 @@ def convert_meta_json(
     categories: Sequence[str] | None = None,
     *,
     meta_file: str = "meta.json",
-    missing_mask: str = "keep",
-    mask_threshold: int = 0,
-    verify: bool = True,
-    progress: bool = True,
-    license: str | None = None,
+    **options: Any,
 ) -> tuple[Dataset, ConversionReport]:
     """Convert a dataset indexed by the authors' ``meta.json``.
 
@@ -550,9 +555,9 @@ def convert_meta_json(
     ``mask_path`` "" (or pointing at a folder, as the reference loader
     tolerates) has no mask: such image-level datasets give a single warning.
     ``specie_name`` becomes ``defect_type`` for anomalous rows (``"anomaly"``
-    when it is empty or is a file name).
+    when it is empty or is a file name). ``options``: see :class:`ConversionOptions`.
     """
-    root = Path(root)
+    root, opts = Path(root), ConversionOptions(**options)
     report = _new_report(root, "meta_json")
     with open(root / meta_file, encoding="utf-8") as f:
         meta = json.load(f)
@@ -596,30 +601,152 @@ def convert_meta_json(
                         mask_expected=expected,
                     )
                 )
-    ds = _build(
-        candidates, root, report, missing_mask=missing_mask, mask_threshold=mask_threshold,
-        verify=verify, progress=progress, license=license,
-    )
-    return ds, report
+    return _build(candidates, root, report, opts), report
 
 
-def _folder_parts(d: Path) -> tuple[Path | None, list[Path]]:
-    good = next((d / n for n in _NORMAL_DIRS if (d / n).is_dir()), None)
-    bad = [d / n for n in _BAD_DIRS if (d / n).is_dir()]
-    return good, bad
+def _is_named(d: Path, names: Iterable[str]) -> bool:
+    return d.name.lower() in {n.lower() for n in names}
+
+
+def _looks_like(d: Path, names: Iterable[str]) -> bool:
+    """A looser match, for guesses only: a word of the name is one of ``names`` (``OK_parts``, ``normal-2024``)."""
+    return bool(set(re.split(r"[^a-z0-9]+", d.name.lower())) & {n.lower() for n in names})
+
+
+@dataclass(frozen=True)
+class _FolderSpec:
+    """Which sub-folders of a category folder hold what: names given by the user are matched exactly (they may
+    be relative paths such as ``test/broken``); the default names case-insensitively."""
+
+    normal_dirs: tuple[str, ...] | None = None  # None: NORMAL_FOLDER_NAMES
+    anomalous_dirs: tuple[str, ...] | None = None  # None: ANOMALOUS_FOLDER_NAMES
+    mask_dir: str | None = None  # None: MASK_FOLDER_NAMES
+
+    @property
+    def explicit(self) -> bool:
+        return (self.normal_dirs, self.anomalous_dirs, self.mask_dir) != (None, None, None)
+
+    def _find(self, d: Path, names: tuple[str, ...] | None, defaults: tuple[str, ...]) -> list[Path]:
+        if names is not None:
+            return [d / n for n in names if (d / n).is_dir()]
+        return [p for p in _visible(d.iterdir()) if p.is_dir() and _is_named(p, defaults)]
+
+    def parts(self, d: Path) -> tuple[list[Path], list[Path], Path | None]:
+        """(normal folders, anomalous folders, mask folder or None) of the category folder ``d``."""
+        normal = self._find(d, self.normal_dirs, NORMAL_FOLDER_NAMES)
+        anomalous = self._find(d, self.anomalous_dirs, ANOMALOUS_FOLDER_NAMES)
+        masks = self._find(d, None if self.mask_dir is None else (self.mask_dir,), MASK_FOLDER_NAMES)
+        return normal, anomalous, (masks[0] if masks else None)
+
+    def category_dirs(self, root: Path) -> list[Path]:
+        """``[root]`` when ``root`` itself has the layout, else its sub-folders that have it."""
+        def has(d: Path) -> bool:
+            normal, anomalous, _ = self.parts(d)
+            return bool(normal or anomalous)
+
+        if has(root):
+            return [root]
+        return [d for d in _visible(root.iterdir()) if d.is_dir() and has(d)]
 
 
 def _folder_category_dirs(root: Path) -> list[Path]:
-    good, bad = _folder_parts(root)
-    if good is not None or bad:
-        return [root]
-    out = []
-    for d in _visible(root.iterdir()):
-        if d.is_dir():
-            good, bad = _folder_parts(d)
-            if good is not None or bad:
-                out.append(d)
+    return _FolderSpec().category_dirs(root)
+
+
+def _images_below(folder: Path) -> int:
+    return sum(1 for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def _folder_flags(normal: Sequence[str], anomalous: Sequence[str], masks: Sequence[str]) -> str:
+    parts = []
+    if normal:
+        parts.append("--normal-dir " + " ".join(shlex.quote(n) for n in normal))
+    if anomalous:
+        parts.append("--anomalous-dir " + " ".join(shlex.quote(n) for n in anomalous))
+    if masks:
+        parts.append("--mask-dir " + shlex.quote(masks[0]))
+    return " ".join(parts)
+
+
+def suggest_folder_command(root: str | os.PathLike, out: str = "OUT") -> str | None:
+    """The ``vip2clip convert --layout folder`` command that would convert the sub-folders of ``root`` (a guess:
+    folders with a normal-looking name are normal, ``masks``-like ones hold masks, the others are defect types),
+    or None when ``root`` has no sub-folder with images."""
+    root = Path(root)
+    subdirs = [d for d in _visible(root.iterdir()) if d.is_dir()] if root.is_dir() else []
+    masks = [d.name for d in subdirs if _looks_like(d, MASK_FOLDER_NAMES + ("gt", "truth"))]
+    images = [d for d in subdirs if d.name not in masks and _images_below(d)]
+    if not images:
+        return None
+    normal = [d.name for d in images if _looks_like(d, NORMAL_FOLDER_NAMES)]
+    anomalous = [d.name for d in images if d.name not in normal]
+    return (f"vip2clip convert --layout folder --root {shlex.quote(str(root))} "
+            f"{_folder_flags(normal, anomalous, masks[:1])} --out {shlex.quote(str(out))}")
+
+
+def describe_subfolders(root: str | os.PathLike) -> str:
+    """``"OK/ (12 images), NG/ (3 images), masks/ (3 images)"`` for the sub-folders of ``root``."""
+    subdirs = [d for d in _visible(Path(root).iterdir()) if d.is_dir()]
+    if not subdirs:
+        return "no sub-folders"
+    counts = [(d.name, _images_below(d)) for d in subdirs]
+    return ", ".join(f"{name}/ ({n} image{'' if n == 1 else 's'})" for name, n in counts)
+
+
+def _folder_groups(anomalous: Path) -> list[tuple[Path, str]]:
+    """(image, defect_type) under one anomalous folder. A folder with a generic name (``bad``, ``NG``, ...)
+    says nothing about the defect: its own files get ``"anomaly"`` and each sub-folder names a defect type;
+    any other folder (``scratch``) is the defect type of every image below it."""
+    if not _is_named(anomalous, ANOMALOUS_FOLDER_NAMES):
+        return [(q, anomalous.name) for q in _visible(anomalous.rglob("*")) if q.is_file()]
+    out: list[tuple[Path, str]] = []
+    for p in _visible(anomalous.iterdir()):
+        if p.is_file():
+            out.append((p, UNKNOWN_DEFECT))
+        elif p.is_dir():
+            out += [(q, p.name) for q in _visible(p.rglob("*")) if q.is_file()]
     return out
+
+
+class _MaskFinder:
+    """Finds the mask of an anomalous image by file stem (never by position): in ``<masks>/<the image's
+    folder, relative to the category folder>/``, then ``<masks>/<defect_type>/``, then ``<masks>/``."""
+
+    def __init__(self, mask_dir: Path | None, cat_dir: Path) -> None:
+        self.mask_dir, self.cat_dir = mask_dir, cat_dir
+        self._indexes: dict[Path, dict[str, Path]] = {}
+
+    def _index(self, folder: Path) -> dict[str, Path]:
+        if folder not in self._indexes:
+            self._indexes[folder] = _index_masks(folder)
+        return self._indexes[folder]
+
+    def find(self, image: Path, defect: str) -> Path | None:
+        if self.mask_dir is None:
+            return None
+        folders = [self.mask_dir / image.parent.relative_to(self.cat_dir)]
+        if defect != UNKNOWN_DEFECT:
+            folders.append(self.mask_dir / defect)
+        folders.append(self.mask_dir)
+        for folder in folders:
+            mask = self._index(folder).get(image.stem)
+            if mask is not None:
+                return mask
+        return None
+
+
+def _check_named_folders(root: Path, cat_dirs: list[Path], spec: _FolderSpec) -> None:
+    """Every folder the user named must exist in some category folder."""
+    named = [("--normal-dir", n) for n in spec.normal_dirs or ()] + [
+        ("--anomalous-dir", n) for n in spec.anomalous_dirs or ()] + (
+        [("--mask-dir", spec.mask_dir)] if spec.mask_dir is not None else [])
+    for flag, name in named:
+        if not any((d / name).is_dir() for d in cat_dirs or [root]):
+            where = root if not cat_dirs or cat_dirs == [root] else f"any category folder of {root}"
+            raise DatasetError(
+                f"{flag} {name}: no folder {name!r} in {where} (found: {describe_subfolders(cat_dirs[0] if cat_dirs else root)}); "
+                f"pass the names of {root}'s own sub-folders"
+            )
 
 
 def convert_folder(
@@ -628,70 +755,95 @@ def convert_folder(
     category: str | None = None,
     categories: Sequence[str] | None = None,
     *,
-    missing_mask: str = "keep",
-    mask_threshold: int = 0,
-    verify: bool = True,
-    progress: bool = True,
-    license: str | None = None,
+    normal_dirs: Sequence[str] | None = None,
+    anomalous_dirs: Sequence[str] | None = None,
+    mask_dir: str | None = None,
+    **options: Any,
 ) -> tuple[Dataset, ConversionReport]:
-    """Convert a plain user folder: ``good/``, ``bad/`` (or ``anomalous/``,
-    ``anomaly/``, ``defect/``), optional ``masks/``.
+    """Convert a user's own folders (the convention of anomalib's ``Folder``): normal images in
+    ``normal_dirs``, anomalous ones in ``anomalous_dirs``, optional masks in ``mask_dir``.
 
-    Images directly in ``bad/`` get ``defect_type="anomaly"``; images in
-    ``bad/<name>/`` get ``defect_type=<name>``. The mask of ``bad/[<name>/]x.png``
-    is looked up as ``masks/<name>/x[_mask].*`` then ``masks/x[_mask].*``.
-    Without a ``masks/`` folder the dataset is image-level only (one warning).
-    The layout has no train/test split: every row is tagged with ``split``
-    (``"all"`` tags ``"test"``). ``category`` overrides the folder name (single
-    folder only); a root whose sub-folders each have this layout gives one
-    category per sub-folder (filter with ``categories``).
+    Names given are sub-folders (or relative paths) of the category folder, matched exactly. Left as None
+    they default to the folders whose names are, case-insensitively, in :data:`NORMAL_FOLDER_NAMES`
+    (``good``, ``ok``, ``normal``, ``nominal``), :data:`ANOMALOUS_FOLDER_NAMES` (``bad``, ``anomalous``,
+    ``anomaly``, ``defect``, ``defective``, ``ng``) and :data:`MASK_FOLDER_NAMES` (``masks``, ``mask``).
+
+    ``defect_type``: an anomalous folder's own name (``scratch/`` → ``"scratch"``); for a generic name
+    (``bad/``, ``NG/``) its sub-folders name the defect types and its own files get ``"anomaly"``. The
+    mask of an anomalous image is found by file stem (``x.png`` → ``x.png``, ``x_mask.png``, ``x_gt.png``)
+    in ``<mask_dir>/<image folder>/``, then ``<mask_dir>/<defect_type>/``, then ``<mask_dir>/``; a mask
+    that two images would share (same stem in two folders, flat ``<mask_dir>/``) is given to neither, with a
+    warning. Without a mask folder the dataset is image-level only (one warning). Sub-folders of ``root``
+    that are none of these are listed in a warning, with the command that would include them.
+
+    The layout has no train/test split: every row is tagged with ``split`` (``"all"`` tags ``"test"``).
+    ``category`` overrides the folder name (single folder only); a root whose sub-folders each have this
+    layout gives one category per sub-folder (filter with ``categories``). ``options``: see
+    :class:`ConversionOptions`. A named folder that does not exist raises :class:`DatasetError`.
     """
-    root = Path(root)
+    root, opts = Path(root), ConversionOptions(**options)
+    spec = _FolderSpec(
+        normal_dirs=None if normal_dirs is None else tuple(normal_dirs),
+        anomalous_dirs=None if anomalous_dirs is None else tuple(anomalous_dirs),
+        mask_dir=mask_dir,
+    )
     report = _new_report(root, "folder")
     tag = "test" if split == "all" else _splits(split)[0]
     wanted = set(categories) if categories is not None else None
     candidates: list[_Candidate] = []
-    cat_dirs = _folder_category_dirs(root)
+    cat_dirs = spec.category_dirs(root)
+    if spec.explicit:
+        _check_named_folders(root, cat_dirs, spec)
+    elif not cat_dirs:
+        raise DatasetError(unrecognised_layout_message(root))
     if category is not None and len(cat_dirs) > 1:
-        raise ValueError("category= applies to a single good/bad folder; use categories= to filter")
+        raise ValueError("category= applies to a single folder of normal/anomalous images; use categories= to filter")
     for cat_dir in cat_dirs:
         name = category or cat_dir.name
         if wanted is not None and name not in wanted:
             continue
-        good, bads = _folder_parts(cat_dir)
-        mask_dir = cat_dir / "masks"
-        has_masks = mask_dir.is_dir()
-        root_masks = _index_masks(mask_dir)
-        groups: list[tuple[Path, int, str]] = []
-        if good is not None:
-            groups += [(p, 0, NORMAL_DEFECT) for p in _visible(good.rglob("*")) if p.is_file()]
-        for bad in bads:
-            for p in _visible(bad.iterdir()):
-                if p.is_file():
-                    groups.append((p, 1, UNKNOWN_DEFECT))
-                elif p.is_dir():
-                    groups += [(q, 1, p.name) for q in _visible(p.rglob("*")) if q.is_file()]
-        n_no_masks = 0
-        for path, label, defect in groups:
-            mask = None
-            if label == 1:
-                if defect != UNKNOWN_DEFECT:
-                    mask = _index_masks(mask_dir / defect).get(path.stem)
-                mask = mask or root_masks.get(path.stem)
-                n_no_masks += not has_masks
-            candidates.append(
-                _Candidate(
-                    image=path, rel=_rel(path, root), label=label, category=name,
-                    defect_type=defect, split=tag, mask=mask, mask_expected=has_masks,
-                )
+        where = _rel(cat_dir, root) if cat_dir != root else name
+        normal, anomalous, masks = spec.parts(cat_dir)
+        _warn_unused_folders(report, root, cat_dir, normal, anomalous, masks)
+        groups = [(p, 0, NORMAL_DEFECT) for good in normal for p in _visible(good.rglob("*")) if p.is_file()]
+        groups += [(p, 1, defect) for bad in anomalous for p, defect in _folder_groups(bad)]
+        finder = _MaskFinder(masks, cat_dir)
+        rows = [
+            _Candidate(
+                image=path, rel=_rel(path, root), label=label, category=name, defect_type=defect, split=tag,
+                mask=finder.find(path, defect) if label == 1 else None, mask_expected=masks is not None,
             )
-        if n_no_masks:
-            report.warn(_rel(cat_dir, root) if cat_dir != root else name, "no masks/ folder: image-level labels only")
-    ds = _build(
-        candidates, root, report, missing_mask=missing_mask, mask_threshold=mask_threshold,
-        verify=verify, progress=progress, license=license,
-    )
-    return ds, report
+            for path, label, defect in groups
+        ]
+        claimed: dict[Path, list[_Candidate]] = {}
+        for cand in rows:
+            if cand.mask is not None:
+                claimed.setdefault(cand.mask, []).append(cand)
+        for mask, owners in claimed.items():
+            if len(owners) > 1:
+                report.warn(_rel(mask, root), f"mask matches {len(owners)} images by stem "
+                            f"({', '.join(c.rel for c in owners[:4])}); given to none: put each defect's masks "
+                            f"in {_rel(masks, root)}/<folder>/")
+                for cand in owners:
+                    cand.mask = None
+        if masks is None and any(c.label == 1 for c in rows):
+            report.warn(where, "no masks/ folder: image-level labels only")
+        candidates += rows
+    return _build(candidates, root, report, opts), report
+
+
+def _warn_unused_folders(report: ConversionReport, root: Path, cat_dir: Path, normal: list[Path],
+                         anomalous: list[Path], masks: Path | None) -> None:
+    """Sub-folders with images that the conversion leaves out: say so, with the command that includes them."""
+    used = {p.relative_to(cat_dir).parts[0] for p in [*normal, *anomalous, *([masks] if masks else [])]
+            if p.is_relative_to(cat_dir) and p != cat_dir}
+    unused = [d.name for d in _visible(cat_dir.iterdir()) if d.is_dir() and d.name not in used and _images_below(d)]
+    if unused:
+        flags = _folder_flags([p.name for p in normal], [p.name for p in anomalous] + unused,
+                              [masks.name] if masks else [])
+        report.warn(_rel(cat_dir, root) if cat_dir != root else cat_dir.name,
+                    f"sub-folders {', '.join(u + '/' for u in unused)} are neither normal nor anomalous by name and "
+                    f"were not converted; to include them as defect types pass --layout folder {flags}")
 
 
 _CONVERTERS = {
@@ -710,11 +862,32 @@ def convert(
     layout: str | None = None,
     **kwargs,
 ) -> tuple[Dataset, ConversionReport]:
-    """Convert ``root`` with the converter of ``layout`` (auto-detected when None)."""
-    layout = layout or detect_layout(root)
+    """Convert ``root`` with the converter of ``layout`` (auto-detected when None).
+
+    A ``root`` that does not exist, is a file, or (auto-detected) has no layout known here raises
+    :class:`DatasetError`; the last lists the sub-folders found and the ``vip2clip convert --layout folder``
+    command that would convert them.
+    """
+    path = Path(root).expanduser()
+    if not path.exists():
+        raise DatasetError(f"{root} does not exist; pass the folder that holds the raw benchmark")
+    if not path.is_dir():
+        raise DatasetError(f"{root} is a file, not a folder; pass the folder that holds the raw benchmark")
+    layout = layout or detect_layout(path)
     if layout not in _CONVERTERS:
-        raise ValueError(
-            f"{root}: unrecognised dataset layout (expected meta.json, split_csv/1cls.csv, "
-            "an MVTec-style <category>/{train,test}/<defect>/ tree, or good/ + bad/ folders)"
-        )
-    return _CONVERTERS[layout](root, split=split, categories=categories, **kwargs)
+        raise DatasetError(unrecognised_layout_message(path))
+    return _CONVERTERS[layout](path, split=split, categories=categories, **kwargs)
+
+
+def unrecognised_layout_message(root: str | os.PathLike, out: str = "OUT") -> str:
+    """``<root>: unrecognised dataset layout (found ...); <the fix>``, the fix being the suggested
+    ``vip2clip convert --layout folder`` command when the sub-folders hold images."""
+    command = suggest_folder_command(root, out)
+    guessed_normal = command is not None and "--normal-dir" in command
+    fix = (f"if these are your own normal/anomalous folders, run: {command}" if guessed_normal else
+           f"if these are your own folders, run (with the folders of normal images moved to --normal-dir): "
+           f"{command}" if command else
+           "expected meta.json, split_csv/1cls.csv, an MVTec-style <category>/{train,test}/<defect>/ tree, "
+           "or folders of normal and anomalous images (vip2clip convert --layout folder --normal-dir ... "
+           "--anomalous-dir ...)")
+    return f"{root}: unrecognised dataset layout (found {describe_subfolders(root)}); {fix}"

@@ -1,10 +1,5 @@
-"""Load anomaly benchmarks and turn them into model-ready torch batches.
+"""Turn anomaly datasets into model-ready torch batches (opening them is :mod:`.sources`' job).
 
-* :func:`load_anomaly_dataset` opens, in this order: a folder written by
-  ``Dataset.save_to_disk`` (``load_from_disk``); a raw benchmark folder whose
-  layout is auto-detected (``meta.json`` / ``split_csv/1cls.csv`` / MVTec tree /
-  ``good`` + ``bad`` folders, see :mod:`.converters`); otherwise a Hub dataset
-  id through ``datasets.load_dataset``.
 * :func:`make_transform` builds a function for ``Dataset.with_transform`` that
   decodes images lazily, runs the processor, and *flags* rows whose image or
   mask cannot be decoded or processed instead of raising;
@@ -22,21 +17,17 @@ them, so a corrupt image would raise inside ``datasets``; :func:`without_decodin
 
 from __future__ import annotations
 
-import io
 import logging
-import os
-from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
-from datasets import Dataset, DatasetDict, Image as ImageFeature, load_dataset, load_from_disk
+from datasets import Dataset, Image as ImageFeature
 from PIL import Image
 
-from .converters import ConversionReport, convert, detect_layout
+from .schema import decode_image
+from .sources import is_saved_dataset, load_anomaly_dataset  # noqa: F401 - re-exported (their old home)
 
 __all__ = [
-    "is_saved_dataset",
-    "load_anomaly_dataset",
     "without_decoding",
     "AnomalyBatchTransform",
     "make_transform",
@@ -48,76 +39,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-def is_saved_dataset(path: str | os.PathLike) -> bool:
-    """True when ``path`` is a folder written by ``Dataset``/``DatasetDict.save_to_disk``."""
-    p = Path(path)
-    return (p / "dataset_dict.json").is_file() or (
-        (p / "dataset_info.json").is_file() and (p / "state.json").is_file()
-    )
-
-
-def _filter_column(ds: Dataset, column: str, values: set[str]) -> Dataset:
-    return ds.filter(lambda v: v in values, input_columns=column)
-
-
-def load_anomaly_dataset(
-    id_or_path: str | os.PathLike,
-    split: str | None = None,
-    categories: Sequence[str] | None = None,
-    *,
-    return_report: bool = False,
-    **converter_kwargs: Any,
-) -> Dataset | tuple[Dataset, ConversionReport | None]:
-    """Open an anomaly benchmark as a :class:`datasets.Dataset` in the canonical schema.
-
-    ``split``: ``"test"`` (default for raw folders and Hub ids), ``"train"`` or
-    ``"all"``; for a saved dataset it selects the ``DatasetDict`` split and/or
-    filters the ``split`` column (None keeps everything). ``categories``
-    restricts the categories. ``converter_kwargs`` go to the converter for raw
-    folders (e.g. ``missing_mask="skip"``, ``progress=False``). With
-    ``return_report`` the result is ``(dataset, report)``; the report is None
-    unless a raw folder was converted.
-    """
-    report: ConversionReport | None = None
-    path = Path(id_or_path)
-    if path.is_dir() and is_saved_dataset(path):
-        loaded = load_from_disk(str(path))
-        if isinstance(loaded, DatasetDict):
-            key = split if split in loaded else ("test" if "test" in loaded else None)
-            if key is None and len(loaded) == 1:
-                key = next(iter(loaded))
-            if key is None:
-                raise ValueError(f"{path}: choose split= among {sorted(loaded)}")
-            ds = loaded[key]
-        else:
-            ds = loaded
-            if split not in (None, "all") and "split" in ds.column_names:
-                ds = _filter_column(ds, "split", {split})
-    elif path.is_dir():
-        layout = detect_layout(path)
-        if layout is None:
-            raise ValueError(
-                f"{path}: neither a saved dataset nor a recognised raw layout (meta.json, "
-                "split_csv/1cls.csv, <category>/{train,test}/<defect>/ tree, good/ + bad/ folders)"
-            )
-        ds, report = convert(path, split=split or "test", categories=categories, layout=layout, **converter_kwargs)
-        categories = None  # already applied
-    elif path.exists():
-        raise ValueError(f"{path} is a file; expected a dataset folder or a Hub dataset id")
-    elif str(id_or_path).startswith(("/", "./", "../", "~", "\\")) or path.is_absolute():
-        raise FileNotFoundError(f"dataset folder {path} does not exist")
-    else:
-        ds = load_dataset(str(id_or_path), split=split or "test")
-    if categories is not None:
-        if "category" not in ds.column_names:
-            raise ValueError(f"{id_or_path}: no 'category' column to filter on")
-        wanted = set(categories)
-        missing = wanted - set(ds.unique("category"))
-        if missing:
-            logger.warning("categories not found in %s: %s", id_or_path, sorted(missing))
-        ds = _filter_column(ds, "category", wanted)
-    return (ds, report) if return_report else ds
-
 
 def without_decoding(dataset: Dataset) -> Dataset:
     """Cast the ``image``/``mask`` columns to ``Image(decode=False)`` (metadata-only change)."""
@@ -126,29 +47,6 @@ def without_decoding(dataset: Dataset) -> Dataset:
         if isinstance(feat, ImageFeature) and feat.decode:
             dataset = dataset.cast_column(col, ImageFeature(decode=False))
     return dataset
-
-
-def _decode(value: Any) -> Image.Image | None:
-    if value is None:
-        return None
-    if isinstance(value, Image.Image):
-        value.load()
-        return value
-    if isinstance(value, Mapping):
-        if value.get("bytes") is not None:
-            img = Image.open(io.BytesIO(value["bytes"]))
-        elif value.get("path"):
-            img = Image.open(value["path"])
-        else:
-            raise ValueError("neither bytes nor path")
-    elif isinstance(value, (bytes, bytearray)):
-        img = Image.open(io.BytesIO(value))
-    elif isinstance(value, (str, os.PathLike)):
-        img = Image.open(value)
-    else:
-        raise TypeError(f"unsupported image value {type(value).__name__}")
-    img.load()
-    return img
 
 
 def _where(batch: Mapping[str, list], i: int) -> str:
@@ -198,12 +96,12 @@ class AnomalyBatchTransform:
         masks: list = [None] * n
         for i in range(n):
             try:
-                images[i] = _decode(batch["image"][i])  # mode conversion is the processor's job
+                images[i] = decode_image(batch["image"][i])  # mode conversion is the processor's job
             except Exception as exc:  # noqa: BLE001 - reported, not raised
                 errors[i] = f"image does not decode: {type(exc).__name__}: {exc}"
                 continue
             try:
-                masks[i] = _decode(masks_in[i])
+                masks[i] = decode_image(masks_in[i])
             except Exception as exc:  # noqa: BLE001
                 errors[i] = f"mask does not decode: {type(exc).__name__}: {exc}"
                 continue

@@ -2,8 +2,8 @@
 
 Every converter in :mod:`modeling_vip2clip.data.converters` produces rows with
 exactly these columns, so training and evaluation code never has to know which
-on-disk layout (MVTec AD tree, VisA CSV, the authors' ``meta.json``, plain
-good/bad folders) a dataset came from:
+on-disk layout (MVTec AD tree, VisA CSV, the authors' ``meta.json``, a user's own
+normal/anomalous folders; a Hub dataset in other columns, see :mod:`.sources`) a dataset came from:
 
 ============== ======================= =========================================
 column         feature                 meaning
@@ -24,18 +24,23 @@ image_path     ``Value("string")``     source path relative to the dataset
 from __future__ import annotations
 
 import io
+import os
 from typing import Any, Mapping
 
 import numpy as np
 from datasets import ClassLabel, Features, Image, Value
 
+from ..runtime import UsageError
+
 __all__ = [
+    "DatasetError",
     "LABEL_NAMES",
     "NORMAL_DEFECT",
     "UNKNOWN_DEFECT",
     "COLUMNS",
     "ANOMALY_FEATURES",
     "anomaly_features",
+    "decode_image",
     "validate_sample",
 ]
 
@@ -47,6 +52,13 @@ NORMAL_DEFECT = "good"
 UNKNOWN_DEFECT = "anomaly"
 #: Column order of the canonical schema.
 COLUMNS = ("image", "mask", "label", "category", "defect_type", "split", "image_path")
+
+
+class DatasetError(UsageError, ValueError):
+    """A dataset that cannot be used as given (a folder that does not exist or has no known layout, a named
+    folder or column that is missing). The message reads ``<what is wrong with which value>; <the fix>``; as a
+    :class:`~modeling_vip2clip.runtime.UsageError` every entry point shows it as a one-line user error (exit 2),
+    and as a ``ValueError`` library callers may catch it as before."""
 
 
 def anomaly_features() -> Features:
@@ -68,13 +80,19 @@ def anomaly_features() -> Features:
 ANOMALY_FEATURES = anomaly_features()
 
 
-def _open(value: Any):
-    """Open an ``Image`` column value (PIL image, ``{"bytes","path"}`` dict, path or bytes)."""
+def decode_image(value: Any):
+    """Decode a stored ``Image`` column value: a PIL image, a ``{"bytes", "path"}`` dict (what
+    ``Image(decode=False)`` yields), a path, or raw bytes. Returns a loaded PIL image, or None for None.
+
+    The one decoder for stored images: :func:`validate_sample` and the lazy batch transform of
+    :mod:`.loading` both use it, so a value that validates is a value that trains.
+    """
     from PIL import Image as PILImage
 
     if value is None:
         return None
     if isinstance(value, PILImage.Image):
+        value.load()
         return value
     if isinstance(value, Mapping):
         if value.get("bytes") is not None:
@@ -85,7 +103,7 @@ def _open(value: Any):
             raise ValueError("image value has neither bytes nor path")
     elif isinstance(value, (bytes, bytearray)):
         img = PILImage.open(io.BytesIO(value))
-    elif isinstance(value, str):
+    elif isinstance(value, (str, os.PathLike)):
         img = PILImage.open(value)
     else:
         raise TypeError(f"unsupported image value of type {type(value).__name__}")
@@ -129,12 +147,12 @@ def validate_sample(row: Mapping[str, Any], *, check_images: bool = True) -> lis
         problems.append("image is None")
     else:
         try:
-            _open(row["image"])
+            decode_image(row["image"])
         except Exception as exc:  # noqa: BLE001 - any decode failure is a problem to report
             problems.append(f"image does not decode: {type(exc).__name__}: {exc}")
     if row.get("mask") is not None:
         try:
-            mask = _open(row["mask"])
+            mask = decode_image(row["mask"])
         except Exception as exc:  # noqa: BLE001
             problems.append(f"mask does not decode: {type(exc).__name__}: {exc}")
         else:

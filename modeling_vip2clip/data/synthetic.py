@@ -22,7 +22,8 @@ Layouts (``layout=``):
 * ``"folder"``: ``<root>/<cat>/good/``, ``<root>/<cat>/bad/<defect>_NNN.png``,
   ``<root>/<cat>/masks/<defect>_NNN_mask.png`` (test images only; no split).
 
-CLI: ``python -m modeling_vip2clip.data.synthetic --out DIR --seed 0 [--layout mvtec]``.
+CLI: ``python -m modeling_vip2clip.data.synthetic --out DIR [--tiny] [--layout mvtec] [--seed 0]`` (``--help``
+describes every option; ``--tiny`` writes a 6-image benchmark in about a second, for trying the command line).
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ __all__ = [
     "render_texture",
     "apply_defect",
     "generate_synthetic_benchmark",
+    "DESCRIPTION",
+    "add_arguments",
+    "run",
     "main",
 ]
 
@@ -335,25 +339,75 @@ def _write_visa_csv(root: Path, records: list[dict]) -> None:
             )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point (``python -m modeling_vip2clip.data.synthetic``)."""
-    p = argparse.ArgumentParser(description="Write a synthetic anomaly benchmark (CC0) as PNG files.")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--layout", choices=LAYOUTS, default="mvtec")
-    p.add_argument("--categories", nargs="+", default=list(DEFAULT_CATEGORIES))
-    p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--n-train-good", type=int, default=4)
-    p.add_argument("--n-test-good", type=int, default=4)
-    p.add_argument("--n-test-bad", type=int, default=4)
-    args = p.parse_args(argv)
-    records = generate_synthetic_benchmark(
-        args.out, categories=args.categories, n_train_good=args.n_train_good, n_test_good=args.n_test_good,
-        n_test_bad=args.n_test_bad, image_size=args.image_size, seed=args.seed, layout=args.layout,
-    )
+DESCRIPTION = (
+    "Write a synthetic anomaly benchmark (procedural textures with exact defect masks, CC0) as PNG files, in the "
+    "layout of MVTec AD, VisA, the authors' meta.json or plain folders: data to try every vip2clip command on, "
+    "offline. --tiny writes one small category in about a second."
+)
+_TINY = {"categories": ["fabric"], "image_size": 32, "n_train_good": 2, "n_test_good": 2, "n_test_bad": 2}
+_FULL = {"categories": list(DEFAULT_CATEGORIES), "image_size": 128, "n_train_good": 4, "n_test_good": 4,
+         "n_test_bad": 4}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of ``python -m modeling_vip2clip.data.synthetic``."""
+    from ..runtime import add_debug_argument, non_negative_int, positive_int
+
+    def default(key: str) -> str:
+        full, tiny = _FULL[key], _TINY[key]
+        full, tiny = (" ".join(v) if isinstance(v, list) else v for v in (full, tiny))
+        return f"(default: {full}; {tiny} with --tiny)"
+
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="folder to write the benchmark into (created; files of the same names are replaced).")
+    parser.add_argument("--layout", choices=LAYOUTS, default="mvtec",
+                        help="on-disk layout: mvtec (<cat>/{train,test}/<defect>/ + ground_truth/), meta_json (the "
+                        "same tree + the authors' meta.json), visa (<cat>/Data/... + split_csv/1cls.csv), folder "
+                        "(<cat>/good/, <cat>/bad/, <cat>/masks/; test images only) (default: mvtec).")
+    parser.add_argument("--tiny", action="store_true",
+                        help="a benchmark for trying the command line in seconds: one category (fabric), 32-pixel "
+                        "images, 2 normal training, 2 normal and 2 anomalous test images; the flags below override it.")
+    parser.add_argument("--categories", nargs="+", default=None, metavar="NAME",
+                        help="categories to write; fabric, metal_plate, pill_like and wood_like have their own "
+                        f"texture, other names get one of them {default('categories')}.")
+    parser.add_argument("--image-size", type=positive_int, default=None, metavar="PIXELS",
+                        help=f"side of the square images, at least 16 {default('image_size')}.")
+    parser.add_argument("--n-train-good", type=non_negative_int, default=None, metavar="N",
+                        help=f"normal training images per category (none in the folder layout) {default('n_train_good')}.")
+    parser.add_argument("--n-test-good", type=non_negative_int, default=None, metavar="N",
+                        help=f"normal test images per category {default('n_test_good')}.")
+    parser.add_argument("--n-test-bad", type=non_negative_int, default=None, metavar="N",
+                        help="anomalous test images per category, cycling over the category's two defect kinds "
+                        f"{default('n_test_bad')}.")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="random seed; the same seed and options write the same bytes (default: 0).")
+    add_debug_argument(parser)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Write the benchmark described by ``args``; user errors raise ``runtime.UsageError``."""
+    from ..runtime import UsageError
+
+    preset = _TINY if args.tiny else _FULL
+    options = {key: preset[key] if getattr(args, key) is None else getattr(args, key) for key in preset}
+    if options["image_size"] < 16:
+        raise UsageError(f"--image-size {options['image_size']}: below 16 pixels; pass --image-size 16 or more")
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {args.out} is a file; pass a folder to write the benchmark into")
+    records = generate_synthetic_benchmark(out, seed=args.seed, layout=args.layout, **options)
     n_bad = sum(r["label"] for r in records)
     print(f"wrote {len(records)} images ({n_bad} anomalous) in the {args.layout!r} layout to {args.out}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point (``python -m modeling_vip2clip.data.synthetic``)."""
+    from ..runtime import run_main
+
+    parser = argparse.ArgumentParser(prog="python -m modeling_vip2clip.data.synthetic", description=DESCRIPTION)
+    return run_main(run, add_arguments(parser).parse_args(argv))
 
 
 if __name__ == "__main__":
