@@ -1,14 +1,19 @@
 """ViP²-CLIP zero-shot anomaly detection — Gradio demo (local checkout or Hugging Face Space).
 
-    python demo/app.py [--model vip2clip/vip2clip-vit-l14-336-mvtec | DIR] [--dtype auto|fp32|bf16]
-                       [--host 127.0.0.1] [--port 7860]
+    python demo/app.py                               # the authors' released weights (mvtec), fetched once
+    python demo/app.py --authors visa                # the authors' VisA-trained weights (for MVTec AD images)
+    python demo/app.py --model DIR_OR_HUB_ID         # your own model folder (e.g. from `vip2clip download-authors`)
+                       [--dtype auto|fp32|bf16] [--host 127.0.0.1] [--port 7860]
 
 Upload, paste or pick one image (or a batch): the page shows the anomaly score with a verdict at an adjustable
-threshold, the anomaly map over the image, the binary defect mask and a gallery for batches.
+threshold, the anomaly map over the image with its colour scale, the binary defect mask and a gallery for batches.
 
-If the model cannot be loaded (e.g. offline and not cached), the app says so in the terminal and on the page and
-serves an UNTRAINED model built locally from a small config, whose scores are meaningless, so that the interface
-can still be tried. See demo/README.md.
+Without `--model` the app serves the authors' released ViP²-CLIP weights (GitHub kim0806/ViP2-CLIP, pinned commit,
+verified by git blob id; `modeling_vip2clip.authors_checkpoint`): downloaded and converted on the first start
+(progress in the terminal), cached in $HF_HOME/vip2clip/authors afterwards. Only when that cannot happen (no
+network and nothing cached) does it serve an UNTRAINED model built from a small config — its scores are
+meaningless — and say why, in the terminal and on the page, with the command that fixes it. A `--model` that
+cannot be loaded is an error (exit 2), never a silent fallback. See demo/README.md.
 """
 
 from __future__ import annotations
@@ -32,24 +37,91 @@ ROOT = HERE.parent
 if (ROOT / "modeling_vip2clip" / "__init__.py").is_file() and str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # running from a checkout: use the repository's package
 
+DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"
+AUTHORS_NAMES = ("mvtec", "visa")
+DTYPE_CHOICES = ("auto", "fp32", "bf16")
+
+
+# ---------------------------------------------------------------------------------------------- command line
+# Standard library only: a wrong --model is refused before the import of gradio and torch (10-20 s on a small CPU).
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--model", default=None, metavar="DIR_OR_HUB_ID",
+        help="a ViP²-CLIP model folder or Hub id; it must load, or the app exits (default: the authors' weights)",
+    )
+    parser.add_argument(
+        "--dtype", choices=DTYPE_CHOICES, default=os.environ.get("VIP2CLIP_DTYPE", "auto"),
+        help="precision of the CLIP towers: auto (default) = bf16 on CPUs with native bf16 (about 2x faster, scores "
+             "within ~0.003 of fp32), else fp32, the exact model",
+    )
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also VIP2CLIP_DEBUG=1)")
+    authors = parser.add_argument_group(
+        "the authors' weights (served when --model is not given; environment variables in brackets)")
+    authors.add_argument(
+        "--authors", choices=AUTHORS_NAMES, default=os.environ.get("VIP2CLIP_AUTHORS", "mvtec"),
+        help="mvtec (default): trained on MVTec AD, for anything that is not MVTec AD; visa: trained on VisA, for "
+             "MVTec AD [VIP2CLIP_AUTHORS]",
+    )
+    authors.add_argument("--authors-url", default=os.environ.get("VIP2CLIP_AUTHORS_URL"), metavar="URL",
+                         help="fetch the file from this URL instead of the pinned GitHub one [VIP2CLIP_AUTHORS_URL]")
+    authors.add_argument("--authors-git-blob-sha1", default=os.environ.get("VIP2CLIP_AUTHORS_GIT_BLOB_SHA1"),
+                         metavar="HEX", help="git blob id that file must have [VIP2CLIP_AUTHORS_GIT_BLOB_SHA1]")
+    authors.add_argument("--clip", default=os.environ.get("VIP2CLIP_CLIP", DEFAULT_CLIP), metavar="ID_OR_DIR",
+                         help=f"CLIP to combine them with (default {DEFAULT_CLIP}) [VIP2CLIP_CLIP]")
+    authors.add_argument("--image-size", type=int, default=518, metavar="N", help="input size (default 518)")
+    authors.add_argument("--feature-layers", type=int, nargs="+", default=[6, 12, 18, 24], metavar="L",
+                         help="scored CLIP blocks (default 6 12 18 24)")
+    authors.add_argument("--top-k", type=int, default=50, metavar="K", help="patches per layer (default 50)")
+    return parser
+
+
+def model_argument_problem(model: str) -> str | None:
+    """Why a `--model` naming a local path cannot be loaded (missing, or a folder without config.json), from the
+    package's own check (`runtime.resolve_source`); None for a usable folder or a Hub id (checked when loading),
+    and where the package is absent (a Space with demo/ alone: loading reports it)."""
+    try:
+        from modeling_vip2clip.runtime import UsageError, looks_like_path, resolve_source
+    except ImportError:
+        return None
+    if not (looks_like_path(model) or Path(model).expanduser().exists()):
+        return None
+    try:
+        resolve_source(model, "--model")
+    except UsageError as error:
+        return str(error)
+    return None
+
+
+if __name__ == "__main__":  # refuse a bad --model now, before the slow imports below
+    _model = build_parser().parse_args().model
+    if _model and (_problem := model_argument_problem(_model)):
+        print(f"error: {_problem}", file=sys.stderr)
+        sys.exit(2)
+
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, UnidentifiedImageError  # noqa: E402
 
+try:
+    from modeling_vip2clip.runtime import UsageError
+except ImportError:  # a Space holding demo/ alone: nothing raises it
+
+    class UsageError(Exception):
+        pass
+
+
 LOGGER = logging.getLogger("vip2clip.demo")
 
-DEFAULT_MODEL = "vip2clip/vip2clip-vit-l14-336-mvtec"
 EXAMPLES_DIR = HERE / "examples"
 MAX_PIXELS = 40_000_000  # per image (e.g. 6300 × 6300); PIL refuses to decode more (decompression bombs)
 MAX_FILE_SIZE = "20mb"  # per uploaded file
 MAX_BATCH = 16  # images per run
 DISPLAY_SIDE = 1024  # images larger than this are shown (not scored) downscaled
 STATE_TTL_S = 15 * 60  # a session's last results (kept for re-thresholding) are dropped after this long unused
-CONVERT_COMMAND = (
-    "python hub/convert_official_checkpoint.py --checkpoint mvtec_train_epoch_10.pth "
-    "--clip openai/clip-vit-large-patch14-336 --out vip2clip-mvtec"
-)
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 
@@ -175,60 +247,122 @@ def resolve_dtype(choice: str) -> str:
 class LoadedModel:
     model: Any
     processor: Any
-    source: str
+    source: str  # what was asked for: a folder / Hub id, or the authors' file name
     trained: bool
-    error: str | None = None  # why the requested model is unavailable
-    via: str = ""  # "package" or "remote code"
+    error: str | None = None  # why the trained weights are unavailable (fallback only)
+    via: str = ""  # "package", "remote code" or "untrained fallback"
     dtype: str = "fp32"  # of the CLIP towers; the heads stay fp32
+    authors: Any = None  # the `AuthorsRelease` served, if any
+    authors_from: str = ""  # where its file came from (the pinned URL or --authors-url)
+    authors_blob: str = ""  # the git blob id it was verified against
+    clip: str = ""  # the CLIP the authors' heads were combined with
+    fix: str = ""  # the commands that give real weights (fallback only)
+
+
+class ModelLoadError(Exception):
+    """`--model` cannot be loaded; the message says why and what to pass instead (one line)."""
 
 
 def _load_requested(model_id: str, dtype: str = "fp32"):
-    """The requested checkpoint; with this repository's package when importable (no remote code is executed),
-    else through transformers' remote code (a Space without the package). `dtype` is the standard
-    `from_pretrained(dtype=...)`: bf16 converts the CLIP towers and keeps the heads fp32."""
+    """The requested checkpoint: through the package's one loader (`runtime.load_model_and_processor`: the source
+    checked first, no remote code executed) when the package is importable, else through transformers' remote code
+    (a Space holding demo/ alone). `dtype` is the standard `from_pretrained(dtype=...)`: bf16 converts the CLIP
+    towers and keeps the heads fp32."""
     try:
-        from modeling_vip2clip import ViP2CLIPModel, ViP2CLIPProcessor
+        from modeling_vip2clip.runtime import load_model_and_processor
     except ImportError:
         from transformers import AutoModel, AutoProcessor
 
         model = AutoModel.from_pretrained(model_id, trust_remote_code=True, dtype=DTYPES[dtype])
         processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True)
         return model, processor, "remote code"
-    model = ViP2CLIPModel.from_pretrained(model_id, dtype=DTYPES[dtype])
-    try:
-        processor = ViP2CLIPProcessor.from_pretrained(model_id)
-    except OSError:  # no preprocessor_config.json: the SPEC defaults at the model's size
-        processor = ViP2CLIPProcessor(image_size=model.config.image_size, min_image_size=model.config.patch_size)
+    model, processor = load_model_and_processor(model_id, dtype=DTYPES[dtype])
     return model, processor, "package"
 
 
-def load_model(model_id: str = DEFAULT_MODEL, dtype: str = "fp32") -> LoadedModel:
-    """Load `model_id` (Hub id or folder) in `dtype` ("fp32", "bf16" or "auto", see `resolve_dtype`), or fall
-    back to the untrained model (fp32) with a plain explanation."""
+def _one_line(error: BaseException) -> str:
+    reason = " ".join(f"{type(error).__name__}: {error}".split())
+    return reason.split(". ")[0][:240]  # the first sentence says it
+
+
+def load_model(model_id: str, dtype: str = "fp32") -> LoadedModel:
+    """Load `model_id` (folder or Hub id) in `dtype` ("fp32", "bf16" or "auto", see `resolve_dtype`), or raise
+    `ModelLoadError`: a model the user named is served or refused, never replaced."""
     dtype = resolve_dtype(dtype)
-    print(f"Loading model '{model_id}' (downloaded from the Hub unless it is a folder or cached)...", flush=True)
+    print(f"Loading model '{model_id}'...", flush=True)
     try:
         model, processor, via = _load_requested(model_id, dtype)
-    except Exception as error:  # offline, missing repo, not a ViP²-CLIP folder, ...
-        reason = " ".join(f"{type(error).__name__}: {error}".split())
-        reason = reason.split(". ")[0][:240]  # the first sentence says it
-        print(
-            f"WARNING: the trained weights '{model_id}' are unavailable ({reason}).\n"
-            "WARNING: serving an UNTRAINED model built from a small local config instead: its scores and maps are "
-            "MEANINGLESS. For real results use the published weights or convert the authors' checkpoint:\n"
-            f"    {CONVERT_COMMAND}\n    python demo/app.py --model vip2clip-mvtec",
-            flush=True,
-        )
-        try:
-            model, processor = build_untrained_model()
-        except ImportError:
-            print("ERROR: the fallback needs the vip2clip package (pip install the repository); no model served.", flush=True)
-            return LoadedModel(None, None, model_id, trained=False, error=reason)
-        return LoadedModel(model, processor, model_id, trained=False, error=reason, via="untrained fallback")
+    except UsageError as error:  # the package's loader says what is wrong and how to fix it
+        raise ModelLoadError(str(error)) from error
+    except Exception as error:  # remote code: offline, missing repo, not a ViP²-CLIP folder, ...
+        raise ModelLoadError(
+            f"--model {model_id} cannot be loaded ({_one_line(error)}); pass a ViP²-CLIP model folder or a reachable "
+            "Hub id, or omit --model to serve the authors' weights"
+        ) from error
     model.eval()
     processor.max_image_pixels = MAX_PIXELS
     print(f"Loaded '{model_id}' ({via}, {dtype}): input {model.config.image_size} px.", flush=True)
     return LoadedModel(model, processor, model_id, trained=True, via=via, dtype=dtype)
+
+
+def fix_commands(authors: str = "mvtec") -> str:
+    return (f"vip2clip download-authors {authors} --out vip2clip-{authors}   # where the network is\n"
+            f"python demo/app.py --model vip2clip-{authors}")
+
+
+def untrained_fallback(reason: str, source: str, fix: str) -> LoadedModel:
+    """The labelled untrained model (or none, without the package), after saying why in the terminal."""
+    print(
+        f"WARNING: the trained weights ({source}) are unavailable: {reason}\n"
+        "WARNING: serving an UNTRAINED model built from a small local config instead: its scores and maps are "
+        f"MEANINGLESS. For real results:\n    " + fix.replace("\n", "\n    "),
+        flush=True,
+    )
+    try:
+        model, processor = build_untrained_model()
+    except ImportError:
+        print("ERROR: the fallback needs the vip2clip package as well; no model is served.", flush=True)
+        return LoadedModel(None, None, source, trained=False, error=reason, fix=fix)
+    return LoadedModel(model, processor, source, trained=False, error=reason, via="untrained fallback", fix=fix)
+
+
+def load_authors_weights(
+    name: str = "mvtec",
+    dtype: str = "fp32",
+    clip: str = DEFAULT_CLIP,
+    url: str | None = None,
+    git_blob_sha1: str | None = None,
+    image_size: int = 518,
+    feature_layers: tuple[int, ...] | list[int] = (6, 12, 18, 24),
+    top_k: int = 50,
+) -> LoadedModel:
+    """The default: the authors' released `name` weights, downloaded, verified, converted and cached on the first
+    start (`modeling_vip2clip.authors_checkpoint`), from the cache afterwards; the labelled untrained fallback only
+    when that cannot happen."""
+    source = f"the authors' {name}_train_epoch_10.pth"
+    try:
+        from modeling_vip2clip.authors_checkpoint import AuthorsCheckpointError, download_authors_checkpoint, get_release
+    except ImportError as error:  # a Space holding demo/ alone
+        return untrained_fallback(
+            f"the vip2clip package, which fetches and converts them, is not importable here ({_one_line(error)})",
+            source, "copy modeling_vip2clip/ next to app.py (demo/README.md, 'As a Space'), or pass --model DIR",
+        )
+    release = get_release(name)
+    print(f"No --model given: serving the authors' {release.filename} ({release.summary}).", flush=True)
+    try:
+        model_dir = download_authors_checkpoint(
+            name, clip=clip, image_size=image_size, feature_layers=feature_layers, top_k=top_k, url=url,
+            git_blob_sha1=git_blob_sha1,
+        )
+        loaded = load_model(str(model_dir), dtype)
+    except (AuthorsCheckpointError, ModelLoadError) as error:
+        fix = fix_commands(name)
+        if "HF_HUB_OFFLINE" in str(error):
+            fix = f"unset HF_HUB_OFFLINE and restart: python demo/app.py\n{fix}"
+        return untrained_fallback(str(error), source, fix)
+    loaded.source, loaded.authors, loaded.clip = release.filename, release, str(clip)
+    loaded.authors_from, loaded.authors_blob = url or release.url, (git_blob_sha1 or release.git_blob_sha1).lower()
+    return loaded
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -412,26 +546,49 @@ class AnomalyDemo:
     # -------------------------------------------------------------- page
     def status_markdown(self) -> str:
         loaded = self.loaded
-        if loaded.trained:
+        calibrate = "Scores are relative: calibrate the threshold on a few normal images of your domain."
+        if loaded.trained and loaded.authors is not None:
+            release = loaded.authors
             return (
-                f"Model: {_code(loaded.source)} (loaded via {loaded.via}, {loaded.dtype}). Scores are relative: "
-                "calibrate the threshold on a few normal images of your domain."
+                f"Model: the authors' released ViP²-CLIP weights {_code(release.filename)} — trained on "
+                f"{release.trained_on}, so use it on {_esc(release.use_on)} — downloaded from "
+                f"{_esc(loaded.authors_from)} (verified: git blob {_code(loaded.authors_blob[:12])}), combined with "
+                f"the CLIP {_code(loaded.clip)} ({loaded.via}, {loaded.dtype}). The weights are the authors' "
+                f"(not redistributed by this project); {_esc(release.terms)}. Paper: "
+                "[arXiv 2505.17692](https://arxiv.org/abs/2505.17692). " + calibrate
             )
-        how = (
-            f"**For meaningful results** use the published weights (`--model {DEFAULT_MODEL}` with Hub access), or "
-            f"convert the authors' checkpoint with one command and point the app at it:\n\n"
-            f"```\n{CONVERT_COMMAND}\npython demo/app.py --model vip2clip-mvtec\n```"
-        )
+        if loaded.trained:
+            return f"Model: {_code(loaded.source)} (loaded via {loaded.via}, {loaded.dtype}). " + calibrate
+        how = f"**For meaningful results:**\n\n```\n{loaded.fix}\n```"
         if loaded.model is None:
             return (
-                f"⚠️ **The trained weights {_code(loaded.source)} are unavailable** "
-                f"({_esc(loaded.error or '')}), and no fallback model could be built.\n\n{how}"
+                f"⚠️ **The trained weights ({_esc(loaded.source)}) are unavailable**: {_esc(loaded.error or '')}\n\n"
+                f"No fallback model could be built either (it needs the vip2clip package).\n\n{how}"
             )
         return (
-            f"⚠️ **The trained weights {_code(loaded.source)} are unavailable** "
-            f"({_esc(loaded.error or '')}).\n\n"
+            f"⚠️ **The trained weights ({_esc(loaded.source)}) are unavailable**: {_esc(loaded.error or '')}\n\n"
             "This page runs an **UNTRAINED model built locally from a small config: its scores and maps are "
             "MEANINGLESS.** It is here only so that the interface can be tried.\n\n" + how
+        )
+
+    def colour_scale_html(self) -> str:
+        """The overlay's colour scale, 0 … 1: a gradient sampled from the serving processor's own `overlay`
+        (alpha 1 over black, i.e. its colormap on the fixed [0, 1] range the overlays use)."""
+        if self.loaded.processor is None:
+            return ""
+        side = 101  # ≥ the processor's minimum side; column i holds the value i / 100
+        side = max(side, int(getattr(self.loaded.processor, "min_image_size", 16) or 16))
+        ramp = np.tile(np.linspace(0.0, 1.0, side, dtype=np.float32), (side, 1))  # (side, side)
+        row = np.asarray(self.loaded.processor.overlay(Image.new("RGB", (side, side)), ramp, alpha=1.0))[0]
+        columns = [round(i * (side - 1) / 10) for i in range(11)]  # every 0.1
+        stops = ", ".join(f"rgb({r},{g},{b}) {10 * i}%" for i, (r, g, b) in enumerate(row[columns]))
+        ticks = "".join(f"<span>{value}</span>" for value in ("0", "0.25", "0.5", "0.75", "1"))
+        return (
+            '<div class="colour-scale" title="anomaly map value">'
+            f'<div class="colour-bar" style="background: linear-gradient(to right, {stops});"></div>'
+            f'<div class="colour-ticks">{ticks}</div>'
+            '<div class="colour-caption">anomaly map: 0 = normal … 1 = anomalous (fixed scale for every image)</div>'
+            "</div>"
         )
 
 
@@ -454,6 +611,9 @@ class SafeImage(gr.Image):
 
 CSS = """
 #verdict h3 { margin-top: 0; }
+.colour-bar { height: 12px; border-radius: 3px; }
+.colour-ticks { display: flex; justify-content: space-between; font-size: 0.8em; }
+.colour-caption { font-size: 0.8em; opacity: 0.8; }
 """
 
 
@@ -490,10 +650,12 @@ def build_demo(app: AnomalyDemo) -> gr.Blocks:
             with gr.Column(scale=2):
                 summary = gr.Markdown(elem_id="verdict")
                 with gr.Row():
-                    overlay = gr.Image(
-                        label="Anomaly map over the image", type="pil", format="png", elem_id="overlay",
-                        interactive=False, height=340,
-                    )
+                    with gr.Column():
+                        overlay = gr.Image(
+                            label="Anomaly map over the image", type="pil", format="png", elem_id="overlay",
+                            interactive=False, height=340,
+                        )
+                        gr.HTML(app.colour_scale_html(), elem_id="colour-scale")
                     mask = gr.AnnotatedImage(label="Defect mask", elem_id="mask", format="png", height=340)
                 gallery = gr.Gallery(
                     label="All images (batch)", columns=6, height=260, object_fit="contain", elem_id="gallery",
@@ -514,21 +676,37 @@ def build_demo(app: AnomalyDemo) -> gr.Blocks:
     return demo
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"Hub id or local folder (default {DEFAULT_MODEL})")
-    parser.add_argument(
-        "--dtype", choices=["auto", *DTYPES], default=os.environ.get("VIP2CLIP_DTYPE", "auto"),
-        help="precision of the CLIP towers: auto (default) = bf16 on CPUs with native bf16 (about 2x faster, scores "
-             "within ~0.003 of fp32), else fp32, the exact model",
-    )
-    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+def configure_logging() -> None:
+    """The app's and the package's progress lines ("vip2clip.*") on stderr, once each. The root logger gets no
+    handler: huggingface_hub's logger has its own and also propagates, so a root handler (logging.basicConfig)
+    printed every Hub warning and retry twice."""
+    logger = logging.getLogger("vip2clip")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging()
     enable_memory_release()
-    app = AnomalyDemo(load_model(args.model, args.dtype))
+    if args.model:
+        try:
+            loaded = load_model(args.model, args.dtype)
+        except ModelLoadError as error:
+            if args.debug or os.environ.get("VIP2CLIP_DEBUG", "") not in ("", "0"):
+                traceback.print_exc()
+            print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+            return 2
+    else:
+        loaded = load_authors_weights(
+            args.authors, args.dtype, clip=args.clip, url=args.authors_url, git_blob_sha1=args.authors_git_blob_sha1,
+            image_size=args.image_size, feature_layers=args.feature_layers, top_k=args.top_k,
+        )
+    app = AnomalyDemo(loaded)
     demo = build_demo(app)
     theme = gr.themes.Default(
         primary_hue="orange", font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]

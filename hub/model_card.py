@@ -1,4 +1,5 @@
-"""Model card (README.md with Hub YAML metadata) for a published ViP²-CLIP checkpoint.
+"""Model card (README.md with Hub YAML metadata) for a ViP²-CLIP model a user publishes under their own namespace
+(`hub/publish.py`): weights they trained with this package, or converted from the authors' release.
 
 Built with `huggingface_hub.ModelCard` / `ModelCardData` / `EvalResult`, so the metadata block (including the
 `model-index` generated from an evaluation JSON) is the Hub's own serialisation.
@@ -210,6 +211,32 @@ print(f"anomaly score {{score:.3f}}, defect pixels {{int(mask.sum())}}")
 ```'''
 
 
+def _origin_section(authors_release: str | None, train_dataset: str) -> str:
+    if authors_release is None:
+        return (
+            "Trained by the owner of this repository with the `vip2clip` package (`vip2clip train`); this is not a "
+            "release of the paper's authors. The authors' own weights are not on the Hub: `vip2clip download-authors "
+            "mvtec` (or `visa`) fetches them from their repository."
+        )
+    from modeling_vip2clip.authors_checkpoint import AUTHORS_COMMIT, AUTHORS_REPOSITORY, RELEASES
+
+    if authors_release not in RELEASES:
+        raise ValueError(f"authors_release must be one of {sorted(RELEASES)} or None, got {authors_release!r}.")
+    release = RELEASES[authors_release]
+    expected = "mvtec" if release.trained_on == "MVTec AD" else "visa"
+    if train_dataset != expected:
+        raise ValueError(f"The authors' {release.filename} was trained on {release.trained_on}: pass "
+                         f"train_dataset={expected!r}.")
+    return (
+        f"The authors' released checkpoint `{release.filename}` ({AUTHORS_REPOSITORY}, folder `models/`, commit "
+        f"`{AUTHORS_COMMIT}`, git blob `{release.git_blob_sha1}`), converted to this format with "
+        f"`vip2clip download-authors {release.name}` and combined with the frozen `{BASE_MODEL}`. It was trained "
+        f"on {release.trained_on}: use it on {release.use_on}. At that commit the authors' repository has no licence "
+        "file, so it grants no explicit right to redistribute these weights; the vip2clip project does not "
+        "redistribute them (each user downloads them from the authors). Ask the authors before making a copy public."
+    )
+
+
 def build_model_card(
     config: Any,
     repo_id: str = DEFAULT_REPO_ID,
@@ -218,6 +245,7 @@ def build_model_card(
     eval_results: dict[str, Any] | str | PathLike | None = None,
     base_model: str = BASE_MODEL,
     has_pipeline: bool = False,
+    authors_release: str | None = None,
 ) -> ModelCard:
     """Build the model card of a ViP²-CLIP checkpoint.
 
@@ -228,6 +256,9 @@ def build_model_card(
         license: Hub licence id; by default the training set's (`cc-by-nc-sa-4.0` for MVTec AD, `cc-by-4.0` for VisA).
         eval_results: an evaluation JSON (path or dict, see the module docstring) → model-index and a results table.
         has_pipeline: the folder ships the custom "anomaly-detection" pipeline.
+        authors_release: "mvtec" / "visa" when the weights are the authors' released checkpoint converted with
+            `vip2clip download-authors` (the card then says so, with its source and terms); None for weights the
+            publisher trained.
     """
     if train_dataset not in TRAIN_DATASETS:
         raise ValueError(f"train_dataset must be one of {sorted(TRAIN_DATASETS)}, got {train_dataset!r}.")
@@ -240,6 +271,7 @@ def build_model_card(
         )
     results = load_eval_results(eval_results) if eval_results is not None else None
     model_name = repo_id.split("/")[-1]
+    origin = _origin_section(authors_release, train_dataset)
 
     data = ModelCardData(
         language=None,
@@ -306,6 +338,10 @@ Inputs of any size and mode are accepted (16-bit and grayscale are converted, EX
 
 Outputs: `anomaly_score` `(B,)`, `anomaly_map` `(B, {size}, {size})` in [0, 1]; `post_process_anomaly_maps` resizes
 the maps to each image's size. There is no universal threshold: calibrate it on a few normal images of your domain.
+
+## Where these weights come from
+
+{origin}
 
 ## Training protocol
 

@@ -9,7 +9,14 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-__all__ = ["ViP2CLIPConfig", "ViP2CLIPModel", "ViP2CLIPOutput", "ViP2CLIPProcessor"]
+__all__ = [
+    "ViP2CLIPConfig",
+    "ViP2CLIPModel",
+    "ViP2CLIPOutput",
+    "ViP2CLIPProcessor",
+    "download_authors_checkpoint",
+    "load_authors_model",
+]
 __version__ = "0.1.0"
 
 _LAZY = {
@@ -17,17 +24,32 @@ _LAZY = {
     "ViP2CLIPModel": ".modeling_vip2clip",
     "ViP2CLIPOutput": ".modeling_vip2clip",
     "ViP2CLIPProcessor": ".processing_vip2clip",
+    "download_authors_checkpoint": ".authors_checkpoint",
+    "load_authors_model": ".authors_checkpoint",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from .configuration_vip2clip import ViP2CLIPConfig
     from .modeling_vip2clip import ViP2CLIPModel, ViP2CLIPOutput
     from .processing_vip2clip import ViP2CLIPProcessor
+    from .authors_checkpoint import download_authors_checkpoint, load_authors_model
+
+
+def _attach_authors_loader(model_class) -> None:
+    """`ViP2CLIPModel.from_authors_checkpoint("mvtec")` downloads, so it cannot live in modeling_vip2clip.py: that
+    file travels to the Hub and runs under trust_remote_code, where it must stay free of network code
+    (tests/test_security.py scans it). The package attaches it when it hands out the class; a model loaded as
+    remote code has no such method (use `modeling_vip2clip.load_authors_model` there)."""
+    from .authors_checkpoint import from_authors_checkpoint
+
+    model_class.from_authors_checkpoint = classmethod(from_authors_checkpoint)
 
 
 def __getattr__(name: str):
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        if name == "ViP2CLIPModel":
+            _attach_authors_loader(value)
         globals()[name] = value  # later look-ups skip this function
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

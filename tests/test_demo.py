@@ -1,5 +1,6 @@
-"""demo/app.py: the handlers on real images and bad inputs, the real server queried with gradio_client, the offline
-fallback, the Space metadata, and a headless Chromium session (screenshot in artifacts/demo_screenshot.png)."""
+"""demo/app.py: the handlers on real images and bad inputs, the authors' weights as the default (served from a
+loopback HTTP server), the labelled offline fallback, a `--model` that cannot load, the real server queried with
+gradio_client, the Space metadata, and a headless Chromium session (screenshot in artifacts/demo_screenshot.png)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 from PIL import Image
 
 from launch import free_port
+from loopback_server import FILE_PATH, FileServer, blob_id, write_authors_checkpoint
 from tiny_clip import save_tiny_vip2clip
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +46,28 @@ def app_module():
 def model_dir(tmp_path_factory):
     """A tiny random model folder with non-degenerate heads (what `--model DIR` gets in these tests)."""
     return save_tiny_vip2clip(tmp_path_factory.mktemp("demo_model") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def authors_pth(tiny_clip_dir, tmp_path_factory):
+    """A checkpoint in the authors' layout for the tiny CLIP (what the loopback server serves)."""
+    return write_authors_checkpoint(tiny_clip_dir, tmp_path_factory.mktemp("authors") / "mvtec_train_epoch_10.pth")
+
+
+# the conversion options that fit the tiny CLIP (tests/tiny_clip.py)
+TINY_OPTIONS = dict(image_size=32, feature_layers=[1, 2], top_k=5)
+TINY_ARGS = ["--image-size", "32", "--feature-layers", "1", "2", "--top-k", "5"]
+
+
+@pytest.fixture
+def hf_home(tmp_path, monkeypatch):
+    """An empty HF home for this test (huggingface_hub read HF_HOME at import: patch its constant too)."""
+    import huggingface_hub.constants
+
+    home = tmp_path / "hf_home"
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HOME", str(home))
+    return home
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +196,8 @@ def test_no_input_and_other_failures_do_not_raise(demo, app_module, tmp_path):
         app_module.open_image(tmp_path / "nope.png")
 
 
-def test_untrained_fallback_model(app_module, capsys, monkeypatch):
+def test_untrained_fallback_model(app_module, capsys, monkeypatch, hf_home):
+    """No --model, no network and nothing cached: the labelled untrained model, with the reason and the fix."""
     import huggingface_hub.constants
 
     # conftest sets HF_HUB_OFFLINE after huggingface_hub has read it; make this process really offline
@@ -184,14 +209,84 @@ def test_untrained_fallback_model(app_module, capsys, monkeypatch):
     with torch.inference_mode():
         out = model_a(pixel_values=processor(images=[Image.open(EXAMPLE)])["pixel_values"])
     assert out.anomaly_map.shape == (1, 224, 224) and 0 <= float(out.anomaly_score[0]) <= 1
-    loaded = app_module.load_model("some/nonexistent-id")  # HF_HUB_OFFLINE=1 (conftest)
-    assert not loaded.trained and loaded.model is not None and loaded.error
+    loaded = app_module.load_authors_weights("mvtec")
+    assert not loaded.trained and loaded.model is not None and "HF_HUB_OFFLINE=1 is set" in loaded.error
     printed = capsys.readouterr().out
-    assert "'some/nonexistent-id' are unavailable" in printed and "MEANINGLESS" in printed
+    assert "the authors' mvtec_train_epoch_10.pth) are unavailable" in printed and "MEANINGLESS" in printed
     page = app_module.AnomalyDemo(loaded).status_markdown()
-    assert "unavailable" in page and "MEANINGLESS" in page
-    assert "python hub/convert_official_checkpoint.py --checkpoint mvtec_train_epoch_10.pth" in page
+    assert "unavailable" in page and "MEANINGLESS" in page and "HF_HUB_OFFLINE" in page
+    assert "vip2clip download-authors mvtec --out vip2clip-mvtec" in page  # the command that fixes it
     assert "python demo/app.py --model vip2clip-mvtec" in page
+    assert "published" not in page
+    # an explicit model is never replaced by the fallback
+    with pytest.raises(app_module.ModelLoadError, match="--model some/nonexistent-id: HF_HUB_OFFLINE=1"):
+        app_module.load_model("some/nonexistent-id")
+
+
+def test_default_serves_the_authors_weights(app_module, authors_pth, tiny_clip_dir, hf_home, monkeypatch, capsys):
+    """No --model and a reachable source: the authors' file is fetched, verified and converted, the page says
+    which weights these are, and they are exactly the plain converter's."""
+    import huggingface_hub.constants
+
+    from modeling_vip2clip.official_checkpoint import convert_official_checkpoint
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    server = FileServer({FILE_PATH: authors_pth.read_bytes()})
+    try:
+        blob = blob_id(authors_pth.read_bytes())
+        loaded = app_module.load_authors_weights(
+            "mvtec", "fp32", clip=str(tiny_clip_dir), url=server.url(), git_blob_sha1=blob, **TINY_OPTIONS)
+    finally:
+        server.stop()
+    assert loaded.trained and loaded.authors.name == "mvtec" and loaded.source == "mvtec_train_epoch_10.pth"
+    assert "No --model given: serving the authors' mvtec_train_epoch_10.pth" in capsys.readouterr().out
+    app = app_module.AnomalyDemo(loaded)
+    page = app.status_markdown()
+    assert "the authors' released ViP²-CLIP weights" in page and "trained on MVTec AD" in page
+    assert server.url() in page and blob[:12] in page and "non-commercial" in page and "2505.17692" in page
+    assert "UNTRAINED" not in page and "MEANINGLESS" not in app.analyze(str(EXAMPLE), None, 0.5, 0.5)[0]
+    reference = convert_official_checkpoint(authors_pth, tiny_clip_dir, **TINY_OPTIONS)
+    pixel_values = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded.model(pixel_values=pixel_values).anomaly_score,
+                                   reference(pixel_values=pixel_values).anomaly_score, atol=0, rtol=0)
+
+
+def test_overlay_has_a_colour_scale(demo):
+    """The legend is the serving processor's own colormap on the fixed 0 … 1 scale of the overlays (jet)."""
+    from modeling_vip2clip.processing_vip2clip import jet_colormap
+
+    legend = demo.colour_scale_html()
+    for value in (0.0, 0.5, 1.0):
+        r, g, b = jet_colormap(np.array([[value]]))[0, 0]
+        assert f"rgb({r},{g},{b}) {round(100 * value)}%" in legend
+    assert "<span>0</span>" in legend and "<span>1</span>" in legend and "0 = normal" in legend
+
+
+def test_bad_model_argument_exits_fast(tmp_path):
+    """`--model` naming an empty folder or a missing path: exit 2 with one line, before gradio and torch load."""
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    for model, message in ((str(empty), "not a model folder (no config.json in it)"),
+                           ("./no-such-model", "no such file or folder")):
+        start = time.perf_counter()
+        run = subprocess.run([sys.executable, str(APP), "--model", model, "--port", str(free_port())],
+                             capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        elapsed = time.perf_counter() - start
+        assert run.returncode == 2, run.stderr
+        assert run.stderr.startswith(f"error: --model {model}: {message}; ") and run.stderr.count("\n") == 1
+        assert run.stdout == ""  # nothing was loaded, nothing served
+        assert elapsed < 5, f"took {elapsed:.1f} s"  # the issue's bound: refused within seconds
+
+
+@pytest.mark.slow
+def test_unloadable_hub_model_exits_with_the_reason(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
+    run = subprocess.run([sys.executable, str(APP), "--model", "some/nonexistent-id", "--port", str(free_port())],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith("error: --model some/nonexistent-id: HF_HUB_OFFLINE=1")
+    assert "UNTRAINED" not in run.stdout  # no silent fallback
 
 
 # ---------------------------------------------------------------------------------------------- packaging
@@ -203,7 +298,7 @@ def test_space_metadata_requirements_and_examples(app_module, tmp_path, monkeypa
     assert card.data.sdk == "gradio" and card.data.sdk_version == gradio.__version__ == "6.31.0"
     assert card.data.app_file == "app.py" and (DEMO / card.data.app_file).is_file()
     assert card.data.python_version == "3.11" and card.data.license
-    assert card.data.models == [app_module.DEFAULT_MODEL] == ["vip2clip/vip2clip-vit-l14-336-mvtec"]
+    assert card.data.models == [app_module.DEFAULT_CLIP] == ["openai/clip-vit-large-patch14-336"]  # what it downloads
     requirements = (DEMO / "requirements.txt").read_text()
     for package in ("torch", "transformers", "gradio==6.31.0", "pillow", "safetensors"):
         assert package in requirements
@@ -237,16 +332,17 @@ assert loaded.trained and loaded.via == "remote code", loaded
 assert type(loaded.model).__module__.startswith("transformers_modules.")
 summary = app.AnomalyDemo(loaded).analyze(sys.argv[3], None, 0.5, 0.5)[0]
 print("SCORED", summary.splitlines()[0])
-missing = app.load_model("some/nonexistent-id")
-assert missing.model is None and "no fallback" in app.AnomalyDemo(missing).status_markdown()
+missing = app.load_authors_weights()  # the default needs the package to fetch and convert: it says so
+assert missing.model is None and "No fallback model could be built" in app.AnomalyDemo(missing).status_markdown()
+assert "copy modeling_vip2clip/ next to app.py" in missing.fix
 print("NO-FALLBACK-OK")
 """
 
 
 @pytest.mark.slow
 def test_runs_as_a_space_without_the_package(model_dir, tmp_path):
-    """demo/ alone (as uploaded to a Space): the model comes through its remote code; without weights and without
-    the package the page says so instead of crashing."""
+    """demo/ alone (as uploaded to a Space): a model folder comes through its remote code; the default (the
+    authors' weights) needs the package, and without it the page says so instead of crashing."""
     space = tmp_path / "space"
     shutil.copytree(DEMO, space, ignore=shutil.ignore_patterns("__pycache__"))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -262,17 +358,20 @@ def test_runs_as_a_space_without_the_package(model_dir, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- the server
 class Server:
-    def __init__(self, model: str, tmp: Path):
+    """`python demo/app.py ARGS` in its own process and HF home (offline unless `env` says otherwise)."""
+
+    def __init__(self, args: list[str], tmp: Path, **env: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.log = tmp / f"server_{self.port}.log"
-        env = dict(os.environ, GRADIO_TEMP_DIR=str(tmp / "gradio"), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+        env = {**os.environ, "GRADIO_TEMP_DIR": str(tmp / "gradio"), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+               "HF_HOME": str(tmp / f"hf_home_{self.port}"), **env}
         self.process = subprocess.Popen(
-            [sys.executable, str(APP), "--model", model, "--host", "127.0.0.1", "--port", str(self.port)],
+            [sys.executable, str(APP), *args, "--host", "127.0.0.1", "--port", str(self.port)],
             stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=tmp,
         )
 
-    def wait(self, timeout: float = 90) -> "Server":
+    def wait(self, timeout: float = 180) -> "Server":
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -305,15 +404,36 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def servers(model_dir, tmp_path_factory):
-    """The app on the tiny model and the app offline on a missing Hub id, started together (they boot in parallel)."""
+def authors_server(authors_pth):
+    """The authors' file on loopback; the first GET is cut half-way (the demo's download resumes it)."""
+    served = FileServer({FILE_PATH: authors_pth.read_bytes()})
+    served.state.drop_after = len(authors_pth.read_bytes()) // 2
+    yield served
+    served.stop()
+
+
+@pytest.fixture(scope="module")
+def servers(model_dir, authors_server, authors_pth, tiny_clip_dir, tmp_path_factory):
+    """Started together (they boot in parallel): the app on the tiny model folder; the default (no --model) offline
+    with nothing cached; the default with the authors' file on loopback."""
     tmp = tmp_path_factory.mktemp("servers")
-    started = [Server(str(model_dir), tmp), Server("some/nonexistent-id", tmp)]
+    started = []
     try:
+        started.append(Server(["--model", str(model_dir)], tmp))
+        started.append(Server([], tmp))
+        started.append(Server(
+            ["--clip", str(tiny_clip_dir), *TINY_ARGS], tmp, HF_HUB_OFFLINE="0", VIP2CLIP_AUTHORS_URL=authors_server.url(),
+            VIP2CLIP_AUTHORS_GIT_BLOB_SHA1=blob_id(authors_pth.read_bytes()),
+        ))
         yield [server.wait() for server in started]
     finally:
         for server in started:
             server.stop()
+
+
+def _repeated_lines(output: str) -> list[str]:
+    lines = [line for line in output.splitlines() if line.strip() and not line.startswith(("Loading weights", "Writing"))]
+    return sorted({line for line in lines if lines.count(line) > 1})
 
 
 @pytest.mark.slow
@@ -351,12 +471,42 @@ def test_offline_fallback_server(servers):
 
     server = servers[1]
     output = server.output()
-    assert "'some/nonexistent-id' are unavailable" in output and "UNTRAINED" in output
+    assert "the authors' mvtec_train_epoch_10.pth) are unavailable" in output and "UNTRAINED" in output
+    assert "HF_HUB_OFFLINE=1 is set" in output and "vip2clip download-authors mvtec --out vip2clip-mvtec" in output
+    assert _repeated_lines(output) == []
     with urllib.request.urlopen(server.url + "config", timeout=5) as response:
         page_config = response.read().decode()
-    assert "are unavailable" in page_config and "MEANINGLESS" in page_config
+    assert "are unavailable" in page_config and "MEANINGLESS" in page_config and "download-authors" in page_config
     summary = Client(server.url, verbose=False).predict(handle_file(str(EXAMPLE)), None, 0.5, 0.5, api_name="/detect")[0]
     assert "MEANINGLESS" in summary and 0.0 <= _first_score(summary) <= 1.0
+
+
+@pytest.mark.slow
+def test_default_server_serves_the_authors_weights(servers, authors_server, authors_pth, tiny_clip_dir, app_module,
+                                                   tmp_path):
+    """No --model, the source on loopback: downloaded (the cut resumed), verified, converted and served; the page
+    names the weights; start-up output has no duplicated line (huggingface_hub's retry warning is printed once)."""
+    from gradio_client import Client, handle_file
+
+    from modeling_vip2clip.official_checkpoint import convert_official_checkpoint
+
+    server = servers[2]
+    output = server.output()
+    assert "No --model given: serving the authors' mvtec_train_epoch_10.pth" in output
+    assert "Downloading the authors' mvtec_train_epoch_10.pth" in output and "Verified" in output
+    assert output.count("Trying to resume download") == 1 and _repeated_lines(output) == []
+    assert "UNTRAINED" not in output and "Traceback" not in output
+    assert authors_server.state.gets() == [None, None]  # cut, then fetched again
+    with urllib.request.urlopen(server.url + "config", timeout=5) as response:
+        page_config = response.read().decode()
+    assert "the authors' released ViP²-CLIP weights" in page_config and "colour-scale" in page_config
+    summary = Client(server.url, verbose=False).predict(handle_file(str(EXAMPLE)), None, 0.5, 0.5, api_name="/detect")[0]
+    assert "MEANINGLESS" not in summary
+    # the plain converter's model gives the same score on the same image
+    plain = tmp_path / "plain"
+    convert_official_checkpoint(authors_pth, tiny_clip_dir, plain, **TINY_OPTIONS)
+    expected = app_module.AnomalyDemo(app_module.load_model(str(plain))).analyze(str(EXAMPLE), None, 0.5, 0.5)[4][0][0]
+    assert _first_score(summary) == pytest.approx(expected.score, abs=1e-3)
 
 
 @pytest.mark.slow

@@ -249,6 +249,22 @@ def test_card_license_follows_training_set(tiny_config):
     assert "Not zero-shot" in same.text
 
 
+def test_card_says_where_the_weights_come_from(tiny_config):
+    """Own weights are not passed off as the authors'; the authors' converted release is named with its source and
+    terms (no licence file at the pinned commit, not redistributed by this project)."""
+    sys.path.insert(0, str(ROOT / "hub"))
+    from model_card import build_model_card
+
+    own = build_model_card(tiny_config, train_dataset="mvtec").text
+    assert "Trained by the owner of this repository" in own and "not a release of the paper's authors" in own
+    authors = build_model_card(tiny_config, train_dataset="mvtec", authors_release="mvtec").text
+    assert "`mvtec_train_epoch_10.pth`" in authors and "4b5884f6c6bd42001fe47ccaeef32e4f1a8f5a93" in authors
+    assert "2988d3d425552fde7ed8c33433dea402c43103c5" in authors and "no licence file" in authors
+    assert "use it on anything that is not MVTec AD" in authors and "non-commercial" in authors
+    with pytest.raises(ValueError, match="trained on VisA: pass train_dataset='visa'"):
+        build_model_card(tiny_config, train_dataset="mvtec", authors_release="visa")
+
+
 @pytest.mark.parametrize(
     "bad, message",
     [
