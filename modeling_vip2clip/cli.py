@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("modeling_vip2clip.evaluate", "per-category image/pixel metrics on a benchmark (table + JSON)"),
     "predict": ("modeling_vip2clip.predict", "score image files/folders/globs: CSV + overlay PNGs"),
     "convert": ("modeling_vip2clip.convert_dataset", "convert a raw benchmark folder to a saved datasets folder"),
+    "download-authors": ("modeling_vip2clip.download_authors",
+                         "download the authors' released weights (mvtec or visa), verify them, save a model folder"),
 }
 
 

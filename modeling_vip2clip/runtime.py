@@ -108,6 +108,8 @@ def setup_logging() -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     for name in ("accelerate", "datasets", "httpx", "httpx2", "urllib3", "huggingface_hub", "filelock"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # huggingface_hub logs through its own handler *and* propagates: once is enough.
+    logging.getLogger("huggingface_hub").propagate = False
 
 
 # ---------------------------------------------------------------------------------------------------- distributed

@@ -150,3 +150,19 @@ def authors_loop_aupro(masks, maps, max_step: int = 200, expect_fpr: float = 0.3
     kept = fprs[keep]
     kept = (kept - kept.min()) / (kept.max() - kept.min())
     return float(auc(kept, pros[keep]))
+
+
+def main(argv=None) -> int:
+    """`python -m modeling_vip2clip.testing_utils DIR`: write a tiny random ViP²-CLIP model folder (32 px; its
+    scores are meaningless) to try every command offline in seconds (README: "Try the whole CLI offline")."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m modeling_vip2clip.testing_utils", description=main.__doc__)
+    parser.add_argument("out", metavar="DIR", help="folder to write the tiny model to (created).")
+    args = parser.parse_args(argv)
+    print(f"wrote a tiny random ViP2-CLIP model (meaningless scores) to {save_tiny_vip2clip(args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
