@@ -252,7 +252,7 @@ def build_model_card(
     Args:
         config: the model's `ViP2CLIPConfig` (geometry and prompt settings are written into the card).
         repo_id: the Hub id the card is for (used in the usage snippet).
-        train_dataset: "mvtec" or "visa", the auxiliary training set (SPEC §1).
+        train_dataset: "mvtec" or "visa", the auxiliary training set (docs/method.md §1).
         license: Hub licence id; by default the training set's (`cc-by-nc-sa-4.0` for MVTec AD, `cc-by-4.0` for VisA).
         eval_results: an evaluation JSON (path or dict, see the module docstring) → model-index and a results table.
         has_pipeline: the folder ships the custom "anomaly-detection" pipeline.
@@ -297,7 +297,7 @@ def build_model_card(
             )
         results_section = (
             f"Evaluated on **{evaluated}** (test split), trained on {train['name']} — percent, per category and the "
-            f"mean over categories (SPEC §7; AUPRO integrated up to FPR 0.3):\n\n{_results_table(results)}"
+            f"mean over categories (docs/method.md §7; AUPRO integrated up to FPR 0.3):\n\n{_results_table(results)}"
             f"{zero_shot_note}"
         )
 

@@ -1,4 +1,4 @@
-"""Pre- and post-processing for ViP²-CLIP (SPEC §7).
+"""Pre- and post-processing for ViP²-CLIP (docs/method.md §7).
 
 One class, `ViP2CLIPProcessor`, saved as `preprocessor_config.json` and loadable with
 `AutoProcessor.from_pretrained(..., trust_remote_code=True)`:
@@ -208,7 +208,7 @@ class ViP2CLIPProcessor(ImageProcessingMixin):
             )
         return (values > 0).astype(np.uint8) * 255
 
-    # ------------------------------------------------------------------ SPEC §7 transforms
+    # ------------------------------------------------------------------ docs/method.md §7 transforms
     def _image_to_tensor(self, image: Image.Image) -> torch.Tensor:
         resized = image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
         pixels = torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, S, S)
@@ -218,7 +218,7 @@ class ViP2CLIPProcessor(ImageProcessingMixin):
         return pixels.sub(mean).div(std)
 
     def _mask_to_tensor(self, mask_array: np.ndarray) -> torch.Tensor:
-        # Reference target transform: bilinear PIL resize of the 0/255 mask, /255, binarise (SPEC §7).
+        # Reference target transform: bilinear PIL resize of the 0/255 mask, /255, binarise (docs/method.md §7).
         resized = Image.fromarray(mask_array, mode="L").resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
         values = torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).float().div(255)
         return (values > self.mask_threshold).float()

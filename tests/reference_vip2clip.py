@@ -1,6 +1,6 @@
 """An independent, straightforward re-implementation of the authors' ViP²-CLIP inference and loss, for the tests.
 
-Written from SPEC.md and the structure of the authors' code (OpenAI-CLIP blocks with `nn.MultiheadAttention`, the
+Written from the method (docs/method.md) and the structure of the authors' code (OpenAI-CLIP blocks with `nn.MultiheadAttention`, the
 position table resized inside the forward, prompts tokenised to the full context length and pooled at the
 argmax token, FGP as kernel-1 `Conv1d`s with `einsum`, a Python loop over layers, scipy's `gaussian_filter`
 per image, the reference focal / dice losses). It shares no code with the package: the package must agree with

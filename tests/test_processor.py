@@ -1,4 +1,4 @@
-"""ViP2CLIPProcessor: SPEC §7 preprocessing against an independent computation, input modes, masks, post-processing."""
+"""ViP2CLIPProcessor: docs/method.md §7 preprocessing against an independent computation, input modes, masks, post-processing."""
 
 from __future__ import annotations
 

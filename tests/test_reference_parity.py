@@ -1,5 +1,5 @@
 """The package against an independent re-implementation of the authors' code (tests/reference_vip2clip.py),
-fed the same weights through the official-checkpoint converter: scores, maps and losses to 1e-5 (SPEC §2–§6).
+fed the same weights through the official-checkpoint converter: scores, maps and losses to 1e-5 (docs/method.md §2–§6).
 """
 
 from __future__ import annotations
