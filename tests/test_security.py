@@ -17,7 +17,7 @@ from modeling_vip2clip import ViP2CLIPProcessor
 from modeling_vip2clip.convert import convert_official_checkpoint, load_official_checkpoint
 
 PACKAGE = Path(__file__).resolve().parents[1] / "modeling_vip2clip"
-HUB_FILES = ["configuration_vip2clip.py", "modeling_vip2clip.py", "processing_vip2clip.py"]
+HUB_FILES = ["configuration_vip2clip.py", "modeling_vip2clip.py", "processing_vip2clip.py", "cpu_fast_path_vip2clip.py"]
 
 
 class _Payload:
@@ -65,14 +65,14 @@ _FORBIDDEN_METHODS = {"system", "popen", "spawnv", "execv", "load", "loads", "hf
 
 @pytest.mark.parametrize("name", HUB_FILES)
 def test_hub_files_make_no_network_call_spawn_nothing_and_read_no_file(name):
-    """The three files run under trust_remote_code on users' machines. Static scan: imports are limited to
+    """The Hub files run under trust_remote_code on users' machines. Static scan: imports are limited to
     torch / transformers / numpy / PIL / huggingface_hub.dataclasses / stdlib typing helpers and single-dot
     siblings; no call can open a file, a socket or a process. (`ViP2CLIPModel.from_clip` calls
     `CLIPModel.from_pretrained` on the id the *user* passes — never during loading — and is the only
     `from_pretrained` in these files.)"""
     tree = ast.parse((PACKAGE / name).read_text())
     allowed_roots = {"torch", "transformers", "numpy", "PIL", "huggingface_hub", "__future__", "dataclasses",
-                     "typing", "math", "os", "warnings"}
+                     "typing", "math", "os", "warnings", "functools"}  # functools: partial, for the fast-path dispatch
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
