@@ -40,7 +40,8 @@ from model_card import DEFAULT_REPO_ID, TRAIN_DATASETS, build_model_card, load_e
 __all__ = ["ParityError", "PARITY_ATOL", "build_hub_folder", "check_parity", "parity_inputs", "upload", "main"]
 
 PARITY_ATOL = 1e-6
-_CODE_FILES = ("configuration_vip2clip.py", "modeling_vip2clip.py", "processing_vip2clip.py", "cpu_fast_path_vip2clip.py")
+_CODE_FILES = ("configuration_vip2clip.py", "modeling_vip2clip.py", "processing_vip2clip.py", "cpu_fast_path_vip2clip.py",
+               "reference_bank_vip2clip.py")
 _PIPELINE_FILE = "pipeline_vip2clip.py"
 
 

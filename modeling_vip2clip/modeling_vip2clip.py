@@ -34,6 +34,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_vip2clip import ViP2CLIPConfig
 from .cpu_fast_path_vip2clip import clip_layer_onednn, cpu_fast_path_available, onednn_linear, prepacked_weights_wanted
+from .reference_bank_vip2clip import ViP2CLIPReferenceBank
 
 __all__ = [
     "ViP2CLIPOutput",
@@ -45,6 +46,7 @@ __all__ = [
     "ViP2CLIPDiceLoss",
     "ViP2CLIPPreTrainedModel",
     "ViP2CLIPModel",
+    "ViP2CLIPReferenceBank",
     "resize_position_embeddings",
 ]
 
@@ -58,9 +60,12 @@ class ViP2CLIPOutput(ModelOutput):
             `labels` and/or `masks` are given: Σ_layers (focal + 2 dice) + image cross-entropy.
         pixel_loss (`torch.FloatTensor` of shape `()`, *optional*): the pixel part of `loss` (needs `masks`).
         image_loss (`torch.FloatTensor` of shape `()`, *optional*): the image part of `loss` (needs `labels`).
-        anomaly_score (`torch.FloatTensor` of shape `(B,)`): image anomaly score in [0, 1].
-        anomaly_map (`torch.FloatTensor` of shape `(B, S, S)`): pixel anomaly map in [0, 1], mean of the layer maps
-            then Gaussian-blurred (σ = `config.blur_sigma`).
+        anomaly_score (`torch.FloatTensor` of shape `(B,)`): image anomaly score in [0, 1]. Zero-shot: the
+            abnormal softmax entry of `image_logits`. With a `reference_bank` (few-shot, WinCLIP+'s fusion,
+            docs/few_shot.md): ½·(zero-shot score + `few_shot_score`).
+        anomaly_map (`torch.FloatTensor` of shape `(B, S, S)`): pixel anomaly map in [0, 1]. Zero-shot: the mean of
+            the layer maps, Gaussian-blurred (σ = `config.blur_sigma`). With a `reference_bank`: ½·(zero-shot map +
+            `few_shot_map`).
         layer_anomaly_maps (`torch.FloatTensor` of shape `(B, n, S, S)`): per-layer maps M_l before the blur.
         layer_probabilities (`torch.FloatTensor` of shape `(B, n, 2, S, S)`): per-layer upsampled state
             probabilities (normal, abnormal), what the pixel losses are computed on.
@@ -69,6 +74,13 @@ class ViP2CLIPOutput(ModelOutput):
         image_embeds (`torch.FloatTensor` of shape `(B, D)`): L2-normalised global image feature v.
         text_embeds (`torch.FloatTensor` of shape `(B, 2, D)`): L2-normalised state embeddings T (normal, abnormal).
         layer_text_embeds (`torch.FloatTensor` of shape `(B, n, 2, D)`): FGP-refined state embeddings T'_l.
+        few_shot_map (`torch.FloatTensor` of shape `(B, S, S)`, *optional*, only with a `reference_bank`): each
+            patch's ½·(1 − max cos) to the bank's patches of the same layer, mean over the layers, upsampled
+            (bilinear) and blurred as the zero-shot map; in [0, 1], 0 on a patch that is in the bank.
+        few_shot_score (`torch.FloatTensor` of shape `(B,)`, *optional*): the maximum of `few_shot_map`.
+        zero_shot_anomaly_map (`torch.FloatTensor` of shape `(B, S, S)`, *optional*): with a `reference_bank`,
+            the zero-shot `anomaly_map` before the fusion.
+        zero_shot_anomaly_score (`torch.FloatTensor` of shape `(B,)`, *optional*): likewise for the score.
     """
 
     loss: torch.FloatTensor | None = None
@@ -82,6 +94,10 @@ class ViP2CLIPOutput(ModelOutput):
     image_embeds: torch.FloatTensor | None = None
     text_embeds: torch.FloatTensor | None = None
     layer_text_embeds: torch.FloatTensor | None = None
+    few_shot_map: torch.FloatTensor | None = None
+    few_shot_score: torch.FloatTensor | None = None
+    zero_shot_anomaly_map: torch.FloatTensor | None = None
+    zero_shot_anomaly_score: torch.FloatTensor | None = None
 
 
 def _plain_layer(layer: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -532,6 +548,7 @@ class ViP2CLIPModel(ViP2CLIPPreTrainedModel):
         labels: torch.Tensor | None = None,
         masks: torch.Tensor | None = None,
         return_dict: bool | None = None,
+        reference_bank: ViP2CLIPReferenceBank | None = None,
         **kwargs,
     ) -> ViP2CLIPOutput | tuple:
         r"""
@@ -541,8 +558,19 @@ class ViP2CLIPModel(ViP2CLIPPreTrainedModel):
             labels (`torch.LongTensor` of shape `(B,)`, *optional*): 0 normal, 1 anomalous → image loss.
             masks (`torch.FloatTensor` of shape `(B, S, S)` or `(B, 1, S, S)`, *optional*): ground-truth defect masks
                 (binarised at `config.mask_threshold`) → pixel losses.
+            reference_bank ([`ViP2CLIPReferenceBank`], *optional*): normal reference patches from
+                [`build_reference_bank`] → few-shot mode: `few_shot_map` and the fused `anomaly_map` /
+                `anomaly_score` (docs/few_shot.md). Without it every output is the zero-shot one.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        self._check_pixel_values(pixel_values)
+        image_embeds, patch_embeds = self.encode_image(pixel_values)  # (B, D), (B, n, L, D)
+        output = self.score_features(
+            image_embeds, patch_embeds, labels=labels, masks=masks, reference_bank=reference_bank
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
         if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
             raise ValueError(
                 f"pixel_values must be (B, 3, S, S), got {tuple(pixel_values.shape)}; use ViP2CLIPProcessor."
@@ -553,9 +581,6 @@ class ViP2CLIPModel(ViP2CLIPPreTrainedModel):
                 f"pixel_values are {tuple(pixel_values.shape[-2:])} but this model takes {size}x{size}; "
                 f"preprocess with ViP2CLIPProcessor(image_size={size})."
             )
-        image_embeds, patch_embeds = self.encode_image(pixel_values)  # (B, D), (B, n, L, D)
-        output = self.score_features(image_embeds, patch_embeds, labels=labels, masks=masks)
-        return output if return_dict else output.to_tuple()
 
     def score_features(
         self,
@@ -563,8 +588,10 @@ class ViP2CLIPModel(ViP2CLIPPreTrainedModel):
         patch_embeds: torch.Tensor,
         labels: torch.Tensor | None = None,
         masks: torch.Tensor | None = None,
+        reference_bank: ViP2CLIPReferenceBank | None = None,
     ) -> ViP2CLIPOutput:
-        """Everything after the frozen vision tower: ICA → text encoder → FGP → UTPA → blur (→ losses).
+        """Everything after the frozen vision tower: ICA → text encoder → FGP → UTPA → blur (→ losses), and with a
+        `reference_bank` the few-shot map and the fusion (docs/few_shot.md).
 
         Takes the outputs of [`encode_image`] (`image_embeds` (B, D) and `patch_embeds` (B, n, L, D), both
         L2-normalised), so a training run can cache the backbone's features and skip it (same numbers).
@@ -590,6 +617,20 @@ class ViP2CLIPModel(ViP2CLIPPreTrainedModel):
         if pixel_loss is not None or image_loss is not None:
             loss = sum(part for part in (pixel_loss, image_loss) if part is not None)
 
+        few_shot = {}
+        if reference_bank is not None:
+            few_shot_map = self.few_shot_map(patch_embeds, reference_bank)  # (B, S, S)
+            few_shot_score = few_shot_map.flatten(1).amax(dim=1)  # (B,)
+            few_shot = dict(
+                few_shot_map=few_shot_map,
+                few_shot_score=few_shot_score,
+                zero_shot_anomaly_map=anomaly_map,
+                zero_shot_anomaly_score=anomaly_score,
+            )
+            # WinCLIP+'s fusion of the language-guided and the reference-based predictions (docs/few_shot.md)
+            anomaly_map = (anomaly_map + few_shot_map) / 2
+            anomaly_score = (anomaly_score + few_shot_score) / 2
+
         return ViP2CLIPOutput(
             loss=loss,
             pixel_loss=pixel_loss,
@@ -602,7 +643,31 @@ class ViP2CLIPModel(ViP2CLIPPreTrainedModel):
             image_embeds=image_embeds,
             text_embeds=text_embeds,
             layer_text_embeds=layer_text_embeds,
+            **few_shot,
         )
+
+    # ------------------------------------------------------------------ few-shot
+    def build_reference_bank(self, pixel_values: torch.Tensor, batch_size: int = 8) -> ViP2CLIPReferenceBank:
+        """The patch memory of k normal reference images (docs/few_shot.md): `(k, 3, S, S)` preprocessed as for
+        `forward` → [`ViP2CLIPReferenceBank`], through the same frozen tower as `encode_image` (fast path and
+        dtype included), `batch_size` images at a time."""
+        self._check_pixel_values(pixel_values)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+        starts = range(0, len(pixel_values), batch_size)
+        patch_embeds = torch.cat([self.encode_image(pixel_values[i : i + batch_size])[1] for i in starts])  # (k, n, L, D)
+        return ViP2CLIPReferenceBank.from_patch_embeds(patch_embeds, self)
+
+    def few_shot_map(self, patch_embeds: torch.Tensor, reference_bank: ViP2CLIPReferenceBank) -> torch.Tensor:
+        """`(B, n, L, D)` patch features → `(B, S, S)` few-shot map: the bank's patch scores on the g×g grid,
+        upsampled (bilinear, align_corners=False) and blurred as the zero-shot map. Both steps average with
+        non-negative weights summing to 1, so a map whose patches all score 0 stays 0."""
+        reference_bank.check_compatible(self)
+        grid, size = self.config.grid_size, self.config.image_size
+        scores = reference_bank.patch_scores(patch_embeds)  # (B, L)
+        scores = scores.view(-1, 1, grid, grid)
+        upsampled = F.interpolate(scores, size=(size, size), mode="bilinear", align_corners=False)  # (B, 1, S, S)
+        return self.blur(upsampled[:, 0])
 
     def pixel_loss(self, layer_probabilities: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """Σ_layers Focal(p_l, mask) + Dice(p_l[abn], mask) + Dice(p_l[norm], 1 − mask) (docs/method.md §6)."""
