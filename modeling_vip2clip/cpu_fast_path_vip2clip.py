@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = [
+    "onednn_linear_available",
     "cpu_fast_path_available",
     "prepacked_weights_wanted",
     "onednn_bf16_supported",
@@ -47,6 +48,11 @@ def onednn_bf16_supported() -> bool:
     return check is not None and bool(check())
 
 
+def onednn_linear_available() -> bool:
+    """oneDNN's fused linear is in this torch build (PyTorch ≥ 2.0, x86 builds)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
 def cpu_fast_path_available(vision_model: nn.Module, device: torch.device | str) -> bool:
     """Whether `clip_layer_onednn` can replace the layers of this CLIP vision tower for inputs on `device`.
 
@@ -59,8 +65,7 @@ def cpu_fast_path_available(vision_model: nn.Module, device: torch.device | str)
     return (
         torch.device(device).type == "cpu"
         and vision_dtype in (torch.float32, torch.bfloat16)
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_linear_pointwise")  # oneDNN's fused linear (PyTorch ≥ 2.0, x86 builds)
+        and onednn_linear_available()
         and hasattr(torch.ops.aten, "mkldnn_linear")  # the attention's products on oneDNN-layout tensors
         and (vision_dtype == torch.float32 or onednn_bf16_supported())
         and vision_model.config._attn_implementation == "sdpa"

@@ -71,8 +71,9 @@ def test_an_image_in_the_bank_scores_zero_everywhere(fast, dtype):
     assert output.few_shot_map[3].max() > 1e-2  # an image not in the bank does not: the check is not vacuous
 
 
+@pytest.mark.parametrize("product", ["default", "aten"], ids=["default_product", "aten_product"])
 @pytest.mark.parametrize("block_rows", [None, 5], ids=["default_blocks", "5_row_blocks"])
-def test_patch_scores_equal_a_brute_force_double_loop(tiny_model, monkeypatch, block_rows):
+def test_patch_scores_equal_a_brute_force_double_loop(tiny_model, monkeypatch, block_rows, product):
     references, queries = _images(2, seed=3), _images(2, seed=4)
     with torch.inference_mode():
         reference_patches = tiny_model.encode_image(references)[1]  # (2, n, L, D)
@@ -80,6 +81,8 @@ def test_patch_scores_equal_a_brute_force_double_loop(tiny_model, monkeypatch, b
         bank = tiny_model.build_reference_bank(references)
         if block_rows is not None:  # blocks that do not divide the B·L = 32 query rows
             monkeypatch.setattr(reference_bank_vip2clip, "_BLOCK_ELEMENTS", block_rows * bank.patch_embeds.shape[1])
+        if product == "aten":  # the GPU / non-oneDNN branch: ATen's matmul instead of oneDNN's GEMM on the CPU
+            monkeypatch.setattr(reference_bank_vip2clip, "onednn_linear_available", lambda: False)
         scores = bank.patch_scores(query_patches)
     expected = _brute_force_patch_scores(query_patches, reference_patches)
     assert expected.min() > 1e-3  # other images: every patch is some distance away
