@@ -42,7 +42,8 @@ from modeling_vip2clip.runtime import UsageError  # noqa: E402
 __all__ = ["ParityError", "PARITY_ATOL", "build_hub_folder", "check_parity", "parity_inputs", "upload", "main"]
 
 PARITY_ATOL = 1e-6
-_CODE_FILES = ("configuration_vip2clip.py", "modeling_vip2clip.py", "processing_vip2clip.py")
+_CODE_FILES = ("configuration_vip2clip.py", "modeling_vip2clip.py", "processing_vip2clip.py", "cpu_fast_path_vip2clip.py",
+               "reference_bank_vip2clip.py")
 _PIPELINE_FILE = "pipeline_vip2clip.py"
 
 

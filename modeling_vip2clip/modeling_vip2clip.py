@@ -1,37 +1,40 @@
 """ViP²-CLIP: Visual-Perception Prompting with Unified Alignment for zero-shot anomaly detection.
 
-A frozen HF `CLIPModel` plus the two learnable ViP-Prompt heads and the UTPA scoring of SPEC.md:
+A frozen HF `CLIPModel` plus the two learnable ViP-Prompt heads and the UTPA scoring of docs/method.md:
 
-* `ViP2CLIPImageConditionedAdapter` (ICA, SPEC §3): builds the normal/abnormal prompt sequences from learnable
-  context tokens and image-conditioned class tokens.
-* `ViP2CLIPFineGrainedPerception` (FGP, SPEC §4): one cross-attention shared by all feature layers that lets the
-  two state embeddings look at a layer's patches.
-* `ViP2CLIPUnifiedAlignment` (UTPA, SPEC §5): patch-text similarities → per-layer pixel maps and the top-k image
-  score.
+* `ViP2CLIPImageConditionedAdapter` (ICA, docs/method.md §3): builds the normal/abnormal prompt sequences from
+  learnable context tokens and image-conditioned class tokens.
+* `ViP2CLIPFineGrainedPerception` (FGP, docs/method.md §4): one cross-attention shared by all feature layers that
+  lets the two state embeddings look at a layer's patches.
+* `ViP2CLIPUnifiedAlignment` (UTPA, docs/method.md §5): patch-text similarities → per-layer pixel maps and the
+  top-k image score.
 * `ViP2CLIPGaussianBlur`: scipy's `gaussian_filter` (reflect padding, truncate 4σ) as a separable convolution on
   the tensor, for the whole batch at once.
-* `ViP2CLIPFocalLoss`, `ViP2CLIPDiceLoss` (SPEC §6) and `ViP2CLIPModel`, the `PreTrainedModel` tying it together.
+* `ViP2CLIPFocalLoss`, `ViP2CLIPDiceLoss` (docs/method.md §6) and `ViP2CLIPModel`, the `PreTrainedModel` tying it
+  together.
 
-This file travels to the Hub (`trust_remote_code`): it imports only torch, transformers and its single-dot
-siblings.
+The CPU fast path of the vision tower lives in cpu_fast_path_vip2clip.py. This file travels to the Hub
+(`trust_remote_code`): it imports only torch, transformers and its single-dot siblings.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from os import PathLike
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.weak import WeakIdKeyDictionary
 from transformers import CLIPModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.masking_utils import create_causal_mask
 from transformers.utils import ModelOutput
 
 from .configuration_vip2clip import ViP2CLIPConfig
+from .cpu_fast_path_vip2clip import clip_layer_onednn, cpu_fast_path_available, onednn_linear, prepacked_weights_wanted
+from .reference_bank_vip2clip import ViP2CLIPReferenceBank
 
 __all__ = [
     "ViP2CLIPOutput",
@@ -43,6 +46,7 @@ __all__ = [
     "ViP2CLIPDiceLoss",
     "ViP2CLIPPreTrainedModel",
     "ViP2CLIPModel",
+    "ViP2CLIPReferenceBank",
     "resize_position_embeddings",
 ]
 
@@ -52,13 +56,16 @@ class ViP2CLIPOutput(ModelOutput):
     r"""Output of [`ViP2CLIPModel`]. B images, n feature layers, S input size, g = S / patch, L = g², D embed dim.
 
     Args:
-        loss (`torch.FloatTensor` of shape `()`, *optional*): total training loss (SPEC §6), when `labels` and/or
-            `masks` are given: Σ_layers (focal + 2 dice) + image cross-entropy.
+        loss (`torch.FloatTensor` of shape `()`, *optional*): total training loss (docs/method.md §6), when
+            `labels` and/or `masks` are given: Σ_layers (focal + 2 dice) + image cross-entropy.
         pixel_loss (`torch.FloatTensor` of shape `()`, *optional*): the pixel part of `loss` (needs `masks`).
         image_loss (`torch.FloatTensor` of shape `()`, *optional*): the image part of `loss` (needs `labels`).
-        anomaly_score (`torch.FloatTensor` of shape `(B,)`): image anomaly score in [0, 1].
-        anomaly_map (`torch.FloatTensor` of shape `(B, S, S)`): pixel anomaly map in [0, 1], mean of the layer maps
-            then Gaussian-blurred (σ = `config.blur_sigma`).
+        anomaly_score (`torch.FloatTensor` of shape `(B,)`): image anomaly score in [0, 1]. Zero-shot: the
+            abnormal softmax entry of `image_logits`. With a `reference_bank` (few-shot, WinCLIP+'s fusion,
+            docs/few_shot.md): ½·(zero-shot score + `few_shot_score`).
+        anomaly_map (`torch.FloatTensor` of shape `(B, S, S)`): pixel anomaly map in [0, 1]. Zero-shot: the mean of
+            the layer maps, Gaussian-blurred (σ = `config.blur_sigma`). With a `reference_bank`: ½·(zero-shot map +
+            `few_shot_map`).
         layer_anomaly_maps (`torch.FloatTensor` of shape `(B, n, S, S)`): per-layer maps M_l before the blur.
         layer_probabilities (`torch.FloatTensor` of shape `(B, n, 2, S, S)`): per-layer upsampled state
             probabilities (normal, abnormal), what the pixel losses are computed on.
@@ -67,6 +74,13 @@ class ViP2CLIPOutput(ModelOutput):
         image_embeds (`torch.FloatTensor` of shape `(B, D)`): L2-normalised global image feature v.
         text_embeds (`torch.FloatTensor` of shape `(B, 2, D)`): L2-normalised state embeddings T (normal, abnormal).
         layer_text_embeds (`torch.FloatTensor` of shape `(B, n, 2, D)`): FGP-refined state embeddings T'_l.
+        few_shot_map (`torch.FloatTensor` of shape `(B, S, S)`, *optional*, only with a `reference_bank`): each
+            patch's ½·(1 − max cos) to the bank's patches of the same layer, mean over the layers, upsampled
+            (bilinear) and blurred as the zero-shot map; in [0, 1], 0 on a patch that is in the bank.
+        few_shot_score (`torch.FloatTensor` of shape `(B,)`, *optional*): the maximum of `few_shot_map`.
+        zero_shot_anomaly_map (`torch.FloatTensor` of shape `(B, S, S)`, *optional*): with a `reference_bank`,
+            the zero-shot `anomaly_map` before the fusion.
+        zero_shot_anomaly_score (`torch.FloatTensor` of shape `(B,)`, *optional*): likewise for the score.
     """
 
     loss: torch.FloatTensor | None = None
@@ -80,13 +94,23 @@ class ViP2CLIPOutput(ModelOutput):
     image_embeds: torch.FloatTensor | None = None
     text_embeds: torch.FloatTensor | None = None
     layer_text_embeds: torch.FloatTensor | None = None
+    few_shot_map: torch.FloatTensor | None = None
+    few_shot_score: torch.FloatTensor | None = None
+    zero_shot_anomaly_map: torch.FloatTensor | None = None
+    zero_shot_anomaly_score: torch.FloatTensor | None = None
+
+
+def _plain_layer(layer: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """transformers' own `CLIPEncoderLayer` (no attention mask): the vision tower off the CPU fast path."""
+    return layer(hidden_states, None)
 
 
 def resize_position_embeddings(table: torch.Tensor, new_grid: int, mode: str = "bilinear") -> torch.Tensor:
-    """Resize a ViT position table `(1 + g0², C)` to `(1 + new_grid², C)`, keeping the CLS position (SPEC §2).
+    """Resize a ViT position table `(1 + g0², C)` to `(1 + new_grid², C)`, keeping the CLS position
+    (docs/method.md §2).
 
     The reference resizes bilinearly (align_corners=False, no antialias) once; transformers'
-    `interpolate_pos_encoding` uses bicubic (SPEC §8 quirk 3).
+    `interpolate_pos_encoding` uses bicubic (docs/method.md §8 quirk 3).
     """
     old_grid = math.isqrt(table.shape[0] - 1)
     if old_grid**2 != table.shape[0] - 1:
@@ -100,133 +124,8 @@ def resize_position_embeddings(table: torch.Tensor, new_grid: int, mode: str = "
     return torch.cat([table[:1].float(), grid_table], dim=0).to(table.dtype)
 
 
-def _onednn_bf16_supported() -> bool:
-    """oneDNN runs bf16 natively here (AVX-512 BF16/AMX, or AVX-512 with conversion); elsewhere the bf16 model
-    keeps transformers' layers."""
-    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return check is not None and bool(check())
-
-
-# oneDNN copies of frozen linear weights in its blocked GEMM layout (see `_onednn_weight`): weight → (its stamp,
-# the copy), keyed by identity and weakly, so an entry is dropped with its weight; nothing here is saved, copied
-# or pickled with the model.
-_PACKED_WEIGHTS = WeakIdKeyDictionary()
-
-
-def _onednn_weight(weight: torch.Tensor, rows: int, packed: bool) -> torch.Tensor:
-    """The weight to hand to oneDNN: as stored, or (`packed`) a copy reordered once into oneDNN's blocked layout.
-
-    Given the plain weight, oneDNN reorders it inside every call; prepacked, a ViT-L layer runs ~6 % faster in
-    bf16 and in fp32 (measured on AVX-512, benchmarks/README.md), with identical results (the same GEMM kernel
-    runs). The cost is a second copy of the vision tower's linear weights (≈ 0.6 GB in bf16 for ViT-L),
-    which is why it is on by default for bf16 only (`ViP2CLIPModel.cpu_prepacked_weights`). A copy is rebuilt
-    when its weight changes (new storage or an in-place update such as `load_state_dict`).
-    """
-    if not packed:
-        return weight
-    stamp = (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape))
-    entry = _PACKED_WEIGHTS.get(weight)
-    if entry is None or entry[0] != stamp:
-        entry = (stamp, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows))
-        _PACKED_WEIGHTS[weight] = entry
-    return entry[1]
-
-
-def _onednn_linear(
-    hidden_states: torch.Tensor, linear: nn.Linear, residual: torch.Tensor | None = None, packed: bool = False
-) -> torch.Tensor:
-    """`linear(hidden_states)` (`+ residual`) computed by oneDNN in the input's dtype, bias and residual add fused
-    into the GEMM (in fp32 the sum is the same addition as `residual + linear(hidden_states)`, bit for bit)."""
-    weight = _onednn_weight(linear.weight, hidden_states.numel() // hidden_states.shape[-1], packed)
-    if residual is None:
-        return torch.ops.mkldnn._linear_pointwise(hidden_states, weight, linear.bias, "none", [], "")
-    return torch.ops.mkldnn._linear_pointwise.binary(hidden_states, residual, weight, linear.bias, "add")
-
-
-# Query rows per attention block on the CPU fast path: one head's (rows, N) score block stays in cache for the
-# softmax and the product with v (measured on AVX-512 for N = 1370, fp32 and bf16).
-_ATTENTION_ROWS = 512
-# quick_gelu's slope: x·σ(1.702x) (OpenAI CLIP; transformers' QuickGELUActivation).
-_QUICK_GELU_SLOPE = 1.702
-
-
-def _chunked_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(q·kᵀ·scale)·v for contiguous `(B, H, N, d)` inputs, one image, head and block of query rows at a
-    time so that the score block stays in cache: the math of transformers' eager attention (softmax accumulated
-    in fp32, rounded once to the input dtype).
-
-    The score block never leaves oneDNN's own tensor layout (`to_mkldnn`): both products are oneDNN GEMMs and
-    the softmax is oneDNN's JIT kernel; only the small `(rows, d)` query and output blocks are converted. In
-    bf16 that halves the attention's time (ATen's bf16 softmax alone was 15 % of the tower's); in fp32 it takes
-    the same time as oneDNN products around ATen's softmax (measured), so both dtypes share this one path. On
-    CPU it beats the SDPA kernel, whose fp32 GEMMs are MKL's (AVX2 on AMD) and whose bf16 flash loop runs at
-    about half this rate.
-    """
-    output = torch.empty_like(queries)
-    heads, tokens = queries.shape[1], queries.shape[2]
-    values_t = values.transpose(-1, -2).contiguous()  # (B, H, d, N): the "weight" of scores·v
-    for index in range(queries.shape[0]):
-        scaled = queries[index] * scale  # (H, N, d)
-        for head in range(heads):
-            for start in range(0, tokens, _ATTENTION_ROWS):
-                rows = slice(start, start + _ATTENTION_ROWS)
-                scores = torch.ops.aten.mkldnn_linear(scaled[head, rows].to_mkldnn(), keys[index, head], None)
-                probabilities = torch.softmax(scores, dim=-1)  # (rows, N), oneDNN layout
-                block = torch.ops.aten.mkldnn_linear(probabilities, values_t[index, head], None)  # (rows, d)
-                output[index, head, rows] = block.to_dense()
-    return output
-
-
-def _clip_mlp_onednn(layer: nn.Module, hidden_states: torch.Tensor, packed: bool = False) -> torch.Tensor:
-    """`hidden_states + mlp(layer_norm2(hidden_states))` with oneDNN linears.
-
-    fp32 (the exact path): transformers' activation on fc1's output, the residual add fused into fc2.
-    bf16 with quick_gelu: the activation is fused into fc1 as oneDNN's swish post-op, x·σ(x), which has no slope
-    parameter; the slope enters through the (tiny) LayerNorm affine and fc1 bias, y = 1.702·fc1(x), so that
-    swish(y) = 1.702·quick_gelu(fc1(x)), and leaves again in the residual add: fc2 with its bias ×1.702 gives
-    1.702·fc2(quick_gelu(·)), added with alpha 1/1.702. This replaces three bf16 passes over the (N, 4·D)
-    activation by one over (N, D); the extra roundings are bf16's own.
-    """
-    mlp = layer.mlp
-    activation = getattr(mlp.config, "hidden_act", None)
-    norm = layer.layer_norm2
-    affine = all(t is not None for t in (norm.weight, norm.bias, mlp.fc1.bias, mlp.fc2.bias))
-    if hidden_states.dtype == torch.bfloat16 and activation == "quick_gelu" and affine:
-        slope = _QUICK_GELU_SLOPE
-        normed = F.layer_norm(hidden_states, norm.normalized_shape, norm.weight * slope, norm.bias * slope, norm.eps)
-        rows = normed.numel() // normed.shape[-1]
-        fc1_weight, fc2_weight = (_onednn_weight(linear.weight, rows, packed) for linear in (mlp.fc1, mlp.fc2))
-        activated = torch.ops.mkldnn._linear_pointwise(normed, fc1_weight, mlp.fc1.bias * slope, "swish", [], "")
-        scaled_output = torch.ops.mkldnn._linear_pointwise(activated, fc2_weight, mlp.fc2.bias * slope, "none", [], "")
-        return torch.add(hidden_states, scaled_output, alpha=1.0 / slope)
-    intermediate = _onednn_linear(norm(hidden_states), mlp.fc1, packed=packed)
-    if activation == "quick_gelu":  # x·σ(1.702x), as transformers', in place
-        intermediate = intermediate.mul_(torch.mul(intermediate, _QUICK_GELU_SLOPE).sigmoid_())
-    else:
-        intermediate = mlp.activation_fn(intermediate)
-    return _onednn_linear(intermediate, mlp.fc2, residual=hidden_states, packed=packed)
-
-
-def _clip_layer_onednn(layer: nn.Module, hidden_states: torch.Tensor, packed: bool = False) -> torch.Tensor:
-    """`CLIPEncoderLayer.forward(hidden_states, None)` (pre-LN, bidirectional attention) with oneDNN linears,
-    the residual adds fused into them and the chunked attention above; `packed`: prepacked weights
-    (`_onednn_weight`)."""
-    attention = layer.self_attn
-    batch, tokens, width = hidden_states.shape
-    shape = (batch, tokens, attention.num_heads, attention.head_dim)
-    normed = layer.layer_norm1(hidden_states)
-    # head-major contiguous copies (cheap) so that each block's products read dense memory
-    queries = _onednn_linear(normed, attention.q_proj, packed=packed).view(shape).transpose(1, 2).contiguous()
-    keys = _onednn_linear(normed, attention.k_proj, packed=packed).view(shape).transpose(1, 2).contiguous()
-    values = _onednn_linear(normed, attention.v_proj, packed=packed).view(shape).transpose(1, 2).contiguous()
-    attended = _chunked_attention(queries, keys, values, attention.scale)
-    attended = attended.transpose(1, 2).reshape(batch, tokens, width).contiguous()
-    hidden_states = _onednn_linear(attended, attention.out_proj, residual=hidden_states, packed=packed)
-    return _clip_mlp_onednn(layer, hidden_states, packed=packed)
-
-
 class ViP2CLIPAdapterMLP(nn.Module):
-    """f_j: D → hidden → Dt (Linear, ReLU, Linear), one per class token (SPEC §3)."""
+    """f_j: D → hidden → Dt (Linear, ReLU, Linear), one per class token (docs/method.md §3)."""
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int):
         super().__init__()
@@ -238,9 +137,9 @@ class ViP2CLIPAdapterMLP(nn.Module):
 
 
 class ViP2CLIPImageConditionedAdapter(nn.Module):
-    """ICA (SPEC §3): normal/abnormal prompt token sequences conditioned on the global image feature.
+    """ICA (docs/method.md §3): normal/abnormal prompt token sequences conditioned on the global image feature.
 
-    Sequence per state, cut right after EOS (causal attention makes the tail irrelevant, SPEC §3):
+    Sequence per state, cut right after EOS (causal attention makes the tail irrelevant, docs/method.md §3):
     `[SOS] C_1..C_n_ctx e(w) z_1(v)..z_n_cls(v) [EOS]` with z_j(v) = Z_j + f_j(v + b).
     """
 
@@ -284,7 +183,7 @@ class ViP2CLIPImageConditionedAdapter(nn.Module):
 
 
 class ViP2CLIPFineGrainedPerception(nn.Module):
-    """FGP (SPEC §4): the state embeddings attend to a layer's patches; the output replaces T for that layer.
+    """FGP (docs/method.md §4): the state embeddings attend to a layer's patches; the output replaces T for that layer.
 
     Logits are q·k with **no** 1/√d scaling (reference behaviour); the output is L2-normalised.
     """
@@ -298,7 +197,7 @@ class ViP2CLIPFineGrainedPerception(nn.Module):
         self.k_proj = nn.Linear(dim, dim)
         self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
-        # The reference module owns a temperature it never uses (SPEC §4); kept so checkpoints convert 1:1.
+        # The reference module owns a temperature it never uses (docs/method.md §4); kept so checkpoints convert 1:1.
         self.unused_temperature = nn.Parameter(torch.empty(()))
 
     def forward(self, text_embeds: torch.Tensor, patch_embeds: torch.Tensor) -> torch.Tensor:
@@ -330,7 +229,7 @@ class ViP2CLIPFineGrainedPerception(nn.Module):
 
 
 class ViP2CLIPUnifiedAlignment(nn.Module):
-    """UTPA (SPEC §5): per-layer pixel maps and the image score from patch-text cosine similarities."""
+    """UTPA (docs/method.md §5): per-layer pixel maps and the image score from patch-text cosine similarities."""
 
     def __init__(self, config: ViP2CLIPConfig):
         super().__init__()
@@ -349,7 +248,7 @@ class ViP2CLIPUnifiedAlignment(nn.Module):
             layer_probabilities `(B, n, 2, S, S)`, layer_anomaly_maps `(B, n, S, S)`, image_logits `(B, 2)`.
         """
         batch, num_layers = patch_embeds.shape[:2]
-        # s_l in fp32: the softmax at temperature 0.07 amplifies rounding (SPEC §5).
+        # s_l in fp32: the softmax at temperature 0.07 amplifies rounding (docs/method.md §5).
         similarity = torch.matmul(patch_embeds.float(), layer_text_embeds.float().transpose(-1, -2))  # (B, n, L, 2)
         probabilities = (similarity / self.temperature).softmax(dim=-1)  # (B, n, L, 2)
 
@@ -405,7 +304,7 @@ class ViP2CLIPGaussianBlur(nn.Module):
 
 
 class ViP2CLIPFocalLoss(nn.Module):
-    """Focal loss in the reference's form (SPEC §6): γ, α = 1, one-hot smoothed/clamped to [ε, 1 − ε],
+    """Focal loss in the reference's form (docs/method.md §6): γ, α = 1, one-hot smoothed/clamped to [ε, 1 − ε],
     pt = Σ onehot · p + ε, loss = −(1 − pt)^γ log pt averaged over all pixels."""
 
     def __init__(self, gamma: float = 2.0, smooth: float = 1e-5):
@@ -421,7 +320,7 @@ class ViP2CLIPFocalLoss(nn.Module):
 
 
 class ViP2CLIPDiceLoss(nn.Module):
-    """Binary Dice loss (SPEC §6): 1 − mean_b (2 Σ x·y + s) / (Σ x + Σ y + s)."""
+    """Binary Dice loss (docs/method.md §6): 1 − mean_b (2 Σ x·y + s) / (Σ x + Σ y + s)."""
 
     def __init__(self, smooth: float = 1.0):
         super().__init__()
@@ -448,9 +347,12 @@ class ViP2CLIPPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, but strict: a weights file that lacks a weight or holds one of the
-        wrong shape is refused with the weights named (transformers alone would re-initialise them at random
-        and only log it, giving a model that silently scores nonsense)."""
+        """`PreTrainedModel.from_pretrained`, but strict, and with the fp32-kept heads in their own memory.
+
+        Strict: a weights file that lacks a weight or holds one of the wrong shape is refused with the weights
+        named (transformers alone would re-initialise them at random and only log it, giving a model that silently
+        scores nonsense). Memory: see `_own_fp32_head_storage`.
+        """
         output_loading_info = kwargs.pop("output_loading_info", False)
         allow_mismatch = kwargs.get("ignore_mismatched_sizes", False)
         kwargs["ignore_mismatched_sizes"] = True  # collect the mismatches, then decide below
@@ -468,7 +370,24 @@ class ViP2CLIPPreTrainedModel(PreTrainedModel):
                 + "; ".join(problems)
                 + ". The folder is incomplete or mixes two models: re-save or re-convert it."
             )
+        model._own_fp32_head_storage()
         return (model, info) if output_loading_info else model
+
+    def _own_fp32_head_storage(self) -> None:
+        """Give the fp32-kept heads (`_keep_in_fp32_modules_strict`) their own memory under a half-precision load.
+
+        `from_pretrained(..., dtype=torch.bfloat16)` converts CLIP but keeps the heads in fp32; those kept tensors
+        are zero-copy views of the memory-mapped checkpoint, so a few MB of heads would pin the whole fp32 file
+        (all of it resident after the conversion read it). Copying them lets the mapping go. Nothing to do for an
+        all-fp32 load (the mapping *is* the weights). The heads are a few MB, so the copy costs nothing.
+        """
+        if all(parameter.dtype == torch.float32 for parameter in self.parameters()):
+            return
+        with torch.no_grad():
+            for name in self._keep_in_fp32_modules_strict:
+                for parameter in getattr(self, name).parameters():
+                    if parameter.device.type == "cpu":
+                        parameter.data = parameter.data.clone()
 
     def _init_weights(self, module):
         # CLIP's own modules are dispatched to CLIPModel._init_weights by transformers (composite models).
@@ -487,9 +406,18 @@ class ViP2CLIPPreTrainedModel(PreTrainedModel):
 
 
 class ViP2CLIPModel(ViP2CLIPPreTrainedModel):
-    """ViP²-CLIP: `model(pixel_values)` → anomaly score `(B,)` and anomaly map `(B, S, S)` (SPEC §2–§6).
+    """ViP²-CLIP: `model(pixel_values)` → anomaly score `(B,)` and anomaly map `(B, S, S)`
+    (docs/method.md §2–§6).
 
     The CLIP backbone is frozen (eval mode, no gradients); only `ica` and `fgp` are trainable.
+
+    Attributes (runtime switches, not saved with the model):
+        cpu_onednn_vision (`bool`, defaults to `True`): run the frozen vision tower on the CPU fast path of
+            cpu_fast_path_vip2clip.py where it applies (CPU, fp32 or natively supported bf16, `sdpa` attention);
+            `False` keeps transformers' layers. Scores agree to fp32 rounding (tests/test_fast_path.py).
+        cpu_prepacked_weights (`bool` or `None`, defaults to `None`): on that fast path, reorder the tower's
+            linear weights once into oneDNN's blocked layout (bit-identical results, a second copy of those
+            weights in memory). `None` = on for a bf16 tower, off for fp32; `True` / `False` force it.
     """
 
     def __init__(self, config: ViP2CLIPConfig):
@@ -502,42 +430,19 @@ class ViP2CLIPModel(ViP2CLIPPreTrainedModel):
         self.focal_loss = ViP2CLIPFocalLoss(config.focal_gamma, config.loss_smooth)
         self.dice_loss = ViP2CLIPDiceLoss(config.dice_smooth)
         self.clip.requires_grad_(False)
+        self.cpu_onednn_vision: bool = True
+        self.cpu_prepacked_weights: bool | None = None
         self.post_init()
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        loaded = super().from_pretrained(*args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True gives a tuple
-        model._own_fp32_head_storage()
-        return loaded
-
-    def _own_fp32_head_storage(self) -> None:
-        """Give the fp32-kept heads their own memory under a half-precision load.
-
-        `from_pretrained(..., dtype=torch.bfloat16)` converts CLIP but keeps `ica` / `fgp` in fp32
-        (`_keep_in_fp32_modules_strict`); those kept tensors are zero-copy views of the memory-mapped checkpoint,
-        so a few MB of heads pin the whole fp32 file (1.7 GB at ViT-L, all of it resident after the conversion
-        read it). Copying them lets the mapping go. Nothing to do for an all-fp32 load (the mapping *is* the
-        weights). The heads are a few MB, so the copy costs nothing.
-        """
-        clip_dtype = self.clip.vision_model.embeddings.patch_embedding.weight.dtype
-        if clip_dtype == torch.float32:
-            return
-        with torch.no_grad():
-            for module in (self.ica, self.fgp):
-                for parameter in module.parameters():
-                    if parameter.device.type == "cpu":
-                        parameter.data = parameter.data.clone()
 
     # ------------------------------------------------------------------ freezing
     def train(self, mode: bool = True):
-        """Only the heads ever train: the frozen CLIP stays in eval mode (SPEC §6)."""
+        """Only the heads ever train: the frozen CLIP stays in eval mode (docs/method.md §6)."""
         super().train(mode)
         self.clip.eval()
         return self
 
     def trainable_parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """The SPEC §6 optimiser groups: `{"ica": [...], "fgp": [...]}` (CLIP excluded)."""
+        """The optimiser groups of docs/method.md §6: `{"ica": [...], "fgp": [...]}` (CLIP excluded)."""
         return {"ica": list(self.ica.parameters()), "fgp": list(self.fgp.parameters())}
 
     # ------------------------------------------------------------------ encoders
@@ -550,12 +455,13 @@ class ViP2CLIPModel(ViP2CLIPPreTrainedModel):
             )
         normal_id, abnormal_id = config.normal_state_token_id, config.abnormal_state_token_id
         if config.official_compat:
-            # Reference quirk (SPEC §8.2): the normal prompt is embedded from the abnormal token ids.
+            # Reference quirk (docs/method.md §8.2): the normal prompt is embedded from the abnormal token ids.
             normal_id = abnormal_id
         return normal_id, abnormal_id
 
     def encode_image(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Frozen vision tower (SPEC §2).
+        """Frozen vision tower (docs/method.md §2), on the CPU fast path (cpu_fast_path_vip2clip.py) where it
+        applies and `cpu_onednn_vision` is on, else transformers' layers.
 
         Returns:
             image_embeds `(B, D)` L2-normalised global feature, patch_embeds `(B, n, L, D)` L2-normalised patch
@@ -563,73 +469,36 @@ class ViP2CLIPModel(ViP2CLIPPreTrainedModel):
         """
         vision = self.clip.vision_model
         feature_layers = set(self.config.feature_layers)
-        fast = self._use_onednn_vision(pixel_values.device)
+        fast = self.cpu_onednn_vision and cpu_fast_path_available(vision, pixel_values.device)
         if fast and pixel_values.shape[0] > 1:
-            # On CPU one image at a time keeps each layer's activations in cache: the same numbers (bit for bit),
-            # faster (per image at batch 8: −10 % fp32, −35 % bf16 in the layers) and less activation memory.
+            # On the fast path one image at a time keeps each layer's activations in cache: the same numbers (bit
+            # for bit), faster and with less activation memory (benchmarks/README.md).
             image_embeds, patch_embeds = zip(*(self.encode_image(image[None]) for image in pixel_values))
             return torch.cat(image_embeds), torch.cat(patch_embeds)
-        packed = fast and self._use_prepacked_weights()
+        if fast:  # the projection on oneDNN too: MKL's M = 1 gemv rounds differently with the weight's alignment
+            packed = prepacked_weights_wanted(vision, self.cpu_prepacked_weights)
+            layer_forward = partial(clip_layer_onednn, packed=packed)
+            project = partial(onednn_linear, linear=self.clip.visual_projection)
+        else:
+            layer_forward, project = _plain_layer, self.clip.visual_projection
         with torch.no_grad():
             hidden_states = vision.pre_layrnorm(vision.embeddings(pixel_values))  # (B, 1 + L, Dv)
             taps = []
             for depth, layer in enumerate(vision.encoder.layers, start=1):
-                if fast:
-                    hidden_states = _clip_layer_onednn(layer, hidden_states, packed=packed)
-                else:
-                    hidden_states = layer(hidden_states, None)
+                hidden_states = layer_forward(layer, hidden_states)
                 if depth in feature_layers:
                     taps.append(hidden_states)
             # Residual streams after the chosen blocks → post-LN → projection, patches only.
             layer_tokens = torch.stack([taps[i] for i in self._tap_order()], dim=1)[:, :, 1:]  # (B, n, L, Dv)
-            patch_embeds = vision.post_layernorm(layer_tokens)
-            if fast:
-                patch_embeds = _onednn_linear(patch_embeds, self.clip.visual_projection)  # (B, n, L, D)
-            else:
-                patch_embeds = self.clip.visual_projection(patch_embeds)  # (B, n, L, D)
+            patch_embeds = project(vision.post_layernorm(layer_tokens))  # (B, n, L, D)
             cls_token = hidden_states[:, 0]  # (B, Dv), after the last block
             if not self.config.official_compat:
                 cls_token = vision.post_layernorm(cls_token)
-            # Reference quirk (SPEC §8.1): in compat mode the global feature skips the post-LayerNorm.
-            if fast:  # oneDNN here too: MKL's M = 1 gemv rounds differently with the weight's memory alignment
-                image_embeds = _onednn_linear(cls_token, self.clip.visual_projection)  # (B, D)
-            else:
-                image_embeds = self.clip.visual_projection(cls_token)  # (B, D)
+            # Reference quirk (docs/method.md §8.1): in compat mode the global feature skips the post-LayerNorm.
+            image_embeds = project(cls_token)  # (B, D)
         image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
         patch_embeds = patch_embeds / patch_embeds.norm(dim=-1, keepdim=True)
         return image_embeds, patch_embeds
-
-    def _use_onednn_vision(self, device: torch.device) -> bool:
-        """CPU fast path of the frozen vision tower (fp32 and bf16): `_clip_layer_onednn` instead of the
-        transformers layer.
-
-        fp32: the linears run on oneDNN instead of ATen's BLAS (MKL) — the same IEEE fp32 math, only the
-        summation order differs; on AMD Zen CPUs MKL's sgemm runs AVX2 kernels while oneDNN uses AVX-512, about
-        twice the rate. bf16: the linears were already oneDNN. Both fuse the bias and residual adds into the
-        GEMMs and use the chunked attention (`_chunked_attention`). Used with the default `sdpa` attention only
-        (`attn_implementation="eager"` keeps the plain transformers layers, which is how the tests compare the
-        two) and switchable off with `model.cpu_onednn_vision = False`.
-        """
-        vision_dtype = self.clip.vision_model.embeddings.patch_embedding.weight.dtype
-        return (
-            getattr(self, "cpu_onednn_vision", True)
-            and torch.device(device).type == "cpu"
-            and vision_dtype in (torch.float32, torch.bfloat16)
-            and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise")  # oneDNN's fused linear (PyTorch ≥ 2.0, x86 builds)
-            and hasattr(torch.ops.aten, "mkldnn_linear")  # the attention's products on oneDNN-layout tensors
-            and (vision_dtype == torch.float32 or _onednn_bf16_supported())
-            and self.clip.vision_model.config._attn_implementation == "sdpa"
-        )
-
-    def _use_prepacked_weights(self) -> bool:
-        """Prepacked oneDNN weights on the CPU fast path (`_onednn_weight`): `model.cpu_prepacked_weights`,
-        `None` (default) = on for a bf16 tower, off for fp32, where the second copy (≈ 1.2 GB for ViT-L) would
-        lift peak memory above the reference's; `True` / `False` force it."""
-        choice = getattr(self, "cpu_prepacked_weights", None)
-        if choice is None:
-            choice = self.clip.vision_model.embeddings.patch_embedding.weight.dtype == torch.bfloat16
-        return bool(choice) and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
     def _tap_order(self) -> list[int]:
         # `taps` is in depth order; return positions in config.feature_layers order.
@@ -646,7 +515,7 @@ class ViP2CLIPModel(ViP2CLIPPreTrainedModel):
         return self.clip.text_model.embeddings.token_embedding(token_ids)
 
     def encode_text(self, image_embeds: torch.Tensor, pad_to_length: int | None = None) -> torch.Tensor:
-        """ICA prompts through the frozen text encoder (SPEC §3): `(B, D)` → T `(B, 2, D)` L2-normalised.
+        """ICA prompts through the frozen text encoder (docs/method.md §3): `(B, D)` → T `(B, 2, D)` L2-normalised.
 
         `pad_to_length` appends the reference's padding tokens (id 0) up to that length; causal attention makes
         the EOS output identical, so it is only there to prove that cutting after EOS is exact.
@@ -679,17 +548,29 @@ class ViP2CLIPModel(ViP2CLIPPreTrainedModel):
         labels: torch.Tensor | None = None,
         masks: torch.Tensor | None = None,
         return_dict: bool | None = None,
+        reference_bank: ViP2CLIPReferenceBank | None = None,
         **kwargs,
     ) -> ViP2CLIPOutput | tuple:
         r"""
         Args:
             pixel_values (`torch.FloatTensor` of shape `(B, 3, S, S)`): images preprocessed by
-                [`ViP2CLIPProcessor`] (SPEC §7).
+                [`ViP2CLIPProcessor`] (docs/method.md §7).
             labels (`torch.LongTensor` of shape `(B,)`, *optional*): 0 normal, 1 anomalous → image loss.
             masks (`torch.FloatTensor` of shape `(B, S, S)` or `(B, 1, S, S)`, *optional*): ground-truth defect masks
                 (binarised at `config.mask_threshold`) → pixel losses.
+            reference_bank ([`ViP2CLIPReferenceBank`], *optional*): normal reference patches from
+                [`build_reference_bank`] → few-shot mode: `few_shot_map` and the fused `anomaly_map` /
+                `anomaly_score` (docs/few_shot.md). Without it every output is the zero-shot one.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        self._check_pixel_values(pixel_values)
+        image_embeds, patch_embeds = self.encode_image(pixel_values)  # (B, D), (B, n, L, D)
+        output = self.score_features(
+            image_embeds, patch_embeds, labels=labels, masks=masks, reference_bank=reference_bank
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
         if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
             raise ValueError(
                 f"pixel_values must be (B, 3, S, S), got {tuple(pixel_values.shape)}; use ViP2CLIPProcessor."
@@ -700,9 +581,6 @@ class ViP2CLIPModel(ViP2CLIPPreTrainedModel):
                 f"pixel_values are {tuple(pixel_values.shape[-2:])} but this model takes {size}x{size}; "
                 f"preprocess with ViP2CLIPProcessor(image_size={size})."
             )
-        image_embeds, patch_embeds = self.encode_image(pixel_values)  # (B, D), (B, n, L, D)
-        output = self.score_features(image_embeds, patch_embeds, labels=labels, masks=masks)
-        return output if return_dict else output.to_tuple()
 
     def score_features(
         self,
@@ -710,8 +588,10 @@ class ViP2CLIPModel(ViP2CLIPPreTrainedModel):
         patch_embeds: torch.Tensor,
         labels: torch.Tensor | None = None,
         masks: torch.Tensor | None = None,
+        reference_bank: ViP2CLIPReferenceBank | None = None,
     ) -> ViP2CLIPOutput:
-        """Everything after the frozen vision tower: ICA → text encoder → FGP → UTPA → blur (→ losses).
+        """Everything after the frozen vision tower: ICA → text encoder → FGP → UTPA → blur (→ losses), and with a
+        `reference_bank` the few-shot map and the fusion (docs/few_shot.md).
 
         Takes the outputs of [`encode_image`] (`image_embeds` (B, D) and `patch_embeds` (B, n, L, D), both
         L2-normalised), so a training run can cache the backbone's features and skip it (same numbers).
@@ -737,6 +617,20 @@ class ViP2CLIPModel(ViP2CLIPPreTrainedModel):
         if pixel_loss is not None or image_loss is not None:
             loss = sum(part for part in (pixel_loss, image_loss) if part is not None)
 
+        few_shot = {}
+        if reference_bank is not None:
+            few_shot_map = self.few_shot_map(patch_embeds, reference_bank)  # (B, S, S)
+            few_shot_score = few_shot_map.flatten(1).amax(dim=1)  # (B,)
+            few_shot = dict(
+                few_shot_map=few_shot_map,
+                few_shot_score=few_shot_score,
+                zero_shot_anomaly_map=anomaly_map,
+                zero_shot_anomaly_score=anomaly_score,
+            )
+            # WinCLIP+'s fusion of the language-guided and the reference-based predictions (docs/few_shot.md)
+            anomaly_map = (anomaly_map + few_shot_map) / 2
+            anomaly_score = (anomaly_score + few_shot_score) / 2
+
         return ViP2CLIPOutput(
             loss=loss,
             pixel_loss=pixel_loss,
@@ -749,10 +643,34 @@ class ViP2CLIPModel(ViP2CLIPPreTrainedModel):
             image_embeds=image_embeds,
             text_embeds=text_embeds,
             layer_text_embeds=layer_text_embeds,
+            **few_shot,
         )
 
+    # ------------------------------------------------------------------ few-shot
+    def build_reference_bank(self, pixel_values: torch.Tensor, batch_size: int = 8) -> ViP2CLIPReferenceBank:
+        """The patch memory of k normal reference images (docs/few_shot.md): `(k, 3, S, S)` preprocessed as for
+        `forward` → [`ViP2CLIPReferenceBank`], through the same frozen tower as `encode_image` (fast path and
+        dtype included), `batch_size` images at a time."""
+        self._check_pixel_values(pixel_values)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+        starts = range(0, len(pixel_values), batch_size)
+        patch_embeds = torch.cat([self.encode_image(pixel_values[i : i + batch_size])[1] for i in starts])  # (k, n, L, D)
+        return ViP2CLIPReferenceBank.from_patch_embeds(patch_embeds, self)
+
+    def few_shot_map(self, patch_embeds: torch.Tensor, reference_bank: ViP2CLIPReferenceBank) -> torch.Tensor:
+        """`(B, n, L, D)` patch features → `(B, S, S)` few-shot map: the bank's patch scores on the g×g grid,
+        upsampled (bilinear, align_corners=False) and blurred as the zero-shot map. Both steps average with
+        non-negative weights summing to 1, so a map whose patches all score 0 stays 0."""
+        reference_bank.check_compatible(self)
+        grid, size = self.config.grid_size, self.config.image_size
+        scores = reference_bank.patch_scores(patch_embeds)  # (B, L)
+        scores = scores.view(-1, 1, grid, grid)
+        upsampled = F.interpolate(scores, size=(size, size), mode="bilinear", align_corners=False)  # (B, 1, S, S)
+        return self.blur(upsampled[:, 0])
+
     def pixel_loss(self, layer_probabilities: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """Σ_layers Focal(p_l, mask) + Dice(p_l[abn], mask) + Dice(p_l[norm], 1 − mask) (SPEC §6)."""
+        """Σ_layers Focal(p_l, mask) + Dice(p_l[abn], mask) + Dice(p_l[norm], 1 − mask) (docs/method.md §6)."""
         if masks.dim() == 4:
             masks = masks.squeeze(1)
         size = self.config.image_size
@@ -780,9 +698,10 @@ class ViP2CLIPModel(ViP2CLIPPreTrainedModel):
     ) -> "ViP2CLIPModel":
         """Build an (untrained-head) ViP²-CLIP from any transformers CLIP checkpoint (Hub id or directory).
 
-        The position table is resized once to `image_size` (bilinearly in `official_compat` mode, SPEC §2/§8) and
-        the checkpoint's tokenizer fixes the prompt's special and state-word token ids, so no tokenizer is needed
-        afterwards. Extra keyword arguments go to [`ViP2CLIPConfig`] (e.g. `feature_layers`, `n_ctx`, `top_k`).
+        The position table is resized once to `image_size` (bilinearly in `official_compat` mode, docs/method.md
+        §2/§8) and the checkpoint's tokenizer fixes the prompt's special and state-word token ids, so no tokenizer
+        is needed afterwards. Extra keyword arguments go to [`ViP2CLIPConfig`] (e.g. `feature_layers`, `n_ctx`,
+        `top_k`).
         """
         from transformers import AutoTokenizer
 

@@ -17,6 +17,19 @@ from tiny_clip import tiny_vip2clip_config
 SCORE_TOL, PEARSON_MIN, FP32_TOL = 0.01, 0.999, 1e-5
 
 
+def _fast_path_module(model):
+    """The cpu_fast_path_vip2clip module next to the (remote-code) module that defines this model's class: the
+    one whose decision functions and packed-weight cache the model really uses."""
+    import importlib
+
+    return importlib.import_module(type(model).__module__.rsplit(".", 1)[0] + ".cpu_fast_path_vip2clip")
+
+
+def _uses_fast_path(model) -> bool:
+    vision = model.clip.vision_model
+    return model.cpu_onednn_vision and _fast_path_module(model).cpu_fast_path_available(vision, torch.device("cpu"))
+
+
 def _pearson_per_image(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a, b = a.double().flatten(1), b.double().flatten(1)
     a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
@@ -93,11 +106,9 @@ def test_attention_backends_agree_fp32(saved_dir, images, fp32_output, attn):
 
 def test_cpu_fast_path_matches_plain_layers_fp32(saved_dir, images):
     """The CPU fast path of the vision tower (oneDNN linears, chunked attention, one image at a time; proposed in
-    benchmarks/PROPOSED_MODEL_PATCHES.md) against the plain transformers layers of the same model, fp32."""
+    cpu_fast_path_vip2clip.py) against the plain transformers layers of the same model, fp32."""
     model = AutoModel.from_pretrained(saved_dir, trust_remote_code=True).eval()
-    if not hasattr(model, "_use_onednn_vision"):
-        pytest.skip("this model code has no CPU fast path")
-    if not model._use_onednn_vision(torch.device("cpu")):
+    if not _uses_fast_path(model):
         pytest.skip("no oneDNN in this torch build")
     with torch.inference_mode():
         fast = model(pixel_values=images)
@@ -123,11 +134,11 @@ def test_onednn_layer_matches_transformers_layer(dtype, activation):
     from transformers import CLIPVisionConfig
     from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
-    from modeling_vip2clip.modeling_vip2clip import _clip_layer_onednn, _onednn_bf16_supported
+    from modeling_vip2clip.cpu_fast_path_vip2clip import clip_layer_onednn, onednn_bf16_supported
 
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
         pytest.skip("no oneDNN in this torch build")
-    if dtype == torch.bfloat16 and not _onednn_bf16_supported():
+    if dtype == torch.bfloat16 and not onednn_bf16_supported():
         pytest.skip("no native bf16 in oneDNN on this CPU")
     torch.manual_seed(0)
     config = CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_attention_heads=4, hidden_act=activation)
@@ -144,7 +155,7 @@ def test_onednn_layer_matches_transformers_layer(dtype, activation):
         expected = exact(hidden.double(), None)
         expected = expected[0] if isinstance(expected, tuple) else expected
         layer = layer.to(dtype)
-        fast = _clip_layer_onednn(layer, hidden.to(dtype)).double()
+        fast = clip_layer_onednn(layer, hidden.to(dtype)).double()
         plain = layer(hidden.to(dtype), None)
         plain = (plain[0] if isinstance(plain, tuple) else plain).double()
     assert fast.shape == expected.shape
@@ -159,7 +170,7 @@ def test_onednn_layer_matches_transformers_layer(dtype, activation):
 
 def _fast_path_model(saved_dir, **kwargs):
     model = AutoModel.from_pretrained(saved_dir, trust_remote_code=True, **kwargs).eval()
-    if not (hasattr(model, "_use_prepacked_weights") and model._use_onednn_vision(torch.device("cpu"))):
+    if not _uses_fast_path(model):
         pytest.skip("no oneDNN fast path here")
     return model
 
@@ -168,7 +179,9 @@ def _fast_path_model(saved_dir, **kwargs):
 def test_prepacked_weights_change_no_number(saved_dir, images, dtype):
     """oneDNN's prepacked weight layout runs the same GEMM kernel: bit-identical features, either dtype."""
     model = _fast_path_model(saved_dir, dtype=dtype)
-    assert model._use_prepacked_weights() == (dtype == torch.bfloat16)  # the default: bf16 only
+    assert model.cpu_prepacked_weights is None  # the declared default
+    wanted = _fast_path_module(model).prepacked_weights_wanted(model.clip.vision_model, model.cpu_prepacked_weights)
+    assert wanted == (dtype == torch.bfloat16)  # the default: bf16 only
     with torch.inference_mode():
         model.cpu_prepacked_weights = False
         plain = model.encode_image(images.to(dtype))
@@ -180,11 +193,11 @@ def test_prepacked_weights_change_no_number(saved_dir, images, dtype):
 
 def test_prepacked_weights_follow_weight_updates_and_are_freed(saved_dir, images):
     import gc
-    import sys
 
     model = _fast_path_model(saved_dir)
     model.cpu_prepacked_weights = True
-    cache = sys.modules[type(model).__module__]._PACKED_WEIGHTS
+    cache = _fast_path_module(model)._PACKED_WEIGHTS
+    assert _fast_path_module(model).__name__.startswith("transformers_modules.")  # the remote-code copy's cache
     before = len(cache)
     with torch.inference_mode():
         model.encode_image(images[:1])

@@ -92,7 +92,7 @@ def test_dry_run_builds_complete_folder(built):
     names = {path.name for path in out.iterdir()}
     assert {"model.safetensors", "config.json", "preprocessor_config.json", "README.md", "eval_results.json",
             "configuration_vip2clip.py", "modeling_vip2clip.py", "processing_vip2clip.py",
-            "pipeline_vip2clip.py"} <= names
+            "cpu_fast_path_vip2clip.py", "reference_bank_vip2clip.py", "pipeline_vip2clip.py"} <= names
     assert not [name for name in names if name.endswith((".bin", ".pth", ".pt", ".pkl"))]  # safetensors only
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"] == {"AutoConfig": "configuration_vip2clip.ViP2CLIPConfig",
@@ -102,7 +102,8 @@ def test_dry_run_builds_complete_folder(built):
     assert preprocessor["auto_map"] == {"AutoProcessor": "processing_vip2clip.ViP2CLIPProcessor"}
     assert preprocessor["image_size"] == 32
     # the shipped code files import nothing from the repository's package
-    for name in ("configuration_vip2clip.py", "modeling_vip2clip.py", "processing_vip2clip.py", "pipeline_vip2clip.py"):
+    for name in ("configuration_vip2clip.py", "modeling_vip2clip.py", "processing_vip2clip.py", "cpu_fast_path_vip2clip.py",
+                 "reference_bank_vip2clip.py", "pipeline_vip2clip.py"):
         code = (out / name).read_text()
         assert not re.search(r"^\s*(from|import)\s+(modeling_vip2clip|hub)\b", code, re.M), name
     assert "parity OK" in stdout and "nothing uploaded" in stdout
@@ -184,7 +185,9 @@ def test_folder_reproduces_source_in_fresh_offline_process(built, source_dir, tm
     got = load_file(str(tmp_path / "outputs.safetensors"))
     assert info["model_module"].startswith("transformers_modules.") and info["processor_module"].startswith("transformers_modules.")
     assert info["pipeline_class"] == "ViP2CLIPAnomalyDetectionPipeline"
-    assert any((tmp_path / "modules").rglob("modeling_vip2clip.py"))  # the code really came through the fresh cache
+    # the code really came through the fresh cache
+    for name in ("modeling_vip2clip.py", "cpu_fast_path_vip2clip.py", "reference_bank_vip2clip.py"):
+        assert any((tmp_path / "modules").rglob(name)), name
 
     expected = _source_outputs(source_dir, pixel_values)
     assert expected.anomaly_score.std() > 1e-3  # non-degenerate, so the comparison means something

@@ -283,7 +283,8 @@ def test_save_and_load_in_a_fresh_process(tiny_model, tmp_path, images):
     ViP2CLIPProcessor(image_size=S, min_image_size=8).save_pretrained(tmp_path / "model")
     saved = sorted(p.name for p in (tmp_path / "model").iterdir())
     assert {"model.safetensors", "config.json", "preprocessor_config.json", "modeling_vip2clip.py",
-            "configuration_vip2clip.py", "processing_vip2clip.py"} <= set(saved)
+            "configuration_vip2clip.py", "processing_vip2clip.py", "cpu_fast_path_vip2clip.py",
+            "reference_bank_vip2clip.py"} <= set(saved)
     assert not any(name.endswith((".bin", ".pth", ".pt")) for name in saved)
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     assert config["auto_map"] == {"AutoConfig": "configuration_vip2clip.ViP2CLIPConfig", "AutoModel": "modeling_vip2clip.ViP2CLIPModel"}
@@ -301,6 +302,10 @@ def test_save_and_load_in_a_fresh_process(tiny_model, tmp_path, images):
         model = AutoModel.from_pretrained({str(tmp_path / 'model')!r}, trust_remote_code=True).eval()
         processor = AutoProcessor.from_pretrained({str(tmp_path / 'model')!r}, trust_remote_code=True)
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        import sys
+        package = type(model).__module__.rsplit(".", 1)[0]
+        for sibling in ("cpu_fast_path_vip2clip", "reference_bank_vip2clip"):
+            assert package + "." + sibling in sys.modules, sibling + ": the sibling Hub file did not come along"
         images = [Image.fromarray(a) for a in np.load({str(tmp_path / 'images.npy')!r})]
         inputs = processor(images=images)
         with torch.no_grad():
