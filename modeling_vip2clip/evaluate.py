@@ -39,7 +39,7 @@ import argparse
 from typing import Sequence
 
 from .data.options import add_schema_arguments
-from .runtime import add_common_arguments, positive_int
+from .runtime import add_common_arguments, non_negative_int, positive_int
 
 __all__ = ["DESCRIPTION", "add_arguments", "build_parser", "run", "main"]
 
@@ -72,6 +72,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--max-batches", type=positive_int, default=None, metavar="N",
         help="stop after N batches per process, keeping the partial results for --resume (default: no limit).",
     )
+    few_shot = parser.add_argument_group(
+        "few-shot (docs/few_shot.md)", "add a memory of K normal reference images per category to the zero-shot maps")
+    few_shot.add_argument("--k-shot", type=non_negative_int, default=0, metavar="K",
+                          help="normal reference images per category (default: 0, zero-shot).")
+    few_shot.add_argument("--shot-seeds", type=non_negative_int, nargs="+", default=[0], metavar="SEED",
+                          help="one pass per seed, each drawing its own K references; the table shows mean ± std "
+                          "(default: 0).")
+    few_shot.add_argument("--reference-split", default="train", metavar="SPLIT",
+                          help="split the references are drawn from, never the evaluated one (default: train).")
     add_schema_arguments(parser)
     add_common_arguments(parser, batch_size=8, output_dir="vip2clip-eval",
                          output_help="where results.json/results.md, maps and partial results go")

@@ -129,20 +129,131 @@ def compute_results(records: "OrderedDict[int, dict]", pro_mode: str = "exact") 
             "counts": counts, "skipped": skipped}
 
 
-def run_evaluation(args: argparse.Namespace, model=None, processor=None) -> dict[str, Any] | None:
-    """Evaluate with the options of :func:`build_parser`. Returns the results dict (as written to results.json),
-    or None when `--max-batches` stopped the run early (the partial results stay for `--resume`)."""
-    from accelerate import Accelerator
+def _forward(model, pixel_values: torch.Tensor, categories: list[str], banks: dict | None):
+    """Scores `(B,)` and maps `(B, S, S)`: zero-shot, or with each image's category's reference bank."""
+    if not banks:
+        output = model(pixel_values=pixel_values)
+        return output.anomaly_score, output.anomaly_map
+    image_embeds, patch_embeds = model.encode_image(pixel_values)  # the tower once for the whole batch
+    scores = pixel_values.new_zeros(len(categories))
+    maps = pixel_values.new_zeros((len(categories), *pixel_values.shape[-2:]))
+    for category in sorted(set(categories)):
+        rows = [i for i, c in enumerate(categories) if c == category]
+        if category not in banks:
+            raise UsageError(f"--k-shot: no reference images for category {category!r}; the reference split has no "
+                             "such category (check --reference-split and --categories).")
+        index = torch.as_tensor(rows, device=pixel_values.device)
+        output = model.score_features(image_embeds[index], patch_embeds[index], reference_bank=banks[category])
+        scores[index], maps[index] = output.anomaly_score.to(scores.dtype), output.anomaly_map.to(maps.dtype)
+    return scores, maps
+
+
+def _score_pass(args, accelerator, model, processor, dataset, partial: PartialResults, meta: dict, banks=None) -> bool:
+    """Score every row of `dataset` not yet in `partial` (resumable); False when `--max-batches` stopped early."""
     from tqdm.auto import tqdm
 
-    from .data import load_anomaly_dataset, schema_options, to_torch_dataset
+    from .data import to_torch_dataset
+
+    output_dir = Path(args.output_dir)
+    num_samples = len(dataset)
+    resume = bool(args.resume) and partial.meta_matches(meta)
+    if args.resume and not resume and partial.batch_dirs():
+        logger.warning("--resume: the partial results in %s belong to another model/dataset; starting over", partial.directory)
+    accelerator.wait_for_everyone()
+    done = partial.done_indices() if resume else set()
+    accelerator.wait_for_everyone()  # everyone has read the partial results before the main process touches them
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        partial.start(meta, keep=resume)
+    accelerator.wait_for_everyone()
+    remaining = [row for row in range(num_samples) if row not in done]
+    if done:
+        logger.info("resuming: %d of %d samples already evaluated, %d to go", len(done), num_samples, len(remaining))
+    if not remaining:
+        return True
+    torch_dataset = torch.utils.data.Subset(to_torch_dataset(dataset, processor), remaining)
+    loader = torch.utils.data.DataLoader(torch_dataset, batch_size=args.batch_size, shuffle=False,
+                                         collate_fn=_collate_keep_bad, num_workers=args.num_workers)
+    loader = accelerator.prepare(loader)
+    run_number = partial.next_run_number()
+    progress = tqdm(loader, desc="evaluating", disable=args.no_progress or not accelerator.is_local_main_process)
+    for batch_number, batch in enumerate(progress, start=1):
+        with torch.no_grad(), accelerator.autocast():
+            scores, maps = _forward(model, batch["pixel_values"], batch["category"], banks)
+        scores, maps = scores.float(), maps.float()
+        # A NaN/inf output (e.g. an image whose pixels break the model) is reported, not fed to the metrics.
+        finite = torch.isfinite(scores) & torch.isfinite(maps).flatten(1).all(dim=1)
+        for position in torch.nonzero(~finite & ~batch["bad"]).flatten().tolist():
+            batch["error"][position] = "the model's score or map is not finite (NaN/inf)"
+        batch["bad"] = batch["bad"] | ~finite
+        if args.save_maps:
+            _save_overlays(output_dir, dataset, processor, batch, maps)
+        gathered = accelerator.gather_for_metrics(
+            (batch["index"], scores, maps, (batch["masks"] > 0.5).to(torch.uint8), batch["labels"],
+             batch["has_mask"], batch["bad"])
+        )
+        strings = accelerator.gather_for_metrics(
+            list(zip(batch["category"], batch["image_path"], batch["error"])), use_gather_object=True
+        )
+        if accelerator.is_main_process:
+            index, score, anomaly_map, mask, label, has_mask, bad = (t.cpu().numpy() for t in gathered)
+            partial.write(
+                f"r{run_number:03d}_b{batch_number:06d}",
+                {"index": index.astype(np.int64), "score": score.astype(np.float64), "map": anomaly_map.astype(np.float32),
+                 "mask": mask.astype(np.uint8), "label": label.astype(np.int64), "has_mask": has_mask.astype(bool),
+                 "bad": bad.astype(bool)},
+                {"category": [s[0] for s in strings], "image_path": [s[1] for s in strings],
+                 "error": [s[2] for s in strings]},
+            )
+            test_pause("VIP2CLIP_TEST_PAUSE_AFTER_BATCH", batch_number)  # test-only, no-op unless set
+        if args.max_batches is not None and batch_number >= args.max_batches:
+            if batch_number < len(loader):
+                accelerator.wait_for_everyone()
+                return False
+            break
+    accelerator.wait_for_everyone()
+    return True
+
+
+def _mean_and_std(runs: list[dict[str, dict[str, float]]]) -> tuple[dict, dict]:
+    """Per key of per-category metrics: the mean and the (population) std over the seeds' runs, NaN-aware."""
+    mean: dict[str, dict[str, float]] = {}
+    std: dict[str, dict[str, float]] = {}
+    for name in runs[0]:
+        mean[name], std[name] = {}, {}
+        for key in runs[0][name]:
+            values = np.array([float(run[name][key]) for run in runs], dtype=np.float64)
+            finite = values[np.isfinite(values)]
+            mean[name][key] = float(finite.mean()) if finite.size else float("nan")
+            std[name][key] = float(finite.std()) if finite.size else float("nan")
+    return mean, std
+
+
+def run_evaluation(args: argparse.Namespace, model=None, processor=None) -> dict[str, Any] | None:
+    """Evaluate with the options of `vip2clip evaluate`. Returns the results dict (as written to results.json),
+    or None when `--max-batches` stopped the run early (the partial results stay for `--resume`).
+
+    With `--k-shot K` every seed of `--shot-seeds` is one pass with per-category reference banks of K normal
+    images drawn from `--reference-split` (`references.draw_references`); `per_category` / `mean` are then the
+    means over the seeds, with their standard deviations beside them, and each seed's own results are kept.
+    """
+    from accelerate import Accelerator
+
+    from .data import load_anomaly_dataset, schema_options
     from .feature_cache import dataset_fingerprint
     from .metrics import METRIC_KEYS
+    from .references import build_category_banks, draw_references
     from .report import format_markdown_table, plot_roc_curves
     from .runtime import load_model_and_processor, resolve_source
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size {args.batch_size}: must be >= 1.")
+    k_shot = int(getattr(args, "k_shot", 0) or 0)
+    seeds = list(getattr(args, "shot_seeds", None) or [0])
+    reference_split = getattr(args, "reference_split", "train")
+    if k_shot and reference_split == args.split:
+        raise UsageError(f"--reference-split {reference_split}: the references must come from another split than "
+                         f"the evaluated --split {args.split}; pass e.g. --reference-split train.")
     dataset_source = resolve_source(args.dataset, "--dataset", repo_type="dataset")
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     logger.setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
@@ -165,84 +276,53 @@ def run_evaluation(args: argparse.Namespace, model=None, processor=None) -> dict
     if num_samples == 0:
         raise UsageError(f"--dataset {args.dataset} (--split {args.split}): no samples; check the split and "
                          "--categories names.")
-    partial = PartialResults(output_dir / PARTIAL_DIR)
     meta = {"model": str(args.model), "dataset": dataset_fingerprint(dataset), "num_samples": num_samples,
             "split": args.split, "image_size": model.config.image_size}
-    resume = bool(args.resume) and partial.meta_matches(meta)
-    if args.resume and not resume and partial.batch_dirs():
-        logger.warning("--resume: the partial results in %s belong to another model/dataset; starting over", partial.directory)
-    accelerator.wait_for_everyone()
-    done = partial.done_indices() if resume else set()
-    accelerator.wait_for_everyone()  # everyone has read the partial results before the main process touches them
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        partial.start(meta, keep=resume)
-    accelerator.wait_for_everyone()
-    remaining = [row for row in range(num_samples) if row not in done]
-    if done:
-        logger.info("resuming: %d of %d samples already evaluated, %d to go", len(done), num_samples, len(remaining))
 
-    stopped_early = False
-    if remaining:
-        torch_dataset = torch.utils.data.Subset(to_torch_dataset(dataset, processor), remaining)
-        loader = torch.utils.data.DataLoader(torch_dataset, batch_size=args.batch_size, shuffle=False,
-                                             collate_fn=_collate_keep_bad, num_workers=args.num_workers)
-        loader = accelerator.prepare(loader)
-        run_number = partial.next_run_number()
-        progress = tqdm(loader, desc="evaluating", disable=args.no_progress or not accelerator.is_local_main_process)
-        for batch_number, batch in enumerate(progress, start=1):
-            with torch.no_grad(), accelerator.autocast():
-                output = model(pixel_values=batch["pixel_values"])
-            scores = output.anomaly_score.float()
-            maps = output.anomaly_map.float()
-            # A NaN/inf output (e.g. an image whose pixels break the model) is reported, not fed to the metrics.
-            finite = torch.isfinite(scores) & torch.isfinite(maps).flatten(1).all(dim=1)
-            for position in torch.nonzero(~finite & ~batch["bad"]).flatten().tolist():
-                batch["error"][position] = "the model's score or map is not finite (NaN/inf)"
-            batch["bad"] = batch["bad"] | ~finite
-            if args.save_maps:
-                _save_overlays(output_dir, dataset, processor, batch, maps)
-            gathered = accelerator.gather_for_metrics(
-                (batch["index"], scores, maps, (batch["masks"] > 0.5).to(torch.uint8), batch["labels"],
-                 batch["has_mask"], batch["bad"])
-            )
-            strings = accelerator.gather_for_metrics(
-                list(zip(batch["category"], batch["image_path"], batch["error"])), use_gather_object=True
-            )
+    passes = []  # (seed or None, partial store, meta, banks, references as image paths)
+    if not k_shot:
+        passes.append((None, PartialResults(output_dir / PARTIAL_DIR), meta, None, None))
+    else:
+        reference_set = load_anomaly_dataset(dataset_source, split=reference_split, categories=args.categories,
+                                             **schema_options(args))
+        for seed in seeds:
+            drawn = draw_references(reference_set, k_shot, seed, split_name=reference_split)
+            paths = {category: [str(reference_set[row]["image_path"]) for row in rows] for category, rows in drawn.items()}
+            banks = build_category_banks(model, processor, reference_set, drawn, batch_size=args.batch_size)
+            seed_meta = {**meta, "k_shot": k_shot, "seed": seed, "reference_split": reference_split,
+                         "references": paths}
+            passes.append((seed, PartialResults(output_dir / PARTIAL_DIR / f"seed_{seed}"), seed_meta, banks, paths))
+
+    for seed, partial, pass_meta, banks, _ in passes:
+        if seed is not None:
+            logger.info("%d-shot pass, seed %d", k_shot, seed)
+        if not _score_pass(args, accelerator, model, processor, dataset, partial, pass_meta, banks):
             if accelerator.is_main_process:
-                index, score, anomaly_map, mask, label, has_mask, bad = (t.cpu().numpy() for t in gathered)
-                partial.write(
-                    f"r{run_number:03d}_b{batch_number:06d}",
-                    {"index": index.astype(np.int64), "score": score.astype(np.float64), "map": anomaly_map.astype(np.float32),
-                     "mask": mask.astype(np.uint8), "label": label.astype(np.int64), "has_mask": has_mask.astype(bool),
-                     "bad": bad.astype(bool)},
-                    {"category": [s[0] for s in strings], "image_path": [s[1] for s in strings],
-                     "error": [s[2] for s in strings]},
-                )
-                test_pause("VIP2CLIP_TEST_PAUSE_AFTER_BATCH", batch_number)  # test-only, no-op unless set
-            if args.max_batches is not None and batch_number >= args.max_batches:
-                stopped_early = batch_number < len(loader)
-                break
-    accelerator.wait_for_everyone()
-    if stopped_early:
-        if accelerator.is_main_process:
-            evaluated = len(partial.done_indices())
-            print(f"stopped after --max-batches {args.max_batches}: {evaluated}/{num_samples} samples evaluated; the "
-                  f"partial results are in {partial.directory}, continue with --resume.")
-        return None
+                evaluated = len(partial.done_indices())
+                print(f"stopped after --max-batches {args.max_batches}: {evaluated}/{num_samples} samples evaluated; "
+                      f"the partial results are in {partial.directory}, continue with --resume.")
+            return None
 
     results = None
     if accelerator.is_main_process:
-        records = partial.records()
-        missing = num_samples - len(records)
-        if missing:
-            raise RuntimeError(f"{missing} samples have no result in {partial.directory}; rerun with --resume.")
-        computed = compute_results(records, pro_mode=args.pro_mode)
+        computed_runs, curves = [], {}
+        for seed, partial, _, _, _ in passes:
+            records = partial.records()
+            missing = num_samples - len(records)
+            if missing:
+                raise RuntimeError(f"{missing} samples have no result in {partial.directory}; rerun with --resume.")
+            computed_runs.append(compute_results(records, pro_mode=args.pro_mode))
+            if args.save_maps and not curves:  # the ROC curves of the first pass
+                for category in computed_runs[-1]["per_category"]:
+                    rows = [r for r in records.values() if r["category"] == category and not r["bad"]]
+                    curves[category] = ([r["label"] for r in rows], [r["score"] for r in rows])
+        computed = computed_runs[0]
         results = {
             "dataset": _dataset_name(args),
             "split": args.split,
             "model": str(args.model),
             "pro_mode": args.pro_mode,
+            "k_shot": k_shot,
             "num_samples": num_samples,
             "num_evaluated": num_samples - len(computed["skipped"]),
             "per_category": computed["per_category"],
@@ -250,24 +330,37 @@ def run_evaluation(args: argparse.Namespace, model=None, processor=None) -> dict
             "counts": computed["counts"],
             "skipped": conversion_skipped + computed["skipped"],
         }
-        table = format_markdown_table({**computed["per_category"], "mean": computed["mean"]}, columns=list(METRIC_KEYS))
-        print(f"\n{results['dataset']} ({args.split}, {results['num_evaluated']} images, AUPRO {args.pro_mode}):\n{table}")
+        table_rows = {**computed["per_category"], "mean": computed["mean"]}
+        table_std = None
+        if k_shot:
+            runs = [{**run["per_category"], "mean": run["mean"]} for run in computed_runs]
+            mean, std = _mean_and_std(runs)
+            results.update({
+                "per_category": {name: mean[name] for name in computed["per_category"]},
+                "mean": mean["mean"],
+                "per_category_std": {name: std[name] for name in computed["per_category"]},
+                "mean_std": std["mean"],
+                "shot_seeds": seeds,
+                "reference_split": reference_split,
+                "references": {str(seed): paths for seed, _, _, _, paths in passes},
+                "per_seed": {str(seed): {"per_category": run["per_category"], "mean": run["mean"]}
+                             for (seed, *_), run in zip(passes, computed_runs)},
+            })
+            table_rows, table_std = mean, (std if len(seeds) > 1 else None)
+        table = format_markdown_table(table_rows, columns=list(METRIC_KEYS), std=table_std)
+        mode = f"{k_shot}-shot, seeds {' '.join(map(str, seeds))}" if k_shot else "zero-shot"
+        print(f"\n{results['dataset']} ({args.split}, {results['num_evaluated']} images, {mode}, AUPRO "
+              f"{args.pro_mode}):\n{table}")
         for item in results["skipped"]:
             where = "" if item["index"] is None else f" (index {item['index']})"
             print(f"skipped {item['image_path']}{where}: {item['reason']}", file=sys.stderr)
         atomic_write_text(output_dir / "results.md", table)
         atomic_write_json(output_dir / "results.json", _jsonable(results))
         if args.save_maps:
-            curves = {}
-            for category in computed["per_category"]:
-                rows = [r for r in records.values() if r["category"] == category and not r["bad"]]
-                curves[category] = ([r["label"] for r in rows], [r["score"] for r in rows])
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 plot_roc_curves(curves, output_dir / "roc_curves.png", title=f"Image-level ROC — {results['dataset']}")
-        shutil.rmtree(partial.directory)
+        shutil.rmtree(output_dir / PARTIAL_DIR)
         logger.info("wrote %s", output_dir / "results.json")
     accelerator.wait_for_everyone()
     return results
-
-

@@ -19,9 +19,14 @@ __all__ = ["format_markdown_table", "plot_roc_curves", "roc_curve_points"]
 
 
 def format_markdown_table(
-    results: Mapping[str, Mapping[str, float]], columns: list[str] | tuple[str, ...] | None = None
+    results: Mapping[str, Mapping[str, float]],
+    columns: list[str] | tuple[str, ...] | None = None,
+    std: Mapping[str, Mapping[str, float]] | None = None,
 ) -> str:
     """Markdown (pipe) table: one row per category plus ``mean``, values x100 with one decimal.
+
+    With ``std`` (same keys, e.g. over few-shot seeds) each cell reads ``mean ± std``, as the few-shot literature
+    reports.
 
     ``results`` maps category -> metrics (as from :func:`compute_category_metrics`);
     the ``mean`` row is added with :func:`summarize` when absent.  By default
@@ -51,8 +56,14 @@ def format_markdown_table(
         "| " + " | ".join(header) + " |",
         "|:" + "-" * max(len(header[0]) - 1, 3) + "|" + "|".join("-" * max(len(c) - 1, 3) + ":" for c in columns) + "|",
     ]
+    def cell(r: str, c: str) -> str:
+        text = fmt(table[r].get(c, float("nan")))
+        if std is not None and r in std:
+            text += " ± " + fmt(std[r].get(c, float("nan")))
+        return text
+
     for r in rows:
-        lines.append("| " + " | ".join([r, *(fmt(table[r].get(c, float("nan"))) for c in columns)]) + " |")
+        lines.append("| " + " | ".join([r, *(cell(r, c) for c in columns)]) + " |")
     return "\n".join(lines) + "\n"
 
 

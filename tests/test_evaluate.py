@@ -110,7 +110,7 @@ def _distance_to_polyline(points: np.ndarray, vertices: np.ndarray) -> np.ndarra
 def test_save_maps_writes_overlays_and_roc(full_run, tmp_path):
     from sklearn.metrics import roc_curve
 
-    from modeling_vip2clip.metrics import plot_roc_curves
+    from modeling_vip2clip.report import plot_roc_curves
 
     out, results = full_run
     overlays = sorted((out / "maps").rglob("*.png"))
@@ -265,3 +265,52 @@ def test_other_schema_parquet_with_renamed_columns(tiny_model_dir, tmp_path):
                                         (inputs["masks"].numpy() > 0.5).astype(np.uint8), output.anomaly_map.numpy())
         for key, value in mine.items():  # 1e-4: other batch shapes round the maps differently (near-tied pixels)
             assert results["per_category"][category][key] == pytest.approx(value, abs=1e-4), (category, key)
+
+
+def test_k_shot_draws_references_from_the_reference_split_and_reports_them(tiny_model_dir, tmp_path, capsys):
+    """`--k-shot 1 --shot-seeds 0 1`: per category one normal image drawn per seed from `--reference-split train`
+    (never the evaluated test split), listed in results.json, reproducible from the seeds, and each seed's metrics
+    equal a direct computation with a bank built here from the listed references."""
+    import torch
+
+    from modeling_vip2clip.data import load_anomaly_dataset
+    from modeling_vip2clip.metrics import compute_category_metrics
+    from modeling_vip2clip.references import bank_from_images, draw_references
+    from modeling_vip2clip.runtime import load_model_and_processor
+
+    raw = tmp_path / "raw"
+    generate_synthetic_benchmark(raw, categories=("fabric", "wood_like"), n_train_good=3, n_test_good=2, n_test_bad=2,
+                                 image_size=32, seed=1)
+    out = tmp_path / "eval"
+    _evaluate(tiny_model_dir, raw, out, "--k-shot", "1", "--shot-seeds", "0", "1")
+    assert "±" in capsys.readouterr().out  # mean ± std over the two seeds
+    results = json.loads((out / "results.json").read_text())
+    assert results["k_shot"] == 1 and results["shot_seeds"] == [0, 1] and results["reference_split"] == "train"
+    reference_set = load_anomaly_dataset(raw, split="train")
+    model, processor = load_model_and_processor(str(tiny_model_dir))
+    test_set = load_anomaly_dataset(raw, split="test")
+    for seed in (0, 1):
+        references = results["references"][str(seed)]
+        drawn = draw_references(reference_set, 1, seed)
+        assert references == {c: [reference_set[r]["image_path"] for r in rows] for c, rows in drawn.items()}
+        for category, paths in references.items():
+            assert len(paths) == 1 and "/train/good/" in paths[0]
+            bank = bank_from_images(model, processor, [Image.open(raw / paths[0])])
+            rows = [row for row in test_set if row["category"] == category]
+            inputs = processor(images=[row["image"] for row in rows], masks=[row["mask"] for row in rows])
+            with torch.no_grad():
+                output = model(pixel_values=inputs["pixel_values"], reference_bank=bank)
+            mine = compute_category_metrics(np.array([row["label"] for row in rows]), output.anomaly_score.numpy(),
+                                            (inputs["masks"].numpy() > 0.5).astype(np.uint8), output.anomaly_map.numpy())
+            for key, value in mine.items():
+                assert results["per_seed"][str(seed)]["per_category"][category][key] == pytest.approx(value, abs=1e-4)
+    for key, value in results["mean"].items():  # the headline numbers: the mean over the seeds
+        seeds_mean = np.mean([results["per_seed"][s]["mean"][key] for s in ("0", "1")])
+        assert value == pytest.approx(seeds_mean, abs=1e-12)
+
+
+def test_k_shot_refuses_references_from_the_evaluated_split(tiny_model_dir, bench_dir, tmp_path, capsys):
+    argv = ["evaluate", "--model", str(tiny_model_dir), "--dataset", str(bench_dir), "--output-dir", str(tmp_path),
+            "--k-shot", "1", "--reference-split", "test"]
+    assert cli_main(argv) == 2
+    assert "--reference-split test" in capsys.readouterr().err
