@@ -416,6 +416,7 @@ class Result:
     score: float
     anomaly_map: np.ndarray  # (h, w) float32 in [0, 1], the displayed image's size
     size: tuple[int, int]  # original (width, height)
+    k_shot: int = 0  # reference images behind the map (0: zero-shot)
 
 
 @dataclass
@@ -424,6 +425,25 @@ class AnomalyDemo:
 
     loaded: LoadedModel
     notes: list[str] = field(default_factory=list)
+    # Few-shot: the last reference bank, keyed by its files' contents, so re-running with the same references
+    # does not re-encode them (docs/few_shot.md).
+    _bank_key: tuple | None = field(default=None, repr=False)
+    _bank: Any = field(default=None, repr=False)
+
+    def reference_bank(self, paths: list[str]):
+        """A `ViP2CLIPReferenceBank` of the uploaded normal images (None without any), or `ImageInputError`."""
+        if not paths:
+            return None
+        import hashlib
+
+        key = tuple(hashlib.blake2b(Path(path).read_bytes(), digest_size=16).hexdigest() for path in paths)
+        if key != self._bank_key:
+            from modeling_vip2clip.references import bank_from_images
+
+            images = [self.prepare(path) for path in paths]
+            self._bank = bank_from_images(self.loaded.model, self.loaded.processor, images)
+            self._bank_key = key
+        return self._bank
 
     # -------------------------------------------------------------- inference
     def prepare(self, path: str | Path, name: str | None = None) -> Image.Image:
@@ -435,17 +455,19 @@ class AnomalyDemo:
         except (ValueError, TypeError) as error:
             raise ImageInputError(str(error)) from None
 
-    def predict(self, image: Image.Image, map_size: tuple[int, int] | None = None) -> tuple[float, np.ndarray]:
-        """RGB image → (score, anomaly map) with the map at `map_size` (width, height), default the image's size."""
+    def predict(self, image: Image.Image, map_size: tuple[int, int] | None = None, bank=None) -> tuple[float, np.ndarray]:
+        """RGB image → (score, anomaly map) with the map at `map_size` (width, height), default the image's size;
+        with `bank`, the few-shot (WinCLIP+-fused) score and map."""
         processor, model = self.loaded.processor, self.loaded.model
         width, height = map_size or image.size
         with torch.inference_mode():
             inputs = processor(images=[image])
-            outputs = model(pixel_values=inputs["pixel_values"])
+            extra = {} if bank is None else {"reference_bank": bank}
+            outputs = model(pixel_values=inputs["pixel_values"], **extra)
             anomaly_map = processor.post_process_anomaly_maps(outputs, target_sizes=[(height, width)])[0]
         return float(outputs.anomaly_score[0]), anomaly_map.numpy().astype(np.float32)
 
-    def run_one(self, path: str | Path, name: str | None = None) -> Result:
+    def run_one(self, path: str | Path, name: str | None = None, bank=None) -> Result:
         name = name or _display_name(path)
         image = self.prepare(path, name)
         size = image.size
@@ -453,12 +475,14 @@ class AnomalyDemo:
         if max(size) > DISPLAY_SIDE:  # the model sees S×S anyway; show (and map) a downscaled copy
             shown = image.copy()
             shown.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE), Image.Resampling.LANCZOS)
-        score, anomaly_map = self.predict(image, map_size=shown.size)
-        return Result(name, shown, score, anomaly_map, size)
+        score, anomaly_map = self.predict(image, map_size=shown.size, bank=bank)
+        return Result(name, shown, score, anomaly_map, size, 0 if bank is None else bank.num_images)
 
     # -------------------------------------------------------------- event handlers
-    def analyze(self, image_path, files, score_threshold: float = 0.5, mask_threshold: float = 0.5, progress=gr.Progress()):
-        """Gradio handler: single image and/or a batch → (summary, overlay, mask, gallery, state)."""
+    def analyze(self, image_path, files, score_threshold: float = 0.5, mask_threshold: float = 0.5, references=None,
+                progress=gr.Progress()):
+        """Gradio handler: single image and/or a batch (and optional normal reference images: few-shot) →
+        (summary, overlay, mask, gallery, state)."""
         if self.loaded.model is None:
             message = "No model is loaded (see the note at the top of the page)."
             gr.Warning(message)
@@ -476,12 +500,21 @@ class AnomalyDemo:
         if len(sources) > MAX_BATCH:
             problems.append(f"{len(sources)} images given; only the first {MAX_BATCH} are scored.")
             sources = sources[:MAX_BATCH]
+        reference_paths = [str(getattr(item, "path", None) or getattr(item, "name", None) or item)
+                           for item in references or []][:MAX_BATCH]
+        bank = None
+        if reference_paths:
+            progress((0, len(sources)), desc=f"Encoding {len(reference_paths)} reference image(s)", unit="images")
+            try:
+                bank = self.reference_bank(reference_paths)
+            except ImageInputError as error:
+                problems.append(f"reference image {error} — scored zero-shot instead.")
         results: list[Result] = []
         for index, path in enumerate(sources):
             name = _display_name(path)
             progress((index, len(sources)), desc=f"Scoring {name}", unit="images")
             try:
-                results.append(self.run_one(path, name))
+                results.append(self.run_one(path, name, bank=bank))
             except ImageInputError as error:
                 problems.append(str(error))
             except Exception as error:  # never show a stack trace: log it, tell the user what failed
@@ -519,7 +552,10 @@ class AnomalyDemo:
                 lines.append(
                     f"| {_esc(result.name)} | {result.size[0]}×{result.size[1]} | {result.score:.3f} | {verdict} |"
                 )
-            lines.append(f"\nScore threshold {score_threshold:.2f}; mask threshold {mask_threshold:.2f}.")
+            k = first.k_shot
+            mode = (f"**{k}-shot**: zero-shot fused with the nearest of {k} normal reference image(s) (WinCLIP+)"
+                    if k else "**zero-shot** (no reference images)")
+            lines.append(f"\nMaps: {mode}. Score threshold {score_threshold:.2f}; mask threshold {mask_threshold:.2f}.")
         if problems:
             lines.append("\n**Not scored:**")
             lines.extend(f"- {_esc(problem)}" for problem in problems)
@@ -536,6 +572,12 @@ class AnomalyDemo:
                 mask = (result.anomaly_map >= mask_threshold).astype(np.float32)
                 annotated = (result.image, [(mask, f"defect (map ≥ {mask_threshold:.2f})")])
         return summary, overlay, annotated, gallery, (results, problems)
+
+    def default_thresholds(self) -> tuple[float, float]:
+        """The sliders' start: the model's calibrated thresholds (`vip2clip calibrate`), else 0.5."""
+        config = getattr(self.loaded.model, "config", None)
+        values = [getattr(config, name, None) for name in ("image_threshold", "pixel_threshold")]
+        return tuple(0.5 if value is None else float(value) for value in values)
 
     @staticmethod
     def verdict(score: float, threshold: float) -> str:
@@ -622,9 +664,10 @@ def build_demo(app: AnomalyDemo) -> gr.Blocks:
     with gr.Blocks(title="ViP²-CLIP zero-shot anomaly detection") as demo:
         gr.Markdown(
             "# ViP²-CLIP — zero-shot anomaly detection\n"
-            "Upload, paste or pick an image of *any* object or texture (no class names, no reference images): the "
-            "model returns an anomaly score in [0, 1] and a map of where the defect is "
-            "([paper](https://arxiv.org/abs/2505.17692))."
+            "Upload, paste or pick an image of *any* object or texture (no class names, no reference images needed): "
+            "the model returns an anomaly score in [0, 1] and a map of where the defect is "
+            "([paper](https://arxiv.org/abs/2505.17692)). Optionally add a few images of *good* parts: the maps then "
+            "also compare each patch with its nearest normal patch (few-shot)."
         )
         gr.Markdown(app.status_markdown(), elem_id="model-status")
         # The last results, for re-thresholding. Gradio keeps a session's state until it expires, and API clients
@@ -639,8 +682,13 @@ def build_demo(app: AnomalyDemo) -> gr.Blocks:
                 files_input = gr.File(
                     label="…or a batch of images", file_count="multiple", elem_id="input-files", height=120,
                 )
-                score_threshold = gr.Slider(0.0, 1.0, value=0.5, step=0.01, label="Score threshold (verdict)")
-                mask_threshold = gr.Slider(0.0, 1.0, value=0.5, step=0.01, label="Map threshold (defect mask)")
+                image_default, pixel_default = app.default_thresholds()
+                score_threshold = gr.Slider(0.0, 1.0, value=image_default, step=0.01, label="Score threshold (verdict)")
+                mask_threshold = gr.Slider(0.0, 1.0, value=pixel_default, step=0.01, label="Map threshold (defect mask)")
+                references_input = gr.File(
+                    label="Reference normal images (optional: few-shot maps)", file_count="multiple",
+                    elem_id="input-references", height=100,
+                )
                 run = gr.Button("Detect anomalies", variant="primary", elem_id="run-button")
                 if examples:
                     gr.Examples(
@@ -664,7 +712,8 @@ def build_demo(app: AnomalyDemo) -> gr.Blocks:
                 )
         outputs = [summary, overlay, mask, gallery, state]
         run.click(
-            app.analyze, inputs=[image_input, files_input, score_threshold, mask_threshold], outputs=outputs,
+            app.analyze, inputs=[image_input, files_input, score_threshold, mask_threshold, references_input],
+            outputs=outputs,
             api_name="detect",
         )
         for slider in (score_threshold, mask_threshold):

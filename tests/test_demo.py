@@ -110,6 +110,24 @@ def test_analyze_example(demo):
     assert np.abs(np.asarray(overlay, float) - np.asarray(base, float)).mean() > 10
 
 
+def test_reference_images_give_labelled_few_shot_maps(demo, tmp_path):
+    """Few-shot on the page: with the scored image itself as the only reference its few-shot map is 0, so the
+    WinCLIP+ fusion (docs/few_shot.md) gives exactly half the zero-shot map and score; the summary says 1-shot,
+    and the bank is not rebuilt for the same reference files."""
+    zero_summary, *_, (zero, _) = demo.analyze(str(EXAMPLE), None, 0.5, 0.5)
+    few_summary, *_, (few, problems) = demo.analyze(str(EXAMPLE), None, 0.5, 0.5, [str(EXAMPLE)])
+    assert not problems and "**zero-shot**" in zero_summary and "**1-shot**" in few_summary
+    assert zero[0].k_shot == 0 and few[0].k_shot == 1
+    assert few[0].score == pytest.approx(zero[0].score / 2, abs=1e-5)
+    np.testing.assert_allclose(few[0].anomaly_map, zero[0].anomaly_map / 2, atol=1e-5)
+    bank = demo._bank
+    demo.analyze(str(EXAMPLE), None, 0.5, 0.5, [str(EXAMPLE)])
+    assert demo._bank is bank  # same files: the cached bank
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    summary, *_, (results, problems) = demo.analyze(str(EXAMPLE), None, 0.5, 0.5, [str(tmp_path / "bad.png")])
+    assert results[0].k_shot == 0 and any("scored zero-shot instead" in p for p in problems)
+
+
 def test_bf16_option_keeps_heads_fp32_and_scores_close(app_module, demo, model_dir):
     """`--dtype bf16` is the standard `from_pretrained(dtype=torch.bfloat16)`: towers bf16, heads fp32, the page
     says which, and the example's score and map stay close to the fp32 app's."""
