@@ -28,6 +28,9 @@ FLAGS = {
                 "--label-column", "--mask-column", "--category-column", "--output-dir", "--threshold",
                 "--pixel-threshold", "--batch-size", "--num-workers", "--device", "--no-overlays", "--save-maps",
                 "--save-masks", "--resume", "--mixed-precision", "--no-progress", "--debug"],
+    "calibrate": ["--model", "--dataset", "--out", "--overwrite", "--split", "--categories", "--dataset-name",
+                  "--streaming", "--image-column", "--label-column", "--mask-column", "--category-column", "--device",
+                  "--batch-size", "--num-workers", "--mixed-precision", "--no-progress", "--debug"],
     "convert": ["--layout", "--root", "--out", "--split", "--categories", "--missing-mask", "--license", "--overwrite"],
 }
 
