@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("modeling_vip2clip.train", "train the ICA/FGP heads on an auxiliary dataset (Accelerate loop)"),
     "evaluate": ("modeling_vip2clip.evaluate", "per-category image/pixel metrics on a benchmark (table + JSON)"),
     "predict": ("modeling_vip2clip.predict", "score image files/folders/globs: CSV + overlay PNGs"),
+    "calibrate": ("modeling_vip2clip.calibrate", "F1-max image/pixel thresholds from a labelled dataset, saved with the model"),
     "convert": ("modeling_vip2clip.convert_dataset", "convert a raw benchmark folder to a saved datasets folder"),
     "download-authors": ("modeling_vip2clip.download_authors",
                          "download the authors' released weights (mvtec or visa), verify them, save a model folder"),

@@ -69,6 +69,14 @@ class ViP2CLIPConfig(PretrainedConfig):
         focal_gamma (`float`, defaults to 2.0), loss_smooth (`float`, defaults to 1e-5),
         dice_smooth (`float`, defaults to 1.0): constants of the training losses (SPEC §6).
         mask_threshold (`float`, defaults to 0.5): masks are binarised at this value (SPEC §6–7).
+        image_threshold (`float`, *optional*): image score at or above which an image is called anomalous, as
+            calibrated by `vip2clip calibrate` (the F1-max threshold on a labelled set); `None` (default) means
+            uncalibrated, and `vip2clip predict` / the pipeline then use 0.5. In [0, 1].
+        pixel_threshold (`float`, *optional*): anomaly-map value at or above which a pixel is called defective
+            (the F1-max threshold of the pixel maps on the calibration set); `None` (default): 0.5. In [0, 1].
+        calibration (`dict`, *optional*): where the thresholds came from (dataset, split, categories, image and
+            mask counts, the F1 reached), written by `vip2clip calibrate`. Zero-shot means no *training* on the
+            target; calibrating the thresholds on a few labelled target images is the user's explicit choice.
     """
 
     model_type = "vip2clip"
@@ -96,6 +104,9 @@ class ViP2CLIPConfig(PretrainedConfig):
     loss_smooth: float = 1e-5
     dice_smooth: float = 1.0
     mask_threshold: float = 0.5
+    image_threshold: float | None = None
+    pixel_threshold: float | None = None
+    calibration: dict | None = None
 
     def __post_init__(self, **kwargs):
         if self.feature_layers is None:
@@ -182,6 +193,11 @@ class ViP2CLIPConfig(PretrainedConfig):
             raise ValueError(f"temperature must be > 0, got {self.temperature}.")
         if self.blur_sigma < 0 or self.blur_truncate <= 0:
             raise ValueError("blur_sigma must be >= 0 (0 disables the blur) and blur_truncate > 0.")
+        for name in ("image_threshold", "pixel_threshold"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name}={value} is outside [0, 1]; scores and anomaly maps lie in [0, 1] "
+                                 "(recalibrate with `vip2clip calibrate`, or set it to None).")
         for name in ("prompt_start_token_id", "prompt_end_token_id", "normal_state_token_id", "abnormal_state_token_id"):
             token_id = getattr(self, name)
             if token_id is not None and not 0 <= token_id < int(text.vocab_size):

@@ -63,9 +63,11 @@ __all__ = [
     "image_auroc",
     "image_ap",
     "f1_max",
+    "f1_max_threshold",
     "pixel_auroc",
     "pixel_ap",
     "pixel_f1_max",
+    "pixel_f1_max_threshold",
     "aupro",
     "aupro_reference",
     "compute_category_metrics",
@@ -261,8 +263,8 @@ def f1_max(labels: Any, scores: Any) -> float:
 
 
 def _desc_curve(
-    y: np.ndarray, s: np.ndarray, pos_weights: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    y: np.ndarray, s: np.ndarray, pos_weights: np.ndarray | None = None, return_thresholds: bool = False
+) -> tuple[np.ndarray, ...]:
     """Counts at every distinct threshold, highest threshold first.
 
     ``y`` (bool) and ``s`` are 1-D.  Returns ``(tps, fps, wsum)`` where, for
@@ -270,6 +272,7 @@ def _desc_curve(
     positives / negatives with score >= t_k and ``wsum[k]`` sums
     ``pos_weights`` over those positives (None when no weights are given).
     The point for a threshold above the maximum (all zeros) is not included.
+    With ``return_thresholds`` a fourth array holds the t_k themselves.
     """
     # Fresh arrays are costly here (page faults on ~100 MB buffers cost as much
     # as the arithmetic), hence the in-place sorts and subtractions below.
@@ -307,9 +310,10 @@ def _desc_curve(
     new_run = np.empty(n, dtype=bool)
     new_run[0] = True
     np.not_equal(merged[1:], merged[:-1], out=new_run[1:])
-    del merged
     starts = np.flatnonzero(new_run)
     del new_run
+    thresholds = merged[starts][::-1] if return_thresholds else None
+    del merged
     tps = np.searchsorted(pos_at, starts, side="left")  # positives before each start
     np.subtract(pos.size, tps, out=tps)  # positives at or after it
     fps = starts
@@ -323,7 +327,7 @@ def _desc_curve(
         # weight sum is a prefix sum of the weights in descending order.
         cw = np.concatenate(([0.0], np.cumsum(w_pos[::-1], dtype=np.float64)))
         wsum = cw[tps]
-    return tps, fps, wsum
+    return (tps, fps, wsum, thresholds) if return_thresholds else (tps, fps, wsum)
 
 
 def _auroc_from_counts(tps: np.ndarray, fps: np.ndarray) -> float:
@@ -347,6 +351,41 @@ def _f1_from_counts(tps: np.ndarray, fps: np.ndarray) -> float:
     f1 = f1[np.isfinite(f1)]
     # precision_recall_curve's extra final point (P=1, R=0) has F1 = 0.
     return float(max(np.max(f1), 0.0)) if f1.size else 0.0
+
+
+def _f1_max_threshold(y: np.ndarray, s: np.ndarray) -> tuple[float, float]:
+    """(F1-max, its threshold) from the sorted curve: the lowest threshold t reaching the maximum F1 of the
+    rule "anomalous when score >= t" (``precision_recall_curve``'s thresholds and F1, first maximum in its
+    ascending order, as anomalib's adaptive threshold takes it)."""
+    tps, fps, _, thresholds = _desc_curve(y, s, return_thresholds=True)
+    precision = tps / (tps + fps)
+    recall = tps / tps[-1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = 2 * precision * recall / (precision + recall)
+    f1 = np.where(np.isfinite(f1), f1, -np.inf)  # 0/0 where no positive is found yet
+    best = f1.size - 1 - int(np.argmax(f1[::-1]))  # the last maximum of the descending curve: lowest threshold
+    return float(max(f1[best], 0.0)), float(thresholds[best])
+
+
+def f1_max_threshold(labels: Any, scores: Any) -> tuple[float, float]:
+    """Image-level ``(F1-max, threshold)``: the score t at which "anomalous when score >= t" reaches the
+    F1-max (:func:`f1_max`) — the lowest such score on ties.  ``(nan, nan)`` (with a warning) when the labels
+    hold one class only.  What `vip2clip calibrate` stores as the model's ``image_threshold``."""
+    y, s = _image_inputs(labels, scores)
+    if not _image_defined("image_f1_max_threshold", y):
+        return float("nan"), float("nan")
+    return _f1_max_threshold(y.astype(bool), s)
+
+
+def pixel_f1_max_threshold(masks: Any, maps: Any) -> tuple[float, float]:
+    """Pixel-level ``(F1-max, threshold)`` over all pixels of an (N, H, W) stack (masks > 0.5 are defects),
+    on the same sorted curve as :func:`pixel_f1_max` (fast on millions of pixels).  ``(nan, nan)`` when the
+    masks hold one class only.  What `vip2clip calibrate` stores as the model's ``pixel_threshold``."""
+    m, a = _pixel_inputs(masks, maps, "maps")
+    y, s = m.ravel(), a.ravel()
+    if not _pixel_defined("pixel_f1_max_threshold", y):
+        return float("nan"), float("nan")
+    return _f1_max_threshold(y, s)
 
 
 def _pixel_defined(metric: str, y: np.ndarray) -> bool:

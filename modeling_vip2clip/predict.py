@@ -1,47 +1,89 @@
-"""`vip2clip predict --model DIR INPUT...`: score images with a trained ViP²-CLIP model.
+"""`vip2clip predict --model M INPUT... | --dataset D`: score images with a ViP²-CLIP model, at any scale.
 
-INPUT is any mix of image files, folders (searched recursively for image files) and glob patterns (quoted, so the
-shell leaves them alone; `**` recurses). Writes to `--output-dir`:
+    vip2clip predict --model M /data/line3/ --output-dir out/ --save-maps png --resume
+    vip2clip predict --model M 'line3/**/*.png' @more_images.txt --output-dir out/
+    vip2clip predict --model M --dataset org/name --split test --image-column image --output-dir out/
+    accelerate launch -m modeling_vip2clip.predict --model M /data/line3/ --output-dir out/   # several GPUs/nodes
 
-* `predictions.csv`: one row per readable image — `path`, `score` (image anomaly score in [0, 1]) and `verdict`
-  (`anomalous` when score >= `--threshold`, else `normal`);
-* `overlays/<name>.png`: the anomaly map blended over the image, at the image's own size (unless `--no-overlays`);
-* `skipped.csv` (path, reason) when some inputs could not be read — they are also printed, never silently dropped.
+INPUT is any mix of image files, folders (searched recursively for image files; hidden ones skipped), glob
+patterns (quoted, so the shell leaves them alone; `**` recurses) and `@LIST` files: a text file naming one INPUT
+per line (blank lines and `#` comments skipped; relative entries are relative to the list file's folder). Or
+`--dataset`: a folder written by `vip2clip convert` / `save_to_disk`, a raw benchmark folder, a folder of parquet
+files, or a Hub dataset id (`--streaming` reads it without downloading it first); `--split test` also selects
+every split named `<category>.test` (e.g. `BrachioLab/visa`), and `--image-column` names the image column.
 
-The exit status is 0 when at least one image was scored, 1 otherwise.
+Written to `--output-dir`:
+
+* `predictions.csv`, one row per scored input: `path` (the file as found; for a dataset row
+  `<split>/<row number>_<file name>`), `score` (image anomaly score in [0, 1]), `verdict` (`anomalous` when
+  score >= the threshold, else `normal`), `overlay` (the overlay file, relative to the output folder, or empty),
+  and `map` / `mask` when those are saved. The threshold is `--threshold`, else the model's calibrated
+  `image_threshold` (`vip2clip calibrate`), else 0.5.
+* `overlays/<key>.png`: the anomaly map blended over the image, at the image's own size (unless
+  `--no-overlays`). `<key>` is the input's path relative to the deepest folder holding all the inputs' roots (a
+  folder input itself, a glob's fixed leading folders, a file's own folder), file extension kept: `D/a/x.jpg` of
+  the input `D/` gives `overlays/a/x.jpg.png`, so same-named files never collide. For dataset rows, `<key>` is
+  the row's `path`.
+* `--save-maps png|npy`: `maps/<key>.png` (16-bit grey, value / 65535 = map value) or `maps/<key>.npy` (float16),
+  the anomaly map at the image's own size; `--save-masks`: `masks/<key>.png`, the map >= the pixel threshold
+  (`--pixel-threshold`, else the model's `pixel_threshold`, else 0.5) as a black/white PNG.
+* `skipped.csv` (path, reason): the inputs that could not be used (unreadable files, inputs that match nothing,
+  non-finite model outputs), also printed; never silently dropped.
+
+Scale: the inputs stream through a DataLoader (`--num-workers` processes decode and preprocess), so memory stays
+flat whatever their number; the CSV is appended and flushed batch by batch, and `--resume` skips the inputs
+already in it (a run killed at any moment and resumed scores every input exactly once); under `accelerate launch`
+the inputs are sharded over the processes and their part CSVs merged at the end. The exit status is 0 when
+predictions.csv holds at least one row, 1 otherwise, 2 for a usage error.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import glob
-import logging
-import math
-import os
 import sys
-from pathlib import Path
 from typing import Sequence
 
-from .runtime import add_debug_argument, positive_int, probability
+from .dataset_source import add_column_arguments
+from .runtime import add_common_arguments, probability
 
-logger = logging.getLogger("modeling_vip2clip.predict")
+__all__ = ["DESCRIPTION", "add_arguments", "build_parser", "run", "main"]
 
-__all__ = ["DESCRIPTION", "add_arguments", "build_parser", "collect_inputs", "run_prediction", "run", "main"]
-
-DESCRIPTION = ("Score images for anomalies with a trained ViP2-CLIP model: a CSV of (path, score, verdict) and an "
-               "anomaly-map overlay per image.")
+DESCRIPTION = ("Score images for anomalies with a ViP2-CLIP model: files, folders, globs, @lists or a dataset, "
+               "streamed, resumable and multi-process; a CSV of (path, score, verdict, overlay) and an overlay (and "
+               "optionally the map and mask) per image.")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--model", required=True, metavar="DIR", help="trained ViP2CLIP model folder (or Hub id).")
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or glob patterns.")
-    parser.add_argument("--output-dir", default="vip2clip-predictions", help="where predictions.csv and the overlays go (default: vip2clip-predictions).")
-    parser.add_argument("--threshold", type=probability, default=0.5, help="score at or above which an image is called anomalous (default: 0.5).")
-    parser.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass (default: 8).")
-    parser.add_argument("--device", default=None, help="torch device, e.g. cuda:0 or cpu (default: cuda if available, else cpu).")
+    parser.add_argument("--model", required=True, metavar="DIR", help="ViP2CLIP model folder (or Hub id).")
+    parser.add_argument("inputs", nargs="*", metavar="INPUT",
+                        help="image files, folders (recursive), glob patterns, or @LIST text files of such entries.")
+    data = parser.add_argument_group("dataset input (instead of INPUT)")
+    data.add_argument("--dataset", default=None, metavar="ID_OR_PATH",
+                      help="score the images of a dataset: a saved/converted folder, a raw benchmark folder, a folder "
+                      "of parquet files or a Hub dataset id.")
+    data.add_argument("--split", default="test",
+                      help="dataset split; also every split named <category>.<split> (default: test).")
+    data.add_argument("--categories", nargs="+", default=None, metavar="CAT", help="only these categories (default: all).")
+    data.add_argument("--streaming", action="store_true",
+                      help="stream the dataset instead of downloading/preparing it first.")
+    add_column_arguments(data)
+    parser.add_argument("--threshold", type=probability, default=None,
+                        help="image score at or above which an image is anomalous (default: the model's calibrated "
+                        "image_threshold, else 0.5).")
+    parser.add_argument("--pixel-threshold", type=probability, default=None,
+                        help="map value at or above which a pixel is defective, for --save-masks (default: the "
+                        "model's pixel_threshold, else 0.5).")
+    parser.add_argument("--device", default=None,
+                        help="torch device, e.g. cuda:0 or cpu (default: the process's GPU under accelerate launch, "
+                        "else cuda if available, else cpu).")
     parser.add_argument("--no-overlays", action="store_true", help="do not write the overlay PNGs.")
-    add_debug_argument(parser)
+    parser.add_argument("--save-maps", choices=["none", "png", "npy"], default="none",
+                        help="also write each anomaly map at the image's size: 16-bit PNG or float16 .npy (default: none).")
+    parser.add_argument("--save-masks", action="store_true", help="also write each binary defect mask (PNG) at the pixel threshold.")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep OUTPUT_DIR/predictions.csv and score only the inputs not in it yet.")
+    add_common_arguments(parser, batch_size=8, output_dir="vip2clip-predictions",
+                         output_help="where predictions.csv, skipped.csv and the overlays/maps/masks go", num_workers=2)
     return parser
 
 
@@ -49,133 +91,29 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return add_arguments(argparse.ArgumentParser(prog=prog or "vip2clip predict", description=DESCRIPTION))
 
 
-def _image_extensions() -> set[str]:
-    try:
-        from .data import IMAGE_EXTENSIONS
-
-        return {ext.lower() for ext in IMAGE_EXTENSIONS}
-    except ImportError:  # pragma: no cover
-        return {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
-
-
-def collect_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Expand files / folders / globs into image paths (deduplicated, in order); unmatched inputs are reported."""
-    extensions = _image_extensions()
-    files: list[Path] = []
-    problems: list[tuple[str, str]] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in extensions
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
-            if not found:
-                problems.append((item, "folder contains no image files"))
-            files.extend(found)
-        elif path.is_file():
-            files.append(path)
-        elif glob.has_magic(item):
-            found = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
-            if not found:
-                problems.append((item, "pattern matched no file"))
-            files.extend(found)
-        else:
-            problems.append((item, "no such file or folder"))
-    unique: dict[str, Path] = {}
-    for file in files:
-        unique.setdefault(os.path.abspath(file), file)
-    return list(unique.values()), problems
-
-
-def _open_image(path: Path, processor):
-    from PIL import Image
-
-    with Image.open(path) as handle:
-        handle.load()
-        image = handle.copy()
-    return processor.to_pil(image, what=str(path))
-
-
-def _overlay_name(path: Path, used: set[str]) -> str:
-    stem = "".join(c if c.isalnum() or c in "._-" else "_" for c in path.stem) or "image"
-    name, counter = f"{stem}.png", 1
-    while name in used:
-        name = f"{stem}_{counter}.png"
-        counter += 1
-    used.add(name)
-    return name
-
-
-def run_prediction(args: argparse.Namespace, model=None, processor=None) -> dict:
-    """Score the inputs; returns {"predictions": [(path, score, verdict)], "skipped": [(path, reason)], ...}."""
-    from .runtime import load_model_and_processor, resolve_source
-
-    if model is None:
-        resolve_source(args.model, "--model")  # fail fast, before torch is imported
-    import torch
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if model is None:
-        model, processor = load_model_and_processor(args.model, device=device)
-    model = model.to(device).eval()
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    files, skipped = collect_inputs(args.inputs)
-
-    readable = []
-    for file in files:
-        try:
-            readable.append((file, _open_image(file, processor)))
-        except Exception as error:  # noqa: BLE001 - reported with its reason, then skipped
-            skipped.append((str(file), f"{type(error).__name__}: {error}"))
-
-    predictions: list[tuple[str, float, str]] = []
-    used_names: set[str] = set()
-    overlay_dir = output_dir / "overlays"
-    for start in range(0, len(readable), max(1, args.batch_size)):
-        chunk = readable[start:start + args.batch_size]
-        inputs = processor(images=[image for _, image in chunk])
-        with torch.no_grad():
-            output = model(pixel_values=inputs["pixel_values"].to(device))
-        for (file, image), score, anomaly_map in zip(chunk, output.anomaly_score.float().cpu(), output.anomaly_map.float().cpu()):
-            score = float(score)
-            if not (math.isfinite(score) and bool(torch.isfinite(anomaly_map).all())):
-                skipped.append((str(file), "the model's score or map is not finite (NaN/inf)"))
-                continue
-            predictions.append((str(file), score, "anomalous" if score >= args.threshold else "normal"))
-            if not args.no_overlays:
-                overlay_dir.mkdir(parents=True, exist_ok=True)
-                processor.overlay(image, anomaly_map).save(overlay_dir / _overlay_name(file, used_names))
-
-    with open(output_dir / "predictions.csv", "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "score", "verdict"])
-        for path, score, verdict in predictions:
-            writer.writerow([path, f"{score:.6f}", verdict])
-    skipped_csv = output_dir / "skipped.csv"
-    if skipped:
-        with open(skipped_csv, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["path", "reason"])
-            writer.writerows(skipped)
-    elif skipped_csv.exists():
-        skipped_csv.unlink()
-    return {"predictions": predictions, "skipped": skipped, "csv": str(output_dir / "predictions.csv")}
-
-
 def run(args: argparse.Namespace) -> int:
-    from .runtime import setup_logging
+    from .runtime import require_extra, setup_logging, teardown_distributed
 
+    if args.dataset:
+        require_extra("datasets", "train", "--dataset")
     setup_logging()
-    result = run_prediction(args)
-    for path, reason in result["skipped"]:
-        print(f"skipped {path}: {reason}", file=sys.stderr)
-    anomalous = sum(1 for _, _, verdict in result["predictions"] if verdict == "anomalous")
-    print(f"scored {len(result['predictions'])} images ({anomalous} anomalous at threshold {args.threshold}), "
-          f"skipped {len(result['skipped'])}; wrote {result['csv']}")
-    return 0 if result["predictions"] else 1
+    from .prediction import run_prediction
+
+    try:
+        result = run_prediction(args)
+    finally:
+        teardown_distributed()
+    if "csv" not in result:  # not the main process of a distributed run
+        return 0
+    rate = result["scored"] / result["seconds"] if result["seconds"] > 0 else 0.0
+    print(f"scored {result['scored']} images in {result['seconds']:.1f} s ({rate:.2f} images/s), skipped "
+          f"{result['skipped']}; {result['csv']} holds {result['rows']} images, {result['anomalous']} anomalous at "
+          f"threshold {result['threshold']:g}", file=sys.stdout)
+    return 0 if result["rows"] else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m modeling_vip2clip.predict` / `accelerate launch -m modeling_vip2clip.predict`."""
     from .runtime import run_main
 
     return run_main(run, build_parser(prog="modeling_vip2clip.predict").parse_args(argv))

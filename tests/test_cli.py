@@ -1,14 +1,12 @@
-"""The `vip2clip` console script: complete --help for every subcommand, `predict` and `convert` end to end."""
+"""The `vip2clip` console script: complete --help for every subcommand, `convert` end to end (`predict`: test_predict.py)."""
 
 from __future__ import annotations
 
-import csv
 import shutil
 import subprocess
 import sys
 
 import pytest
-from PIL import Image
 
 from modeling_vip2clip.cli import build_parser, main as cli_main
 from modeling_vip2clip.training import model_options_from_args
@@ -26,7 +24,13 @@ FLAGS = {
         "--output-dir", "--save-maps", "--pro-mode", "--mixed-precision", "--resume", "--max-batches", "--no-progress",
         "--debug",
     ],
-    "predict": ["--model", "INPUT", "--output-dir", "--threshold", "--batch-size", "--device", "--no-overlays"],
+    "predict": ["--model", "INPUT", "--dataset", "--split", "--categories", "--streaming", "--image-column",
+                "--label-column", "--mask-column", "--category-column", "--output-dir", "--threshold",
+                "--pixel-threshold", "--batch-size", "--num-workers", "--device", "--no-overlays", "--save-maps",
+                "--save-masks", "--resume", "--mixed-precision", "--no-progress", "--debug"],
+    "calibrate": ["--model", "--dataset", "--out", "--overwrite", "--split", "--categories", "--dataset-name",
+                  "--streaming", "--image-column", "--label-column", "--mask-column", "--category-column", "--device",
+                  "--batch-size", "--num-workers", "--mixed-precision", "--no-progress", "--debug"],
     "convert": ["--layout", "--root", "--out", "--split", "--categories", "--missing-mask", "--license", "--overwrite"],
 }
 
@@ -70,47 +74,6 @@ def test_train_parser_defaults_are_the_papers():
                                              "n_cls": 3, "top_k": 50}
     given = build_parser("train").parse_args(["--clip", "c", "--dataset", "d", "--image-size", "224", "--n-ctx", "9"])
     assert model_options_from_args(given)["image_size"] == 224 and model_options_from_args(given)["n_ctx"] == 9
-
-
-def test_predict_writes_csv_and_overlays_and_reports_corrupt_files(tiny_model_dir, tmp_path, capsys):
-    folder = tmp_path / "photos"
-    (folder / "sub").mkdir(parents=True)
-    Image.new("RGB", (40, 30), (200, 10, 10)).save(folder / "red.png")
-    Image.new("L", (32, 32), 128).save(folder / "sub" / "gray.jpg")
-    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    (folder / "notes.txt").write_text("ignored: not an image extension")
-    extra = tmp_path / "more"
-    extra.mkdir()
-    Image.new("RGB", (32, 32), (0, 0, 255)).save(extra / "blue.png")
-    Image.new("RGB", (32, 32), (0, 255, 0)).save(extra / "red.png")  # same name as photos/red.png
-    out = tmp_path / "predictions"
-
-    code = cli_main(["predict", "--model", str(tiny_model_dir), str(folder), str(extra / "*.png"), str(tmp_path / "missing.png"),
-                     "--output-dir", str(out), "--threshold", "0.5"])
-    assert code == 0
-    with open(out / "predictions.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    assert [row.keys() for row in rows][0] == {"path", "score", "verdict"}
-    paths = sorted(row["path"] for row in rows)
-    assert len(paths) == 4 and not any("broken" in p or "notes" in p for p in paths)
-    for row in rows:
-        score = float(row["score"])
-        assert 0.0 <= score <= 1.0
-        assert row["verdict"] == ("anomalous" if score >= 0.5 else "normal")
-    overlays = sorted(p.name for p in (out / "overlays").iterdir())
-    assert len(overlays) == 4 and "red.png" in overlays and "red_1.png" in overlays
-    assert Image.open(out / "overlays" / "gray.png").size == (32, 32)
-    with open(out / "skipped.csv", newline="") as handle:
-        skipped = {row["path"]: row["reason"] for row in csv.DictReader(handle)}
-    assert any(p.endswith("broken.png") for p in skipped) and any(p.endswith("missing.png") for p in skipped)
-    err = capsys.readouterr().err
-    assert "broken.png" in err and "missing.png" in err
-
-
-def test_predict_without_readable_images_fails(tiny_model_dir, tmp_path):
-    (tmp_path / "bad.png").write_bytes(b"nope")
-    assert cli_main(["predict", "--model", str(tiny_model_dir), str(tmp_path / "bad.png"), "--output-dir",
-                     str(tmp_path / "out")]) == 1
 
 
 def test_convert_saves_a_loadable_dataset(tmp_path, capsys):
