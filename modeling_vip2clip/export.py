@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import io
 import json
 import logging
 import os
@@ -124,29 +125,36 @@ def _image_extensions() -> set[str]:
         return {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
-def _open_image(path: Path):
+def _open_image(file):
     from PIL import Image
 
-    with Image.open(path) as handle:
+    with Image.open(file) as handle:
         handle.load()
-        return handle.copy()
+        image = handle.copy()
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def load_calibration_images(source: Any, count: int, seed: int = 0) -> list:
     """`count` images (PIL) drawn without replacement (seeded) from a saved dataset folder (this package's schema,
-    `vip2clip convert`), an image folder (recursive) or a glob pattern; all of them when there are fewer."""
+    `vip2clip convert`), a raw benchmark folder that `vip2clip convert` recognises (MVTec-style tree, VisA, ...;
+    its images, never its masks), a plain image folder (recursive) or a glob pattern; all when there are fewer."""
     path = Path(str(source))
     rng = random.Random(seed)
     try:
-        from .data import is_saved_dataset
-    except ImportError:
-        is_saved_dataset = None
-    if path.is_dir() and is_saved_dataset is not None and is_saved_dataset(path):
-        from .data import load_anomaly_dataset
-
-        dataset = load_anomaly_dataset(path, split=None)
+        from .data import detect_layout, is_saved_dataset, load_anomaly_dataset, without_decoding
+    except ImportError:  # the data module needs the `train` extra (datasets): plain folders and globs only
+        detect_layout = is_saved_dataset = None
+    if path.is_dir() and is_saved_dataset is not None and (is_saved_dataset(path) or detect_layout(path)):
+        if is_saved_dataset(path):
+            dataset = load_anomaly_dataset(path, split=None)
+        else:  # a raw benchmark, converted in memory: every split
+            dataset = load_anomaly_dataset(path, split="all", progress=False)
+        dataset = without_decoding(dataset)  # decode only the rows drawn
         rows = sorted(rng.sample(range(len(dataset)), min(count, len(dataset))))
-        return [image.convert("RGB") if image.mode != "RGB" else image for image in dataset.select(rows)["image"]]
+        images = []
+        for value in dataset.select(rows)["image"]:
+            images.append(_open_image(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]))
+        return images
     extensions = _image_extensions()
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in extensions)

@@ -265,3 +265,25 @@ def test_inferencer_runs_without_torch(which, onnx_folder, openvino_folder, mode
     assert first["torch_loaded"] is False
     assert abs(first["score"] - float(scores[0])) < 1e-4 and abs(first["map_sum"] - float(maps.sum())) < 1e-2
     assert second["path"] == str(image_path) and second["score"] == first["score"]
+
+
+def test_calibration_images_from_a_benchmark_folder_a_saved_dataset_and_a_glob(tmp_path):
+    """Calibration images come from the benchmark's images, never its masks; the draw is seeded."""
+    from modeling_vip2clip.data import generate_synthetic_benchmark, load_anomaly_dataset
+    from modeling_vip2clip.export import load_calibration_images
+
+    root = tmp_path / "bench"
+    records = generate_synthetic_benchmark(root, categories=["fabric"], n_train_good=2, n_test_good=2,
+                                           n_test_bad=3, image_size=32, seed=0)
+    raw = load_calibration_images(root, count=4)
+    assert len(raw) == 4 and all(image.mode == "RGB" and image.size == (32, 32) for image in raw)
+    masks = {np.asarray(Image.open(root / r["mask_path"]).convert("RGB")).tobytes() for r in records if r["mask_path"]}
+    assert not masks & {np.asarray(image).tobytes() for image in load_calibration_images(root, count=100)}
+    assert len(load_calibration_images(root, count=100)) == len(records)
+    assert [np.asarray(i).tobytes() for i in raw] == [np.asarray(i).tobytes() for i in load_calibration_images(root, 4)]
+    saved = tmp_path / "saved"
+    load_anomaly_dataset(root, split="all", progress=False).save_to_disk(str(saved))
+    assert len(load_calibration_images(saved, count=3)) == 3
+    assert len(load_calibration_images(str(root / "fabric" / "test" / "good" / "*.png"), count=10)) == 2
+    with pytest.raises(UsageError, match="no such folder or pattern"):
+        load_calibration_images(tmp_path / "nowhere", count=3)
