@@ -58,6 +58,7 @@ __all__ = [
     "export_model",
     "load_calibration_images",
     "accuracy_figures",
+    "quantize_int8",
     "add_arguments",
     "run",
     "main",
@@ -261,27 +262,23 @@ def accuracy_figures(reference: tuple, candidate: tuple) -> dict:
     }
 
 
-def _quantize_int8(ov_model, calibration: list, evaluation: list, ignored_patterns: Sequence[str],
-                   advanced: dict | None, subset_size: int) -> tuple:
-    """NNCF post-training quantisation of the OpenVINO model; returns (int8 model, accuracy vs f32 on
-    `evaluation`)."""
+def quantize_int8(ov_model, calibration: list, ignored_patterns: Sequence[str] = INT8_IGNORED_PATTERNS,
+                  advanced: dict | None = None, subset_size: int | None = None):
+    """NNCF post-training INT8 quantisation of an OpenVINO model on `calibration` (a list of `pixel_values`
+    arrays); nodes matching `ignored_patterns` stay in floating point; `advanced`: keyword arguments of
+    `nncf.AdvancedQuantizationParameters`."""
     import nncf
 
-    advanced_parameters = None
-    if advanced:
-        advanced_parameters = nncf.AdvancedQuantizationParameters(**advanced)
+    advanced_parameters = nncf.AdvancedQuantizationParameters(**advanced) if advanced else None
     nncf.set_log_level(logging.WARNING)  # its INFO lines list every node it leaves alone; progress bars remain
-    quantized = nncf.quantize(
+    return nncf.quantize(
         ov_model,
         nncf.Dataset(calibration, lambda pixel_values: {INPUT_NAME: pixel_values}),
         model_type=nncf.ModelType.TRANSFORMER,
-        subset_size=subset_size,
+        subset_size=subset_size or len(calibration),
         ignored_scope=nncf.IgnoredScope(patterns=list(ignored_patterns), validate=False) if ignored_patterns else None,
         advanced_parameters=advanced_parameters,
     )
-    reference = _run_compiled(_compile_openvino(ov_model, "f32"), evaluation)
-    candidate = _run_compiled(_compile_openvino(quantized, "f32"), evaluation)
-    return quantized, accuracy_figures(reference, candidate)
 
 
 def _readme(info: dict) -> str:
@@ -437,8 +434,9 @@ def export_model(
             evaluation = [processor(images=evaluation_images[i:i + 4])["pixel_values"].numpy()
                           for i in range(0, len(evaluation_images), 4)]
             logger.info("quantising to INT8 on %d calibration images ...", len(calibration))
-            ov_model, accuracy = _quantize_int8(ov_model, calibration, evaluation, int8_ignored_patterns,
-                                                int8_advanced_parameters, subset_size=len(calibration))
+            reference = _run_compiled(_compile_openvino(ov_model, "f32"), evaluation)
+            ov_model = quantize_int8(ov_model, calibration, int8_ignored_patterns, int8_advanced_parameters)
+            accuracy = accuracy_figures(reference, _run_compiled(_compile_openvino(ov_model, "f32"), evaluation))
             info["int8"] = {
                 "method": "nncf.quantize (post-training, model_type=TRANSFORMER)",
                 "calibration_source": calibration_source,

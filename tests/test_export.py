@@ -287,3 +287,42 @@ def test_calibration_images_from_a_benchmark_folder_a_saved_dataset_and_a_glob(t
     assert len(load_calibration_images(str(root / "fabric" / "test" / "good" / "*.png"), count=10)) == 2
     with pytest.raises(UsageError, match="no such folder or pattern"):
         load_calibration_images(tmp_path / "nowhere", count=3)
+
+
+# ---------------------------------------------------------------------------------------------- torch-side adapter
+def test_predict_on_an_exported_folder_equals_the_torch_folder(torch_folder, onnx_folder, openvino_folder, tmp_path):
+    """`predict` with the adapter of modeling_vip2clip/exported_model.py: same CSV scores (1e-4) and overlays."""
+    import csv
+
+    from modeling_vip2clip import predict
+    from modeling_vip2clip.exported_model import ExportedViP2CLIPModel, load_exported
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for index, image in enumerate(_images(4, seed=20)):
+        image.save(images / f"part{index}.png")
+
+    def scores(model_source, loaded=None):
+        out = tmp_path / f"out-{Path(model_source).name}"
+        args = predict.build_parser().parse_args(["--model", str(model_source), str(images), "--output-dir", str(out),
+                                                  "--batch-size", "3"])
+        model, processor = loaded or (None, None)
+        predict.run_prediction(args, model=model, processor=processor)
+        with open(out / "predictions.csv", newline="") as handle:
+            rows = {row["path"]: float(row["score"]) for row in csv.DictReader(handle)}
+        overlays = {p.name: np.asarray(Image.open(p), dtype=np.int16) for p in (out / "overlays").iterdir()}
+        return rows, overlays
+
+    expected, expected_overlays = scores(torch_folder)
+    for folder in (onnx_folder, openvino_folder):
+        model, processor = load_exported(folder)
+        assert isinstance(model, ExportedViP2CLIPModel) and model.config.image_size == 32
+        actual, overlays = scores(folder, (model, processor))
+        assert actual.keys() == expected.keys()
+        assert max(abs(actual[k] - expected[k]) for k in expected) <= 1e-4
+        assert overlays.keys() == expected_overlays.keys()
+        assert max(int(np.abs(overlays[k] - expected_overlays[k]).max()) for k in overlays) <= 1  # rounding only
+    with pytest.raises(ValueError, match="only scores images"):
+        model(pixel_values=torch.zeros(1, 3, 32, 32), labels=torch.zeros(1))
+    with pytest.raises(ValueError, match="not an exported"):
+        load_exported(torch_folder)
