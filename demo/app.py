@@ -509,6 +509,8 @@ class AnomalyDemo:
                 bank = self.reference_bank(reference_paths)
             except ImageInputError as error:
                 problems.append(f"reference image {error} — scored zero-shot instead.")
+            except UsageError as error:  # e.g. an exported (ONNX / OpenVINO) model: no reference bank
+                problems.append(f"{error} Scored zero-shot instead.")
         results: list[Result] = []
         for index, path in enumerate(sources):
             name = _display_name(path)

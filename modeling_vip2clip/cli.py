@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("modeling_vip2clip.predict", "score image files/folders/globs: CSV + overlay PNGs"),
     "calibrate": ("modeling_vip2clip.calibrate", "F1-max image/pixel thresholds from a labelled dataset, saved with the model"),
     "convert": ("modeling_vip2clip.convert_dataset", "convert a raw benchmark folder to a saved datasets folder"),
+    "export": ("modeling_vip2clip.export", "export a model to ONNX / OpenVINO (optionally INT8) for deployment"),
     "download-authors": ("modeling_vip2clip.download_authors",
                          "download the authors' released weights (mvtec or visa), verify them, save a model folder"),
 }

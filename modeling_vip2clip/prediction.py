@@ -622,7 +622,8 @@ def run_prediction(args: argparse.Namespace, model=None, processor=None) -> dict
 
         processor = ViP2CLIPProcessor.for_model(model.config)
     model = model.to(device).eval()
-    input_dtype = model.clip.vision_model.embeddings.patch_embedding.weight.dtype
+    # The dtype the model's first layer takes (an exported ONNX / OpenVINO model takes float32).
+    input_dtype = model.clip.vision_model.embeddings.patch_embedding.weight.dtype if hasattr(model, "clip") else torch.float32
     config = model.config
     threshold = args.threshold if args.threshold is not None else (
         config.image_threshold if getattr(config, "image_threshold", None) is not None else 0.5)

@@ -47,6 +47,10 @@ def bank_from_images(model, processor, images: list, batch_size: int = 8):
     """A `ViP2CLIPReferenceBank` of these PIL images, preprocessed by `processor`."""
     import torch
 
+    if not hasattr(model, "build_reference_bank"):
+        raise UsageError("few-shot references need a PyTorch model folder (an exported ONNX / OpenVINO model has no "
+                         "reference bank); pass the model folder the export was made from.")
+
     pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
     device = next(model.parameters()).device
     with torch.no_grad():

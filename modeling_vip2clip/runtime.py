@@ -343,12 +343,20 @@ def load_model_and_processor(source: str, device=None, dtype=None, flag: str = "
     """The one loader of every entry point: `(model, processor)` for a model folder or Hub id, in eval mode.
 
     * `source` is checked first (:func:`resolve_source`): a missing path or an unreachable id fails at once.
+    * A folder written by `vip2clip export` loads as `exported_model.ExportedViP2CLIPModel` (ONNX Runtime or
+      OpenVINO, no PyTorch in its forward), with the same `model(pixel_values=...)` outputs.
     * The model is the package's `ViP2CLIPModel` (no remote code runs), `dtype` (default fp32) through the standard
       `from_pretrained(dtype=...)` (the heads stay fp32). A folder whose weights do not fit its config is refused.
     * The processor is the folder's `preprocessor_config.json`, else `ViP2CLIPProcessor.for_model(config)`; one
       whose input size differs from the model's is refused (the folder mixes two models).
     """
     resolved = resolve_source(source, flag)  # before the heavy imports: a bad value fails in a second
+    from .exported_runtime import is_exported_folder
+
+    if is_exported_folder(resolved):  # `vip2clip export` output: ONNX Runtime / OpenVINO behind the same interface
+        from .exported_model import load_exported
+
+        return load_exported(resolved, device=device, dtype=dtype)
     import torch
 
     from .modeling_vip2clip import ViP2CLIPModel
