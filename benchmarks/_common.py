@@ -157,13 +157,30 @@ def save_random_model(directory: str | Path, image_size: int = 518, seed: int = 
     return directory
 
 
+# The files that travel to the Hub with a saved model (hub/publish.py ships the same, plus the pipeline).
+HUB_CODE_FILES = ("configuration_vip2clip.py", "modeling_vip2clip.py", "processing_vip2clip.py",
+                  "cpu_fast_path_vip2clip.py", "reference_bank_vip2clip.py")
+
+
 def sync_model_code(directory: str | Path) -> None:
     """Copy the package's model code into a saved model folder, so `trust_remote_code` runs the code under test
     (save_pretrained copies it once; a reused folder could otherwise hold an older copy)."""
     import shutil
 
-    for name in ("modeling_vip2clip.py", "configuration_vip2clip.py"):
+    for name in HUB_CODE_FILES:
         shutil.copyfile(ROOT / "modeling_vip2clip" / name, Path(directory) / name)
+
+
+def fast_path_in_use(model, device: str) -> bool | None:
+    """Whether `model` (package or remote-code class) runs its vision tower on the CPU oneDNN fast path; None for
+    model code without one."""
+    import importlib
+
+    if not hasattr(model, "cpu_onednn_vision"):
+        return None
+    package = type(model).__module__.rsplit(".", 1)[0]
+    fast_path = importlib.import_module(f"{package}.cpu_fast_path_vip2clip")
+    return bool(model.cpu_onednn_vision) and fast_path.cpu_fast_path_available(model.clip.vision_model, device)
 
 
 def smooth_images(count: int, seed: int = 0, height: int = 480, width: int = 640) -> list:

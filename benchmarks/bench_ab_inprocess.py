@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
             models[name] = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=dtype).eval()
         variants = {}
         for name, model in models.items():
-            if hasattr(model, "_use_prepacked_weights"):
+            if hasattr(model, "cpu_prepacked_weights"):
                 variants[f"{name}_prepacked"] = (model, True)
                 variants[f"{name}_plain_weights"] = (model, False)
             else:

@@ -81,8 +81,7 @@ def worker(spec: dict) -> dict:
         raise SystemExit(f"unexpected parameter dtypes after loading with dtype={dtype}: {dtypes}")
 
     config = model.config
-    fast_path = getattr(model, "_use_onednn_vision", None)  # the proposed CPU fast path, where present
-    model_fast_path = fast_path(torch.device(device)) if fast_path is not None else None
+    model_fast_path = common.fast_path_in_use(model, device)  # None for model code without the CPU fast path
     x = pixel_values.to(device)
     rss_after_load = common.current_rss_gib()
     if device.startswith("cuda"):

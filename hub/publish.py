@@ -1,10 +1,13 @@
 """Turn a trained / converted ViP²-CLIP folder into a Hub-ready repository folder and upload it.
 
-    python hub/publish.py --model vip2clip-mvtec --repo-id vip2clip/vip2clip-vit-l14-336-mvtec \
+    python hub/publish.py --model my-model --repo-id <your-name>/<model-name> \
         --eval-json results_visa.json [--train-dataset mvtec] [--license cc-by-nc-sa-4.0] [--out DIR] [--dry-run]
 
-The built folder holds the safetensors weights, config.json (auto_map + custom_pipelines), the self-contained
-`configuration_/modeling_/processing_/pipeline_vip2clip.py`, preprocessor_config.json and a generated model card
+It publishes a model *you* trained or converted, under *your* namespace (the project publishes no weights; the
+authors' release is downloaded by each user, `vip2clip download-authors`). The built folder holds the safetensors
+weights, config.json (auto_map + custom_pipelines), the self-contained Hub files (`configuration_`, `modeling_`,
+`processing_`, `cpu_fast_path_`, `reference_bank_`, `pipeline_vip2clip.py`), preprocessor_config.json and a
+generated model card
 (README.md). Before anything is uploaded the folder is loaded in a *fresh* Python process — offline
 (HF_HUB_OFFLINE=1), with an empty remote-code cache and this repository's package made unimportable — through
 `AutoModel` / `AutoProcessor` (`trust_remote_code=True`) and the `pipeline()` task, and must reproduce the source
@@ -303,7 +306,9 @@ def upload(folder: str | PathLike, repo_id: str, private: bool = False, token: s
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="trained or converted model folder (save_pretrained output)")
-    parser.add_argument("--repo-id", default=DEFAULT_REPO_ID, help=f"Hub repo id (default {DEFAULT_REPO_ID})")
+    parser.add_argument("--repo-id", default=None,
+                        help="your Hub repo id, <your-name>/<model-name> (needed to upload; a dry run without it uses "
+                        f"{DEFAULT_REPO_ID} in the card)")
     parser.add_argument("--eval-json", help="evaluation results JSON → model-index and a results table")
     parser.add_argument("--train-dataset", choices=sorted(TRAIN_DATASETS), default="mvtec",
                         help="auxiliary training set: sets the licence (mvtec → cc-by-nc-sa-4.0, visa → cc-by-4.0)")
@@ -316,6 +321,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-parity", action="store_true", help=argparse.SUPPRESS)  # never allowed with upload
     args = parser.parse_args(argv)
 
+    if args.repo_id is None:
+        if not args.dry_run:
+            print("error: --repo-id is needed to upload: pass <your-name>/<model-name> (or --dry-run to only build "
+                  "and check the folder)", file=sys.stderr)
+            return 2
+        args.repo_id = DEFAULT_REPO_ID
     if args.repo_id.count("/") != 1 or not all(args.repo_id.split("/")):
         print(f"error: --repo-id must look like ORG/NAME, got {args.repo_id!r}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ __all__ = [
     "ViP2CLIPModel",
     "ViP2CLIPOutput",
     "ViP2CLIPProcessor",
+    "ViP2CLIPReferenceBank",
     "download_authors_checkpoint",
     "load_authors_model",
 ]
@@ -24,6 +25,7 @@ _LAZY = {
     "ViP2CLIPModel": ".modeling_vip2clip",
     "ViP2CLIPOutput": ".modeling_vip2clip",
     "ViP2CLIPProcessor": ".processing_vip2clip",
+    "ViP2CLIPReferenceBank": ".reference_bank_vip2clip",
     "download_authors_checkpoint": ".authors_checkpoint",
     "load_authors_model": ".authors_checkpoint",
 }
@@ -32,6 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .configuration_vip2clip import ViP2CLIPConfig
     from .modeling_vip2clip import ViP2CLIPModel, ViP2CLIPOutput
     from .processing_vip2clip import ViP2CLIPProcessor
+    from .reference_bank_vip2clip import ViP2CLIPReferenceBank
     from .authors_checkpoint import download_authors_checkpoint, load_authors_model
 
 

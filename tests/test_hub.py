@@ -307,4 +307,9 @@ def test_cli_refuses_bad_arguments(source_dir, tmp_path, publish, capsys):
     assert (out / "keep.txt").exists() and "refusing" in capsys.readouterr().err
     assert publish.main(["--model", str(source_dir), "--repo-id", "no-slash", "--dry-run"]) == 2
     assert publish.main(["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o2"), "--dry-run"]) == 2
-    assert publish.main(["--model", str(source_dir), "--out", str(tmp_path / "o3"), "--skip-parity"]) == 2
+    assert publish.main(["--model", str(source_dir), "--out", str(tmp_path / "o3"), "--skip-parity",
+                         "--repo-id", "me/model"]) == 2
+    assert "--skip-parity is only allowed with --dry-run" in capsys.readouterr().err
+    # uploading needs the user's own repo id: no default namespace is assumed
+    assert publish.main(["--model", str(source_dir), "--out", str(tmp_path / "o4")]) == 2
+    assert "--repo-id is needed to upload" in capsys.readouterr().err
