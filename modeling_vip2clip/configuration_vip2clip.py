@@ -1,4 +1,4 @@
-"""Configuration of ViP²-CLIP (SPEC.md §2–§8).
+"""Configuration of ViP²-CLIP (docs/method.md §2–§8).
 
 This file travels to the Hub with the model (``trust_remote_code``): it imports only
 torch-free transformers pieces and nothing from the rest of the package.
@@ -12,7 +12,7 @@ from transformers.configuration_utils import SubConfigSpec
 
 __all__ = ["ViP2CLIPConfig"]
 
-# The paper's backbone (`openai/clip-vit-large-patch14-336`) at the paper's input size 518 (SPEC §2):
+# The paper's backbone (`openai/clip-vit-large-patch14-336`) at the paper's input size 518 (docs/method.md §2):
 # `ViP2CLIPConfig()` alone gives the real geometry, e.g. for benchmarks with random weights.
 _VIT_L14_AT_518 = {
     "projection_dim": 768,
@@ -44,13 +44,13 @@ class ViP2CLIPConfig(PretrainedConfig):
             The frozen backbone's configuration, by default CLIP ViT-L/14 at 518 px (the paper's). Its `vision_config.image_size` is the model's input size S
             (the position table is resized to it once, by `ViP2CLIPModel.from_clip`).
         feature_layers (`list[int]`, defaults to `[6, 12, 18, 24]`):
-            1-based vision blocks whose residual stream feeds the patch features (SPEC §2).
-        n_ctx (`int`, defaults to 7): learnable context tokens per state prompt (SPEC §3, train.sh).
-        n_cls (`int`, defaults to 3): image-conditioned class tokens (SPEC §3).
+            1-based vision blocks whose residual stream feeds the patch features (docs/method.md §2).
+        n_ctx (`int`, defaults to 7): learnable context tokens per state prompt (docs/method.md §3, train.sh).
+        n_cls (`int`, defaults to 3): image-conditioned class tokens (docs/method.md §3).
         adapter_hidden_size (`int`, defaults to 384): hidden width of each ICA MLP f_j.
-        fgp_num_heads (`int`, defaults to 8): heads of the FGP cross-attention (SPEC §4).
-        temperature (`float`, defaults to 0.07): softmax temperature of UTPA (SPEC §5).
-        top_k (`int`, defaults to 50): patches per layer used for the image score (SPEC §5).
+        fgp_num_heads (`int`, defaults to 8): heads of the FGP cross-attention (docs/method.md §4).
+        temperature (`float`, defaults to 0.07): softmax temperature of UTPA (docs/method.md §5).
+        top_k (`int`, defaults to 50): patches per layer used for the image score (docs/method.md §5).
         blur_sigma (`float`, defaults to 8.0): σ of the Gaussian blur of the anomaly map, 0 disables it.
         blur_truncate (`float`, defaults to 4.0): kernel radius in σ (scipy's `truncate`).
         normal_state_word / abnormal_state_word (`str`): the state words w⁺ / w⁻ (single BPE tokens).
@@ -61,14 +61,14 @@ class ViP2CLIPConfig(PretrainedConfig):
             their token ids, fixed by `from_clip` from the checkpoint's tokenizer so no tokenizer is needed at
             inference.
         official_compat (`bool`, defaults to `True`):
-            reproduce the reference implementation's quirks (SPEC §8), on which the published checkpoints and
+            reproduce the reference implementation's quirks (docs/method.md §8), on which the published checkpoints and
             numbers depend: (1) the global feature skips the vision post-LayerNorm, (2) the normal prompt carries
             the abnormal word's embedding, (3) position embeddings are resized bilinearly (not bicubically).
             Set to `False` for the paper's description.
-        init_std (`float`, defaults to 0.02): std of the normal init of the learnable prompt tensors (SPEC §3).
+        init_std (`float`, defaults to 0.02): std of the normal init of the learnable prompt tensors (docs/method.md §3).
         focal_gamma (`float`, defaults to 2.0), loss_smooth (`float`, defaults to 1e-5),
-        dice_smooth (`float`, defaults to 1.0): constants of the training losses (SPEC §6).
-        mask_threshold (`float`, defaults to 0.5): masks are binarised at this value (SPEC §6–7).
+        dice_smooth (`float`, defaults to 1.0): constants of the training losses (docs/method.md §6).
+        mask_threshold (`float`, defaults to 0.5): masks are binarised at this value (docs/method.md §6–7).
         image_threshold (`float`, *optional*): image score at or above which an image is called anomalous, as
             calibrated by `vip2clip calibrate` (the F1-max threshold on a labelled set); `None` (default) means
             uncalibrated, and `vip2clip predict` / the pipeline then use 0.5. In [0, 1].
@@ -118,7 +118,7 @@ class ViP2CLIPConfig(PretrainedConfig):
     # ------------------------------------------------------------------ derived geometry
     @property
     def image_size(self) -> int:
-        """Input side S (SPEC notation)."""
+        """Input side S (docs/method.md notation)."""
         return int(self.clip_config.vision_config.image_size)
 
     @property
@@ -147,7 +147,7 @@ class ViP2CLIPConfig(PretrainedConfig):
 
     @property
     def prompt_length(self) -> int:
-        """[SOS] + n_ctx + state word + n_cls + [EOS]: the prompt cut right after EOS (SPEC §3)."""
+        """[SOS] + n_ctx + state word + n_cls + [EOS]: the prompt cut right after EOS (docs/method.md §3)."""
         return self.n_ctx + self.n_cls + 3
 
     # ------------------------------------------------------------------ validation

@@ -55,7 +55,7 @@ class ViP2CLIPAnomalyDetectionPipeline(Pipeline):
             try:
                 return ViP2CLIPProcessor.from_pretrained(source)
             except (OSError, ValueError):
-                pass  # no preprocessor_config.json: the SPEC §7 defaults at the model's input size
+                pass  # no preprocessor_config.json: the docs/method.md §7 defaults at the model's input size
         config = self.model.config
         return ViP2CLIPProcessor(image_size=config.image_size, min_image_size=config.patch_size)
 

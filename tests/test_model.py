@@ -1,4 +1,4 @@
-"""ViP2CLIPModel: shapes, each SPEC formula against an independent computation, quirks, gradients, round trips."""
+"""ViP2CLIPModel: shapes, each formula of docs/method.md against an independent computation, quirks, gradients, round trips."""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def test_ica_prompt_assembly_matches_spec(tiny_model):
         z = [ica.class_context[j] + ica.class_token_mlps[j].fc2(torch.relu(ica.class_token_mlps[j].fc1(v[b] + ica.image_bias[0])))
              for j in range(config.n_cls)]
         for state, context in ((0, ica.normal_context), (1, ica.abnormal_context)):
-            # official-compat: both states carry the abnormal word's embedding (SPEC §3, §8.2)
+            # official-compat: both states carry the abnormal word's embedding (docs/method.md §3, §8.2)
             expected = [token[config.prompt_start_token_id], *context, token[config.abnormal_state_token_id], *z, token[config.prompt_end_token_id]]
             torch.testing.assert_close(prompts[b, state], torch.stack(expected))
 
@@ -87,7 +87,7 @@ def test_fgp_is_unscaled_multihead_cross_attention(tiny_model):
         per_head = []
         for h in range(heads):
             sl = slice(h * hd, (h + 1) * hd)
-            weights = torch.softmax(q[:, sl] @ k[:, sl].T, dim=-1)  # no 1/sqrt(d) (SPEC §4)
+            weights = torch.softmax(q[:, sl] @ k[:, sl].T, dim=-1)  # no 1/sqrt(d) (docs/method.md §4)
             per_head.append(weights @ v[:, sl])
         o = fgp.out_proj(torch.cat(per_head, dim=-1))
         torch.testing.assert_close(out[b], o / o.norm(dim=-1, keepdim=True), atol=1e-6, rtol=1e-5)
