@@ -84,6 +84,9 @@ def is_exported_folder(path: Any) -> bool:
     return model_file is not None and (folder / model_file).is_file()
 
 
+# The image conversions below repeat processing_vip2clip.py's on purpose: that file imports torch, and this one must
+# run where neither torch nor this package is installed (it is copied into every exported folder).
+# tests/test_export.py checks that both give the same pixels (1e-6) for every image mode.
 def _wide_to_uint8(array: np.ndarray, what: str) -> np.ndarray:
     """16-bit / 32-bit / float pixels → uint8 exactly as ViP2CLIPProcessor does (÷257, ×255, or min–max)."""
     if array.dtype == np.uint8:
