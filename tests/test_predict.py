@@ -479,6 +479,13 @@ def test_dataset_in_the_visa_parquet_layout(tiny_model_dir, visa_parquet, tmp_pa
                      "--streaming", "--output-dir", str(streamed), "--num-workers", "2", "--batch-size", "2",
                      "--no-progress"]) == 0
     assert _scores(streamed) == _scores(out)
+    # Resume a streamed run: the rows already in the CSV are skipped in the stream, the rest appended once.
+    lines = (streamed / "predictions.csv").read_text().splitlines(keepends=True)
+    (streamed / "predictions.csv").write_text("".join(lines[:-3]))
+    assert cli_main(["predict", "--model", str(tiny_model_dir), "--dataset", str(visa_parquet), "--split", "test",
+                     "--streaming", "--resume", "--output-dir", str(streamed), "--num-workers", "2", "--batch-size", "2",
+                     "--no-progress"]) == 0
+    assert _scores(streamed) == _scores(out)
     one = tmp_path / "one"
     assert cli_main(["predict", "--model", str(tiny_model_dir), "--dataset", str(visa_parquet), "--split",
                      "pcb1.train", "--output-dir", str(one), "--num-workers", "0", "--no-progress"]) == 0

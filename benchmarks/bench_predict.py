@@ -1,0 +1,197 @@
+"""Batch prediction (`vip2clip predict`): end-to-end images/s against the model alone, and peak memory against
+the number of images.
+
+* `rate` (per model: `tiny`, the tests' random tiny ViP²-CLIP at 32 px; `real`, the random-weight model of the
+  real geometry, ViT-L/14@336 at 518 px, loaded in bf16 by default): in one fresh process, the model-only rate
+  (the images decoded and preprocessed beforehand, then `model(pixel_values)` batch after batch, the outputs
+  moved to the CPU), then `predict`'s rate on the same image files (`run_prediction`: DataLoader workers decode
+  and preprocess, the main process runs the model, a thread pool writes the overlays, the CSV is appended and
+  fsynced batch by batch; model loading excluded, a warm-up run first), then the model-only rate again. The
+  ratio is e2e ÷ the mean of the two model-only rates (bracketing drift on a shared machine).
+* `rss`: `vip2clip predict` over N and over 5N image files, each in a fresh process (tiny model, overlays on):
+  the peak RSS of the main process and of its largest DataLoader worker. Streaming means the difference stays
+  near zero; the old predict kept every decoded image in memory.
+
+The images are `_common.smooth_images` (640×480 RGB, blob "defects") saved as PNG files. Nothing is downloaded.
+
+    python benchmarks/bench_predict.py                                   # all: tiny + real rates, rss
+    python benchmarks/bench_predict.py --parts tiny rss --images 64
+    python benchmarks/bench_predict.py --parts real --real-images 8 --batch-size 4 --dtype bf16
+    python benchmarks/bench_predict.py --parts real --device cuda --batch-size 32 --real-images 512   # on a GPU
+
+One JSON line per measurement on stdout (and appended to `--out FILE` if given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import _common as common  # noqa: E402  (puts the package on sys.path)
+
+HERE = Path(__file__).resolve()
+
+
+def _make_images(folder: Path, count: int, seed: int = 0) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    existing = sorted(folder.glob("*.png"))
+    if len(existing) >= count:
+        return folder
+    distinct = common.smooth_images(min(count, 16), seed=seed)
+    for index in range(count):
+        distinct[index % len(distinct)].save(folder / f"img_{index:05d}.png")
+    return folder
+
+
+def _tiny_model(folder: Path) -> Path:
+    if not (folder / "config.json").is_file():
+        tests = str(common.ROOT / "tests")
+        if tests not in sys.path:
+            sys.path.insert(0, tests)
+        from tiny_clip import save_tiny_vip2clip
+
+        save_tiny_vip2clip(folder)
+    return folder
+
+
+def _predict_args(model_dir: str, inputs: list[str], out: Path, batch: int, workers: int, dtype: str, device: str):
+    from modeling_vip2clip.predict import build_parser
+
+    return build_parser().parse_args([
+        "--model", model_dir, *inputs, "--output-dir", str(out), "--batch-size", str(batch), "--num-workers",
+        str(workers), "--mixed-precision", {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[dtype], "--device", device,
+        "--no-progress",
+    ])
+
+
+# ---------------------------------------------------------------------------------------------------- workers
+
+
+def _worker_rate(spec: dict) -> dict:
+    import torch
+
+    from modeling_vip2clip.prediction import run_prediction
+    from modeling_vip2clip.runtime import load_model_and_processor
+
+    device = torch.device(spec["device"])
+    dtype = common.DTYPES[spec["dtype"]]
+    model, processor = load_model_and_processor(spec["model_dir"], device=device, dtype=None if spec["dtype"] == "fp32" else dtype)
+    files = sorted(str(p) for p in Path(spec["images"]).glob("*.png"))[: spec["count"]]
+    batch = spec["batch"]
+    input_dtype = model.clip.vision_model.embeddings.patch_embedding.weight.dtype
+
+    from PIL import Image
+
+    pixel_values = processor(images=[Image.open(f).convert("RGB") for f in files])["pixel_values"]
+
+    def model_only() -> float:
+        def one(chunk):
+            with torch.inference_mode():
+                output = model(pixel_values=chunk.to(device=device, dtype=input_dtype))
+            output.anomaly_score.float().cpu(), output.anomaly_map.float().cpu()
+
+        one(pixel_values[:batch])  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for begin in range(0, len(files), batch):
+            one(pixel_values[begin:begin + batch])
+        return len(files) / (time.perf_counter() - start)
+
+    work = Path(spec["work"])
+    common.reset_peak_rss()
+    before = model_only()
+    run_prediction(_predict_args(spec["model_dir"], files[:batch], work / "warmup", batch, spec["workers"],
+                                 spec["dtype"], spec["device"]), model=model, processor=processor)
+    result = run_prediction(_predict_args(spec["model_dir"], files, work / "e2e", batch, spec["workers"], spec["dtype"],
+                                          spec["device"]), model=model, processor=processor)
+    after = model_only()
+    e2e = result["rows"] / result["seconds"]
+    return {
+        "part": "rate", "model": spec["label"], "dtype": spec["dtype"], "device": spec["device"], "batch": batch,
+        "workers": spec["workers"], "images": len(files), "image_size": "640x480",
+        "model_only_images_per_s": [round(before, 3), round(after, 3)],
+        "e2e_images_per_s": round(e2e, 3), "e2e_vs_model_only": round(e2e / ((before + after) / 2), 3),
+        "peak_rss_gib": round(common.current_peak_rss_gib() or float("nan"), 3),
+        "machine": common.machine_info(spec["device"]),
+    }
+
+
+def _worker_rss(spec: dict) -> dict:
+    from modeling_vip2clip.predict import main
+
+    code = main(["--model", spec["model_dir"], spec["images"], "--output-dir", spec["out"], "--batch-size",
+                 str(spec["batch"]), "--num-workers", str(spec["workers"]), "--no-progress"])
+    return {"exit": code, "main_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--parts", nargs="+", choices=["tiny", "real", "rss"], default=["tiny", "real", "rss"])
+    parser.add_argument("--images", type=int, default=64, help="images of the tiny rate run and N of the rss run (5N too).")
+    parser.add_argument("--real-images", type=int, default=8, help="images of the real-geometry rate run.")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--dtype", choices=sorted(common.DTYPES), default="bf16", help="dtype of the real model.")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--work-dir", default=None, help="keep models and images here (default: a temp dir).")
+    parser.add_argument("--out", default=None, help="also append the JSON lines to this file.")
+    parser.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._worker:
+        spec = json.loads(args._worker)
+        print(json.dumps(_worker_rate(spec) if spec["kind"] == "rate" else _worker_rss(spec)), flush=True)
+        return
+
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_predict_"))
+    records = []
+
+    def emit(record: dict) -> None:
+        records.append(record)
+        line = json.dumps(record)
+        print(line, flush=True)
+        if args.out:
+            with open(args.out, "a", encoding="utf-8") as handle:
+                handle.write(line + "\n")
+
+    tiny = str(_tiny_model(work / "tiny_model"))
+    if "tiny" in args.parts:
+        images = _make_images(work / "images", max(args.images, args.real_images))
+        emit(common.run_worker(HERE, {"kind": "rate", "label": "tiny", "model_dir": tiny, "images": str(images),
+                                      "count": args.images, "batch": args.batch_size, "workers": args.num_workers,
+                                      "dtype": "fp32", "device": args.device, "work": str(work / "run_tiny")}))
+    if "real" in args.parts:
+        images = _make_images(work / "images", max(args.images, args.real_images))
+        real = str(common.save_random_model(work / "real_model"))
+        emit(common.run_worker(HERE, {"kind": "rate", "label": "real ViT-L/14@518", "model_dir": real,
+                                      "images": str(images), "count": args.real_images, "batch": args.batch_size,
+                                      "workers": args.num_workers, "dtype": args.dtype, "device": args.device,
+                                      "work": str(work / "run_real")}))
+    if "rss" in args.parts:
+        peaks = {}
+        for count in (args.images, 5 * args.images):
+            folder = _make_images(work / f"rss_{count}", count)
+            peaks[count] = common.run_worker(HERE, {"kind": "rss", "model_dir": tiny, "images": str(folder),
+                                                    "out": str(work / f"rss_out_{count}"), "batch": args.batch_size,
+                                                    "workers": args.num_workers})
+        small, large = peaks[args.images], peaks[5 * args.images]
+        emit({"part": "rss", "model": "tiny", "image_size": "640x480", "batch": args.batch_size,
+              "workers": args.num_workers, "n": args.images, "5n": 5 * args.images,
+              "main_peak_rss_mb": [round(small["main_peak_rss_mb"], 1), round(large["main_peak_rss_mb"], 1)],
+              "worker_peak_rss_mb": [round(small["worker_peak_rss_mb"], 1), round(large["worker_peak_rss_mb"], 1)],
+              "main_growth_mb": round(large["main_peak_rss_mb"] - small["main_peak_rss_mb"], 1),
+              "loadavg_1m": round(os.getloadavg()[0], 2)})
+
+
+if __name__ == "__main__":
+    main()
