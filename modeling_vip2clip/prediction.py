@@ -623,6 +623,12 @@ def run_prediction(args: argparse.Namespace, model=None, processor=None) -> dict
     model = model.to(device).eval()
     # The dtype the model's first layer takes (an exported ONNX / OpenVINO model takes float32).
     input_dtype = model.clip.vision_model.embeddings.patch_embedding.weight.dtype if hasattr(model, "clip") else torch.float32
+    reference_bank = None
+    if getattr(args, "references", None):  # few-shot: one bank for every input (docs/few_shot.md)
+        from .references import load_reference_bank
+
+        reference_bank = load_reference_bank(model, processor, args.references, batch_size=args.batch_size).to(device)
+    extra = {} if reference_bank is None else {"reference_bank": reference_bank}
     config = model.config
     threshold = args.threshold if args.threshold is not None else (
         config.image_threshold if getattr(config, "image_threshold", None) is not None else 0.5)
@@ -694,7 +700,7 @@ def run_prediction(args: argparse.Namespace, model=None, processor=None) -> dict
             entries: list = []
             if batch["items"]:
                 with torch.inference_mode():
-                    output = model(pixel_values=batch["pixel_values"].to(device=device, dtype=input_dtype))
+                    output = model(pixel_values=batch["pixel_values"].to(device=device, dtype=input_dtype), **extra)
                 scores = output.anomaly_score.float().cpu()
                 maps = output.anomaly_map.float().cpu()
                 for item, score, anomaly_map in zip(batch["items"], scores.tolist(), maps):
