@@ -728,16 +728,12 @@ def build_demo(app: AnomalyDemo) -> gr.Blocks:
 
 
 def configure_logging() -> None:
-    """The app's and the package's progress lines ("vip2clip.*") on stderr, once each. The root logger gets no
-    handler: huggingface_hub's logger has its own and also propagates, so a root handler (logging.basicConfig)
-    printed every Hub warning and retry twice."""
-    logger = logging.getLogger("vip2clip")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
+    """The app's and the package's progress lines ("vip2clip.*") on stderr, once each (`runtime.show_progress_lines`:
+    huggingface_hub's logger has its own handler and also propagates, so a root handler printed every Hub warning and
+    retry twice)."""
+    from modeling_vip2clip.runtime import show_progress_lines
+
+    show_progress_lines("vip2clip")
 
 
 def main(argv: list[str] | None = None) -> int:

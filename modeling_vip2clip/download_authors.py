@@ -12,7 +12,6 @@ Downloads (once) the pinned file from the authors' repository, checks its git bl
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import shutil
 import sys
@@ -29,7 +28,7 @@ from .authors_checkpoint import (
     download_authors_checkpoint,
     get_release,
 )
-from .runtime import UsageError, add_debug_argument, entry_point_main, positive_int
+from .runtime import UsageError, add_debug_argument, entry_point_main, positive_int, show_progress_lines
 
 __all__ = ["DESCRIPTION", "add_arguments", "run", "main"]
 
@@ -70,23 +69,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def _show_progress() -> None:
-    """The download / conversion steps on stderr, once each (the byte counter is huggingface_hub's tqdm bar)."""
-    if not LOGGER.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        LOGGER.addHandler(handler)
-    LOGGER.setLevel(logging.INFO)
-    LOGGER.propagate = False
-
-
 def run(args: argparse.Namespace) -> int:
     """Copy the cached converted folder to `--out`; on any failure nothing is written there."""
     release = get_release(args.name)
     out = Path(args.out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"--out {out} exists and is not an empty folder; pass a new folder name")
-    _show_progress()
+    show_progress_lines(LOGGER.name)
     model_dir = download_authors_checkpoint(
         release.name, clip=args.clip, image_size=args.image_size, feature_layers=args.feature_layers,
         top_k=args.top_k, url=args.url, git_blob_sha1=args.git_blob_sha1,

@@ -32,6 +32,7 @@ __all__ = [
     "entry_point_main",
     "run_job",
     "setup_logging",
+    "show_progress_lines",
     "check_distributed_setup",
     "teardown_distributed",
     "atomic_write_text",
@@ -110,6 +111,18 @@ def setup_logging() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     # huggingface_hub logs through its own handler *and* propagates: once is enough.
     logging.getLogger("huggingface_hub").propagate = False
+
+
+def show_progress_lines(name: str = "vip2clip") -> None:
+    """Plain progress lines of the logger `name` (and its children) on stderr, once each: its own handler, no
+    propagation to the root, whose handler (logging.basicConfig) would print huggingface_hub's lines twice."""
+    target = logging.getLogger(name)
+    if not target.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        target.addHandler(handler)
+    target.setLevel(logging.INFO)
+    target.propagate = False
 
 
 # ---------------------------------------------------------------------------------------------------- distributed
