@@ -14,6 +14,7 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import logging
@@ -293,7 +294,10 @@ def resolve_source(value: str, flag: str, repo_type: str = "model", need: str = 
     return _resolve_hub_id(str(value), flag, repo_type, need)
 
 
+@functools.lru_cache(maxsize=64)
 def _resolve_hub_id(repo_id: str, flag: str, repo_type: str, need: str) -> str:
+    # Memoised: an entry point checks its sources before the heavy imports, and the loader it calls later checks
+    # them again; one Hub request per id and process is enough (failures raise, so they are never cached).
     from huggingface_hub import constants, try_to_load_from_cache
 
     cached = False
