@@ -30,7 +30,7 @@ from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from modeling_vip2clip.metrics import aupro, aupro_reference, pixel_auroc  # noqa: E402
+from modeling_vip2clip.post_processing.metrics import aupro, aupro_reference, pixel_auroc  # noqa: E402
 from modeling_vip2clip.testing_utils import authors_loop_aupro  # noqa: E402
 
 

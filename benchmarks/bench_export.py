@@ -44,7 +44,7 @@ import _common as common  # noqa: E402
 
 from modeling_vip2clip import ViP2CLIPModel, ViP2CLIPProcessor  # noqa: E402
 from modeling_vip2clip import export as export_module  # noqa: E402
-from modeling_vip2clip.exported_runtime import INFO_FILE, OPENVINO_FILE, ExportedViP2CLIP  # noqa: E402
+from modeling_vip2clip.deploy.exported_runtime import INFO_FILE, OPENVINO_FILE, ExportedViP2CLIP  # noqa: E402
 
 # Vision blocks are `/model/layers.N/` in the traced graph (export.INT8_IGNORED_PATTERNS); N counts from 0.
 _HEADS = r"(?!/model/layers\.\d+/)"  # everything but the vision blocks (the package default)

@@ -51,17 +51,14 @@ def _make_images(folder: Path, count: int, seed: int = 0) -> Path:
 
 def _tiny_model(folder: Path) -> Path:
     if not (folder / "config.json").is_file():
-        tests = str(common.ROOT / "tests")
-        if tests not in sys.path:
-            sys.path.insert(0, tests)
-        from tiny_clip import save_tiny_vip2clip
+        from modeling_vip2clip.testing_utils import save_tiny_vip2clip
 
         save_tiny_vip2clip(folder)
     return folder
 
 
 def _predict_args(model_dir: str, inputs: list[str], out: Path, batch: int, workers: int, dtype: str, device: str):
-    from modeling_vip2clip.predict import build_parser
+    from modeling_vip2clip.cli.predict import build_parser
 
     return build_parser().parse_args([
         "--model", model_dir, *inputs, "--output-dir", str(out), "--batch-size", str(batch), "--num-workers",
@@ -76,8 +73,8 @@ def _predict_args(model_dir: str, inputs: list[str], out: Path, batch: int, work
 def _worker_rate(spec: dict) -> dict:
     import torch
 
-    from modeling_vip2clip.prediction import run_prediction
-    from modeling_vip2clip.runtime import load_model_and_processor
+    from modeling_vip2clip.engine.prediction import run_prediction
+    from modeling_vip2clip.weights.loader import load_model_and_processor
 
     device = torch.device(spec["device"])
     dtype = common.DTYPES[spec["dtype"]]
@@ -124,7 +121,7 @@ def _worker_rate(spec: dict) -> dict:
 
 
 def _worker_rss(spec: dict) -> dict:
-    from modeling_vip2clip.predict import main
+    from modeling_vip2clip.cli.predict import main
 
     code = main(["--model", spec["model_dir"], spec["images"], "--output-dir", spec["out"], "--batch-size",
                  str(spec["batch"]), "--num-workers", str(spec["workers"]), "--no-progress"])

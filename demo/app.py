@@ -9,7 +9,7 @@ Upload, paste or pick one image (or a batch): the page shows the anomaly score w
 threshold, the anomaly map over the image with its colour scale, the binary defect mask and a gallery for batches.
 
 Without `--model` the app serves the authors' released ViP²-CLIP weights (GitHub kim0806/ViP2-CLIP, pinned commit,
-verified by git blob id; `modeling_vip2clip.authors_checkpoint`): downloaded and converted on the first start
+verified by git blob id; `modeling_vip2clip.weights.authors_release`): downloaded and converted on the first start
 (progress in the terminal), cached in $HF_HOME/vip2clip/authors afterwards. Only when that cannot happen (no
 network and nothing cached) does it serve an UNTRAINED model built from a small config — its scores are
 meaningless — and say why, in the terminal and on the page, with the command that fixes it. A `--model` that
@@ -80,10 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def model_argument_problem(model: str) -> str | None:
     """Why a `--model` naming a local path cannot be loaded (missing, or a folder without config.json), from the
-    package's own check (`runtime.resolve_source`); None for a usable folder or a Hub id (checked when loading),
+    package's own check (`resolve.resolve_source`); None for a usable folder or a Hub id (checked when loading),
     and where the package is absent (a Space with demo/ alone: loading reports it)."""
     try:
-        from modeling_vip2clip.runtime import UsageError, looks_like_path, resolve_source
+        from modeling_vip2clip.errors import UsageError
+        from modeling_vip2clip.resolve import looks_like_path, resolve_source
     except ImportError:
         return None
     if not (looks_like_path(model) or Path(model).expanduser().exists()):
@@ -107,7 +108,7 @@ import torch  # noqa: E402
 from PIL import Image, UnidentifiedImageError  # noqa: E402
 
 try:
-    from modeling_vip2clip.runtime import UsageError
+    from modeling_vip2clip.errors import UsageError
 except ImportError:  # a Space holding demo/ alone: nothing raises it
 
     class UsageError(Exception):
@@ -264,12 +265,12 @@ class ModelLoadError(Exception):
 
 
 def _load_requested(model_id: str, dtype: str = "fp32"):
-    """The requested checkpoint: through the package's one loader (`runtime.load_model_and_processor`: the source
+    """The requested checkpoint: through the package's one loader (`weights.loader.load_model_and_processor`: the source
     checked first, no remote code executed) when the package is importable, else through transformers' remote code
     (a Space holding demo/ alone). `dtype` is the standard `from_pretrained(dtype=...)`: bf16 converts the CLIP
     towers and keeps the heads fp32."""
     try:
-        from modeling_vip2clip.runtime import load_model_and_processor
+        from modeling_vip2clip.weights.loader import load_model_and_processor
     except ImportError:
         from transformers import AutoModel, AutoProcessor
 
@@ -337,11 +338,11 @@ def load_authors_weights(
     top_k: int = 50,
 ) -> LoadedModel:
     """The default: the authors' released `name` weights, downloaded, verified, converted and cached on the first
-    start (`modeling_vip2clip.authors_checkpoint`), from the cache afterwards; the labelled untrained fallback only
+    start (`modeling_vip2clip.weights.authors_release`), from the cache afterwards; the labelled untrained fallback only
     when that cannot happen."""
     source = f"the authors' {name}_train_epoch_10.pth"
     try:
-        from modeling_vip2clip.authors_checkpoint import AuthorsCheckpointError, download_authors_checkpoint, get_release
+        from modeling_vip2clip.weights.authors_release import AuthorsCheckpointError, download_authors_checkpoint, get_release
     except ImportError as error:  # a Space holding demo/ alone
         return untrained_fallback(
             f"the vip2clip package, which fetches and converts them, is not importable here ({_one_line(error)})",
@@ -438,7 +439,7 @@ class AnomalyDemo:
 
         key = tuple(hashlib.blake2b(Path(path).read_bytes(), digest_size=16).hexdigest() for path in paths)
         if key != self._bank_key:
-            from modeling_vip2clip.references import bank_from_images
+            from modeling_vip2clip.engine.references import bank_from_images
 
             images = [self.prepare(path) for path in paths]
             self._bank = bank_from_images(self.loaded.model, self.loaded.processor, images)
@@ -728,10 +729,10 @@ def build_demo(app: AnomalyDemo) -> gr.Blocks:
 
 
 def configure_logging() -> None:
-    """The app's and the package's progress lines ("vip2clip.*") on stderr, once each (`runtime.show_progress_lines`:
+    """The app's and the package's progress lines ("vip2clip.*") on stderr, once each (`console.show_progress_lines`:
     huggingface_hub's logger has its own handler and also propagates, so a root handler printed every Hub warning and
     retry twice)."""
-    from modeling_vip2clip.runtime import show_progress_lines
+    from modeling_vip2clip.console import show_progress_lines
 
     show_progress_lines("vip2clip")
 

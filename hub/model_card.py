@@ -218,7 +218,7 @@ def _origin_section(authors_release: str | None, train_dataset: str) -> str:
             "release of the paper's authors. The authors' own weights are not on the Hub: `vip2clip download-authors "
             "mvtec` (or `visa`) fetches them from their repository."
         )
-    from modeling_vip2clip.authors_checkpoint import AUTHORS_COMMIT, AUTHORS_REPOSITORY, RELEASES
+    from modeling_vip2clip.weights.authors_release import AUTHORS_COMMIT, AUTHORS_REPOSITORY, RELEASES
 
     if authors_release not in RELEASES:
         raise ValueError(f"authors_release must be one of {sorted(RELEASES)} or None, got {authors_release!r}.")

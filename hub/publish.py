@@ -40,7 +40,7 @@ from PIL import Image  # noqa: E402
 
 from model_card import DEFAULT_REPO_ID, TRAIN_DATASETS, build_model_card, load_eval_results  # noqa: E402
 
-from modeling_vip2clip.runtime import UsageError  # noqa: E402
+from modeling_vip2clip.errors import UsageError  # noqa: E402
 
 __all__ = ["ParityError", "PARITY_ATOL", "build_hub_folder", "check_parity", "parity_inputs", "upload", "main"]
 
@@ -71,9 +71,9 @@ def parity_inputs(seed: int = 1234) -> list[Image.Image]:
 
 # ---------------------------------------------------------------------------------------------- building
 def _load_source(model_dir: Path):
-    """The source model and processor, through the package's one loader (`runtime.load_model_and_processor`):
+    """The source model and processor, through the package's one loader (`weights.loader.load_model_and_processor`):
     a folder whose weights do not fit its config, or whose processor has another input size, is refused."""
-    from modeling_vip2clip.runtime import load_model_and_processor
+    from modeling_vip2clip.weights.loader import load_model_and_processor
 
     return load_model_and_processor(str(model_dir))
 

@@ -26,8 +26,8 @@ _LAZY = {
     "ViP2CLIPOutput": ".modeling_vip2clip",
     "ViP2CLIPProcessor": ".processing_vip2clip",
     "ViP2CLIPReferenceBank": ".reference_bank_vip2clip",
-    "download_authors_checkpoint": ".authors_checkpoint",
-    "load_authors_model": ".authors_checkpoint",
+    "download_authors_checkpoint": ".weights.authors_release",
+    "load_authors_model": ".weights.authors_release",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .modeling_vip2clip import ViP2CLIPModel, ViP2CLIPOutput
     from .processing_vip2clip import ViP2CLIPProcessor
     from .reference_bank_vip2clip import ViP2CLIPReferenceBank
-    from .authors_checkpoint import download_authors_checkpoint, load_authors_model
+    from .weights.authors_release import download_authors_checkpoint, load_authors_model
 
 
 def _attach_authors_loader(model_class) -> None:
@@ -43,7 +43,7 @@ def _attach_authors_loader(model_class) -> None:
     file travels to the Hub and runs under trust_remote_code, where it must stay free of network code
     (tests/test_security.py scans it). The package attaches it when it hands out the class; a model loaded as
     remote code has no such method (use `modeling_vip2clip.load_authors_model` there)."""
-    from .authors_checkpoint import from_authors_checkpoint
+    from .weights.authors_release import from_authors_checkpoint
 
     model_class.from_authors_checkpoint = classmethod(from_authors_checkpoint)
 

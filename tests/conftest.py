@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from tiny_clip import save_tiny_clip, tiny_vip2clip_config  # noqa: E402
+from modeling_vip2clip.testing_utils import save_tiny_clip, tiny_vip2clip_config  # noqa: E402
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

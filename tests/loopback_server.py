@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from reference_vip2clip import RefCLIP, RefFGP, RefICA
-from tiny_clip import tiny_tokenizer
+from modeling_vip2clip.testing_utils import tiny_tokenizer
 from transformers import CLIPModel
 
 __all__ = ["FILE_PATH", "ServerState", "FileServer", "write_authors_checkpoint", "blob_id"]

@@ -1,4 +1,4 @@
-"""modeling_vip2clip.authors_checkpoint / download_authors: the authors' release fetched over real HTTP from a
+"""modeling_vip2clip.weights.authors_release / download_authors: the authors' release fetched over real HTTP from a
 server on 127.0.0.1 (a checkpoint this test writes in the authors' layout), verified by git blob id, converted,
 cached under HF_HOME; interrupted, wrong, truncated and concurrent downloads; the command line."""
 
@@ -31,10 +31,10 @@ def authors_pth(tiny_clip_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def plain_converted(authors_pth, tiny_clip_dir, tmp_path_factory) -> Path:
-    """The same file through hub/convert_official_checkpoint.py (the plain converter), as a command."""
+    """The same file through hub/authors_checkpoint_to_folder.py (the plain converter), as a command."""
     out = tmp_path_factory.mktemp("plain") / "converted"
     run = subprocess.run(
-        [sys.executable, str(ROOT / "hub" / "convert_official_checkpoint.py"), "--checkpoint", str(authors_pth),
+        [sys.executable, str(ROOT / "hub" / "authors_checkpoint_to_folder.py"), "--checkpoint", str(authors_pth),
          "--clip", str(tiny_clip_dir), "--out", str(out), *CLI_OPTIONS],
         capture_output=True, text=True, timeout=300,
     )
@@ -86,7 +86,7 @@ def assert_same_folder(a: Path, b: Path):
 
 # ---------------------------------------------------------------------------------------------- the table
 def test_release_table_is_pinned():
-    from modeling_vip2clip.authors_checkpoint import AUTHORS_COMMIT, RELEASES
+    from modeling_vip2clip.weights.authors_release import AUTHORS_COMMIT, RELEASES
 
     assert AUTHORS_COMMIT == "4b5884f6c6bd42001fe47ccaeef32e4f1a8f5a93"
     assert RELEASES["mvtec"].url == (
@@ -100,7 +100,7 @@ def test_release_table_is_pinned():
 
 
 def test_git_blob_id(tmp_path, authors_pth):
-    from modeling_vip2clip.authors_checkpoint import compute_git_blob_sha1
+    from modeling_vip2clip.weights.authors_release import compute_git_blob_sha1
 
     data = authors_pth.read_bytes()
     assert compute_git_blob_sha1(authors_pth) == blob_id(data)
@@ -120,7 +120,7 @@ def test_download_verify_convert_load_then_cached(server, authors_pth, plain_con
         download_authors_checkpoint,
         load_authors_model,
     )
-    from modeling_vip2clip.authors_checkpoint import compute_git_blob_sha1
+    from modeling_vip2clip.weights.authors_release import compute_git_blob_sha1
 
     blob = blob_id(authors_pth.read_bytes())
     kwargs = dict(clip=str(tiny_clip_dir), url=server.url(), git_blob_sha1=blob, **OPTIONS)
@@ -163,7 +163,7 @@ def test_download_verify_convert_load_then_cached(server, authors_pth, plain_con
 
 
 def test_wrong_blob_id_is_refused_and_deleted(server, tiny_clip_dir, hf_home):
-    from modeling_vip2clip.authors_checkpoint import (
+    from modeling_vip2clip.weights.authors_release import (
         AuthorsChecksumError,
         download_authors_checkpoint,
     )
@@ -179,7 +179,7 @@ def test_wrong_blob_id_is_refused_and_deleted(server, tiny_clip_dir, hf_home):
 
 def test_truncated_file_is_refused(server, authors_pth, tiny_clip_dir, hf_home):
     """A mirror serving a cut copy (its headers consistent with the cut): the pinned id catches it."""
-    from modeling_vip2clip.authors_checkpoint import (
+    from modeling_vip2clip.weights.authors_release import (
         AuthorsChecksumError,
         download_authors_checkpoint,
     )
@@ -194,7 +194,7 @@ def test_truncated_file_is_refused(server, authors_pth, tiny_clip_dir, hf_home):
 
 def test_dropped_connection_is_resumed_with_range(server, authors_pth, tiny_clip_dir, hf_home, small_chunks):
     """The connection is cut half-way: the same call resumes with a Range request and verifies the whole file."""
-    from modeling_vip2clip.authors_checkpoint import download_authors_checkpoint
+    from modeling_vip2clip.weights.authors_release import download_authors_checkpoint
 
     data = authors_pth.read_bytes()
     half = len(data) // 2 + 100
@@ -212,7 +212,7 @@ def test_server_error_midway_then_next_call_resumes(server, authors_pth, tiny_cl
                                                     honour_range):
     """Cut half-way, then HTTP 500: the call fails with one line and keeps only the partial file; the next call
     asks for the rest with Range (a server that ignores Range sends everything again: restarted, still verified)."""
-    from modeling_vip2clip.authors_checkpoint import (
+    from modeling_vip2clip.weights.authors_release import (
         AuthorsDownloadError,
         download_authors_checkpoint,
     )
@@ -240,7 +240,7 @@ def test_server_error_midway_then_next_call_resumes(server, authors_pth, tiny_cl
 def test_no_network_and_http_errors_give_one_line(tiny_clip_dir, hf_home, server):
     import huggingface_hub.constants
 
-    from modeling_vip2clip.authors_checkpoint import (
+    from modeling_vip2clip.weights.authors_release import (
         AuthorsDownloadError,
         download_authors_checkpoint,
     )
@@ -258,7 +258,7 @@ def test_no_network_and_http_errors_give_one_line(tiny_clip_dir, hf_home, server
 
 
 def test_bad_names_and_ids(tiny_clip_dir, hf_home):
-    from modeling_vip2clip.authors_checkpoint import (
+    from modeling_vip2clip.weights.authors_release import (
         AuthorsCheckpointError,
         download_authors_checkpoint,
     )
@@ -270,7 +270,7 @@ def test_bad_names_and_ids(tiny_clip_dir, hf_home):
 
 
 def test_clip_that_does_not_fit_is_reported_and_nothing_is_cached(server, authors_pth, tmp_path, hf_home):
-    from modeling_vip2clip.authors_checkpoint import (
+    from modeling_vip2clip.weights.authors_release import (
         AuthorsConversionError,
         download_authors_checkpoint,
     )
@@ -336,7 +336,7 @@ def test_two_processes_share_one_download(server, authors_pth, tiny_clip_dir, tm
 # ---------------------------------------------------------------------------------------------- the command
 def _cli(*argv, home: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "0", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "modeling_vip2clip.download_authors", *argv], env=env,
+    return subprocess.run([sys.executable, "-m", "modeling_vip2clip.cli.download_authors", *argv], env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -1,4 +1,4 @@
-"""Calibrated thresholds (issue 13): the F1-max threshold functions of `modeling_vip2clip.metrics` against an
+"""Calibrated thresholds (issue 13): the F1-max threshold functions of `modeling_vip2clip.post_processing.metrics` against an
 independent computation (scikit-learn's `precision_recall_curve`), the config fields that carry them, and
 `vip2clip calibrate` end to end on a tiny model."""
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import precision_recall_curve
 
-from modeling_vip2clip.metrics import (
+from modeling_vip2clip.post_processing.metrics import (
     MetricUndefinedWarning,
     f1_max,
     f1_max_threshold,
@@ -176,7 +176,7 @@ def test_calibrate_writes_the_f1_max_thresholds_into_a_copy_of_the_model(tiny_mo
     import json
 
     from modeling_vip2clip import ViP2CLIPConfig
-    from modeling_vip2clip.cli import main as cli_main
+    from modeling_vip2clip.cli.main import main as cli_main
 
     out = tmp_path / "calibrated"
     assert cli_main(["calibrate", "--model", str(tiny_model_dir), "--dataset", str(labelled_parquet), "--out", str(out),
@@ -220,7 +220,7 @@ def test_calibrate_writes_the_f1_max_thresholds_into_a_copy_of_the_model(tiny_mo
 
 def test_calibrate_one_category_of_a_canonical_dataset(tiny_model_dir, tmp_path):
     from modeling_vip2clip import ViP2CLIPConfig
-    from modeling_vip2clip.cli import main as cli_main
+    from modeling_vip2clip.cli.main import main as cli_main
     from modeling_vip2clip.data import convert, generate_synthetic_benchmark
 
     raw = tmp_path / "raw"
@@ -265,7 +265,7 @@ def test_calibrate_usage_errors(tiny_model_dir, labelled_parquet, tmp_path, extr
 
 
 def test_calibrate_refuses_to_overwrite(tiny_model_dir, labelled_parquet, tmp_path, capsys):
-    from modeling_vip2clip.cli import main as cli_main
+    from modeling_vip2clip.cli.main import main as cli_main
 
     out = tmp_path / "out"
     out.mkdir()

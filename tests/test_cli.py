@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from modeling_vip2clip.cli import build_parser, main as cli_main
-from modeling_vip2clip.training import model_options_from_args
+from modeling_vip2clip.cli.main import build_parser, main as cli_main
+from modeling_vip2clip.engine.training import model_options_from_args
 from modeling_vip2clip.data import generate_synthetic_benchmark, load_anomaly_dataset
 
 FLAGS = {

@@ -1,4 +1,4 @@
-"""`vip2clip convert` (modeling_vip2clip.convert_dataset) and the folder converter on a user's own folder names:
+"""`vip2clip convert` (modeling_vip2clip.cli.convert) and the folder converter on a user's own folder names:
 one-line user errors (exit 2, no traceback), the suggested command for an unrecognised layout, and every
 converted sample checked (label, defect_type, mask)."""
 
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from modeling_vip2clip.convert_dataset import main as convert_main
+from modeling_vip2clip.cli.convert import main as convert_main
 from modeling_vip2clip.data import DatasetError, convert_folder, detect_layout, load_anomaly_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _convert(*argv: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", "modeling_vip2clip.convert_dataset", *argv],
+    return subprocess.run([sys.executable, "-m", "modeling_vip2clip.cli.convert", *argv],
                           capture_output=True, text=True, timeout=120, env=env)
 
 
@@ -158,7 +158,7 @@ def test_missing_root_says_it_does_not_exist_at_once(tmp_path):
     assert done.stderr == f"error: --root {missing} does not exist; pass the folder that holds the raw benchmark\n"
     assert "Traceback" not in done.stderr + done.stdout and "unrecognised" not in done.stderr
     # why it is fast: the check runs before torch, datasets or PIL are imported
-    probe = (f"import sys; from modeling_vip2clip.convert_dataset import main; rc = main(['--root', {str(missing)!r}, "
+    probe = (f"import sys; from modeling_vip2clip.cli.convert import main; rc = main(['--root', {str(missing)!r}, "
              f"'--out', 'o']); print(rc, sorted(m for m in ('torch', 'datasets', 'PIL') if m in sys.modules))")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env=env).stdout

@@ -21,7 +21,7 @@ from PIL import Image
 
 from launch import free_port
 from loopback_server import FILE_PATH, FileServer, blob_id, write_authors_checkpoint
-from tiny_clip import save_tiny_vip2clip
+from modeling_vip2clip.testing_utils import save_tiny_vip2clip
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "demo"
@@ -246,7 +246,7 @@ def test_default_serves_the_authors_weights(app_module, authors_pth, tiny_clip_d
     which weights these are, and they are exactly the plain converter's."""
     import huggingface_hub.constants
 
-    from modeling_vip2clip.official_checkpoint import convert_official_checkpoint
+    from modeling_vip2clip.weights.authors_checkpoint import model_from_authors_checkpoint
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     server = FileServer({FILE_PATH: authors_pth.read_bytes()})
@@ -263,7 +263,7 @@ def test_default_serves_the_authors_weights(app_module, authors_pth, tiny_clip_d
     assert "the authors' released ViP²-CLIP weights" in page and "trained on MVTec AD" in page
     assert server.url() in page and blob[:12] in page and "non-commercial" in page and "2505.17692" in page
     assert "UNTRAINED" not in page and "MEANINGLESS" not in app.analyze(str(EXAMPLE), None, 0.5, 0.5)[0]
-    reference = convert_official_checkpoint(authors_pth, tiny_clip_dir, **TINY_OPTIONS)
+    reference = model_from_authors_checkpoint(authors_pth, tiny_clip_dir, **TINY_OPTIONS)
     pixel_values = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         torch.testing.assert_close(loaded.model(pixel_values=pixel_values).anomaly_score,
@@ -506,7 +506,7 @@ def test_default_server_serves_the_authors_weights(servers, authors_server, auth
     names the weights; start-up output has no duplicated line (huggingface_hub's retry warning is printed once)."""
     from gradio_client import Client, handle_file
 
-    from modeling_vip2clip.official_checkpoint import convert_official_checkpoint
+    from modeling_vip2clip.weights.authors_checkpoint import model_from_authors_checkpoint
 
     server = servers[2]
     output = server.output()
@@ -522,7 +522,7 @@ def test_default_server_serves_the_authors_weights(servers, authors_server, auth
     assert "MEANINGLESS" not in summary
     # the plain converter's model gives the same score on the same image
     plain = tmp_path / "plain"
-    convert_official_checkpoint(authors_pth, tiny_clip_dir, plain, **TINY_OPTIONS)
+    model_from_authors_checkpoint(authors_pth, tiny_clip_dir, plain, **TINY_OPTIONS)
     expected = app_module.AnomalyDemo(app_module.load_model(str(plain))).analyze(str(EXAMPLE), None, 0.5, 0.5)[4][0][0]
     assert _first_score(summary) == pytest.approx(expected.score, abs=1e-3)
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from modeling_vip2clip.cli import main as cli_main
+from modeling_vip2clip.cli.main import main as cli_main
 from modeling_vip2clip.data import generate_synthetic_benchmark
-from modeling_vip2clip.results_store import PartialResults
-from modeling_vip2clip.metrics import METRIC_KEYS
+from modeling_vip2clip.engine.results_store import PartialResults
+from modeling_vip2clip.post_processing.metrics import METRIC_KEYS
 
 from launch import launch_two_cpu_processes
 
@@ -110,7 +110,7 @@ def _distance_to_polyline(points: np.ndarray, vertices: np.ndarray) -> np.ndarra
 def test_save_maps_writes_overlays_and_roc(full_run, tmp_path):
     from sklearn.metrics import roc_curve
 
-    from modeling_vip2clip.report import plot_roc_curves
+    from modeling_vip2clip.engine.report import plot_roc_curves
 
     out, results = full_run
     overlays = sorted((out / "maps").rglob("*.png"))
@@ -222,7 +222,7 @@ def test_two_cpu_processes_match_one_process(full_run, tiny_model_dir, bench_dir
     even out the last batch (15 rows over 2 x batch 4), so every count and metric equals the one-process run."""
     _, reference = full_run
     completed = launch_two_cpu_processes(
-        "modeling_vip2clip.evaluate", "--model", str(tiny_model_dir), "--dataset", str(bench_dir),
+        "modeling_vip2clip.cli.evaluate", "--model", str(tiny_model_dir), "--dataset", str(bench_dir),
         "--output-dir", str(tmp_path / "ddp"), "--batch-size", "4", "--num-workers", "0", "--no-progress",
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -239,8 +239,8 @@ def test_other_schema_parquet_with_renamed_columns(tiny_model_dir, tmp_path):
     import datasets
     import torch
 
-    from modeling_vip2clip.metrics import compute_category_metrics
-    from modeling_vip2clip.runtime import load_model_and_processor
+    from modeling_vip2clip.post_processing.metrics import compute_category_metrics
+    from modeling_vip2clip.weights.loader import load_model_and_processor
     from test_data import _visa_like_parquet
 
     expected = _visa_like_parquet(tmp_path / "raw")
@@ -274,9 +274,9 @@ def test_k_shot_draws_references_from_the_reference_split_and_reports_them(tiny_
     import torch
 
     from modeling_vip2clip.data import load_anomaly_dataset
-    from modeling_vip2clip.metrics import compute_category_metrics
-    from modeling_vip2clip.references import bank_from_images, draw_references
-    from modeling_vip2clip.runtime import load_model_and_processor
+    from modeling_vip2clip.post_processing.metrics import compute_category_metrics
+    from modeling_vip2clip.engine.references import bank_from_images, draw_references
+    from modeling_vip2clip.weights.loader import load_model_and_processor
 
     raw = tmp_path / "raw"
     generate_synthetic_benchmark(raw, categories=("fabric", "wood_like"), n_train_good=3, n_test_good=2, n_test_bad=2,

@@ -13,11 +13,11 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from tiny_clip import save_tiny_vip2clip
+from modeling_vip2clip.testing_utils import save_tiny_vip2clip
 
 from modeling_vip2clip import ViP2CLIPModel, ViP2CLIPProcessor
-from modeling_vip2clip.export import INT8_IGNORED_PATTERNS, UsageError, export_model
-from modeling_vip2clip.exported_runtime import (
+from modeling_vip2clip.deploy.export import INT8_IGNORED_PATTERNS, UsageError, export_model
+from modeling_vip2clip.deploy.exported_runtime import (
     INFO_FILE,
     ONNX_DATA_FILE,
     RUNTIME_FILE,
@@ -213,7 +213,7 @@ def _env() -> dict:
 def test_cli_exports_a_folder(torch_folder, tmp_path):
     out = tmp_path / "cli-onnx"
     result = subprocess.run(
-        [sys.executable, "-m", "modeling_vip2clip.export", "--model", str(torch_folder), "--format", "onnx",
+        [sys.executable, "-m", "modeling_vip2clip.deploy.export", "--model", str(torch_folder), "--format", "onnx",
          "--out", str(out)], capture_output=True, text=True, env=_env(), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"to {out}" in result.stdout and "onnx, fp32" in result.stdout
@@ -225,7 +225,7 @@ def test_cli_exports_a_folder(torch_folder, tmp_path):
 
 def test_cli_usage_error_is_one_line(torch_folder, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "modeling_vip2clip.export", "--model", str(torch_folder), "--format", "onnx",
+        [sys.executable, "-m", "modeling_vip2clip.deploy.export", "--model", str(torch_folder), "--format", "onnx",
          "--out", str(tmp_path / "x"), "--int8"], capture_output=True, text=True, env=_env(), timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == "error: --int8 needs --format openvino (the quantised graph is OpenVINO's)"
@@ -270,7 +270,7 @@ def test_inferencer_runs_without_torch(which, onnx_folder, openvino_folder, mode
 def test_calibration_images_from_a_benchmark_folder_a_saved_dataset_and_a_glob(tmp_path):
     """Calibration images come from the benchmark's images, never its masks; the draw is seeded."""
     from modeling_vip2clip.data import generate_synthetic_benchmark, load_anomaly_dataset
-    from modeling_vip2clip.export import load_calibration_images
+    from modeling_vip2clip.deploy.export import load_calibration_images
 
     root = tmp_path / "bench"
     records = generate_synthetic_benchmark(root, categories=["fabric"], n_train_good=2, n_test_good=2,
@@ -296,9 +296,9 @@ def test_predict_on_an_exported_folder_equals_the_torch_folder(torch_folder, onn
     import csv
 
     from modeling_vip2clip import predict
-    from modeling_vip2clip.exported_model import ExportedViP2CLIPModel, load_exported
-    from modeling_vip2clip.prediction import run_prediction
-    from modeling_vip2clip.runtime import load_model_and_processor
+    from modeling_vip2clip.deploy.exported_model import ExportedViP2CLIPModel, load_exported
+    from modeling_vip2clip.engine.prediction import run_prediction
+    from modeling_vip2clip.weights.loader import load_model_and_processor
 
     images = tmp_path / "images"
     images.mkdir()

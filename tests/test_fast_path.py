@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModel
 
-from tiny_clip import tiny_vip2clip_config
+from modeling_vip2clip.testing_utils import tiny_vip2clip_config
 
 SCORE_TOL, PEARSON_MIN, FP32_TOL = 0.01, 0.999, 1e-5
 

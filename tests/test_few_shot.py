@@ -14,7 +14,7 @@ from PIL import Image
 from modeling_vip2clip import ViP2CLIPModel, ViP2CLIPProcessor
 from modeling_vip2clip import reference_bank_vip2clip
 from modeling_vip2clip.modeling_vip2clip import ViP2CLIPReferenceBank
-from tiny_clip import tiny_vip2clip_config
+from modeling_vip2clip.testing_utils import tiny_vip2clip_config
 
 S = 32
 

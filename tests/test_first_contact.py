@@ -16,7 +16,8 @@ import time
 import pytest
 
 from launch import free_port
-from modeling_vip2clip.runtime import UsageError, looks_like_path, resolve_source
+from modeling_vip2clip.errors import UsageError
+from modeling_vip2clip.resolve import looks_like_path, resolve_source
 
 CLI = [sys.executable, "-m", "modeling_vip2clip.cli"]
 

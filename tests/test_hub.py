@@ -24,7 +24,7 @@ import yaml
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
 
-from tiny_clip import save_tiny_vip2clip
+from modeling_vip2clip.testing_utils import save_tiny_vip2clip
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLISH = ROOT / "hub" / "publish.py"

@@ -9,7 +9,7 @@ no mocks, tiny random CLIP and 32 px synthetic images (each run takes seconds, m
 * Evaluation SIGKILLed mid-way and `--resume`d: every sample counted exactly once, the same metrics.
 (A NaN loss stopping the run with its epoch/step is covered by tests/test_train.py::test_nan_loss_stops_...)
 
-The moments are pinned with the test-only hooks of `modeling_vip2clip.runtime.test_pause` (environment variables
+The moments are pinned with the test-only hooks of `modeling_vip2clip.console.test_pause` (environment variables
 `VIP2CLIP_TEST_PAUSE_*="N:SECONDS"`, no-ops unless set): the process prints one line and sleeps there, and the
 test kills it; otherwise a 0.03 s epoch or a millisecond checkpoint write could not be hit reliably.
 """
@@ -29,8 +29,8 @@ import torch
 from safetensors.torch import load_file
 
 from modeling_vip2clip.data import convert, generate_synthetic_benchmark
-from modeling_vip2clip.results_store import PartialResults
-from modeling_vip2clip.checkpointing import find_latest_checkpoint
+from modeling_vip2clip.engine.results_store import PartialResults
+from modeling_vip2clip.engine.checkpointing import find_latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--image-size", "32", "--feature-layers", "1", "2", "--n-ctx", "3", "--n-cls", "2", "--top-k", "5"]
@@ -136,7 +136,7 @@ def reference(tiny_clip_dir, train_data, tmp_path_factory):
     """The uninterrupted run, same settings and same kind of process."""
     out = tmp_path_factory.mktemp("uninterrupted") / "run"
     log = out.parent / "log.txt"
-    _finish(_start("modeling_vip2clip.train", _train_argv(tiny_clip_dir, train_data, out), log), log)
+    _finish(_start("modeling_vip2clip.cli.train", _train_argv(tiny_clip_dir, train_data, out), log), log)
     return out
 
 
@@ -151,7 +151,7 @@ def test_sigkill_during_training_then_resume_matches_uninterrupted_run(reference
     # (c) Right after checkpoint epoch_1 is complete (renamed into place). The pause after the next step only
     # guarantees the run cannot get further if the kill is late.
     log = tmp_path / "1_after_checkpoint.log"
-    proc = _start("modeling_vip2clip.train", argv, log, VIP2CLIP_TEST_PAUSE_AFTER_STEP=f"{STEPS_PER_EPOCH + 1}:{PAUSE}")
+    proc = _start("modeling_vip2clip.cli.train", argv, log, VIP2CLIP_TEST_PAUSE_AFTER_STEP=f"{STEPS_PER_EPOCH + 1}:{PAUSE}")
     _kill_when(lambda: (checkpoints / "epoch_1").is_dir(), proc, log, "epoch_1 complete")
     assert _entries(checkpoints) == ["epoch_1"]
     assert find_latest_checkpoint(checkpoints).name == "epoch_1"
@@ -161,7 +161,7 @@ def test_sigkill_during_training_then_resume_matches_uninterrupted_run(reference
 
     # (a) In the middle of epoch 2: killed after its 2nd optimiser step (weights changed in memory only).
     log = tmp_path / "2_mid_epoch.log"
-    proc = _start("modeling_vip2clip.train", [*argv, "--resume"], log,
+    proc = _start("modeling_vip2clip.cli.train", [*argv, "--resume"], log,
                   VIP2CLIP_TEST_PAUSE_AFTER_STEP=f"{STEPS_PER_EPOCH + 2}:{PAUSE}")
     _kill_when(_paused(log, "VIP2CLIP_TEST_PAUSE_AFTER_STEP"), proc, log, "step 5 (mid epoch 2)")
     text = log.read_text()
@@ -173,7 +173,7 @@ def test_sigkill_during_training_then_resume_matches_uninterrupted_run(reference
     # (b) While epoch_2 is being written: weights, optimiser, RNG states and even trainer_state.json are in
     # epoch_2.tmp, only the rename is missing. It must never be taken for the newest checkpoint.
     log = tmp_path / "3_in_checkpoint.log"
-    proc = _start("modeling_vip2clip.train", [*argv, "--resume"], log, VIP2CLIP_TEST_PAUSE_IN_CHECKPOINT=f"2:{PAUSE}")
+    proc = _start("modeling_vip2clip.cli.train", [*argv, "--resume"], log, VIP2CLIP_TEST_PAUSE_IN_CHECKPOINT=f"2:{PAUSE}")
     _kill_when(_paused(log, "VIP2CLIP_TEST_PAUSE_IN_CHECKPOINT"), proc, log, "epoch_2.tmp being written")
     assert _entries(checkpoints) == ["epoch_1", "epoch_2.tmp"]
     assert (checkpoints / "epoch_2.tmp" / "model.safetensors").is_file()
@@ -181,7 +181,7 @@ def test_sigkill_during_training_then_resume_matches_uninterrupted_run(reference
 
     # Resume to the end: the half-written folder is removed, nothing is lost, the result is the uninterrupted one.
     log = tmp_path / "4_resume.log"
-    text = _finish(_start("modeling_vip2clip.train", [*argv, "--resume"], log), log)
+    text = _finish(_start("modeling_vip2clip.cli.train", [*argv, "--resume"], log), log)
     assert "epoch_2.tmp, left by a run interrupted while saving" in text
     assert f"resumed from {checkpoints / 'epoch_1'}" in text
     assert _entries(checkpoints) == ["epoch_1", "epoch_2", "epoch_3"]
@@ -215,7 +215,7 @@ def test_corrupt_image_in_training_data_is_skipped_reported_and_counted(tiny_cli
     log = tmp_path / "train.log"
     argv = ["--clip", tiny_clip_dir, *TINY, "--dataset", saved, "--output-dir", out, "--epochs", 2,
             "--batch-size", 2, "--num-workers", 0, "--report-to", "none", "--no-progress"]
-    text = _finish(_start("modeling_vip2clip.train", argv, log), log)
+    text = _finish(_start("modeling_vip2clip.cli.train", argv, log), log)
 
     # Reported when met (each epoch), with path and reason, and once more in the end-of-run summary.
     assert f"skipping bad sample fabric/test/good/001.png (index {bad_index}): image does not decode" in text
@@ -238,7 +238,7 @@ def test_corrupt_image_in_training_data_is_skipped_reported_and_counted(tiny_cli
 
 def test_sigkill_during_evaluation_then_resume_counts_each_sample_once(tiny_clip_dir, tmp_path):
     from modeling_vip2clip import ViP2CLIPModel, ViP2CLIPProcessor
-    from modeling_vip2clip.cli import main as cli_main
+    from modeling_vip2clip.cli.main import main as cli_main
 
     torch.manual_seed(0)
     model = ViP2CLIPModel.from_clip(tiny_clip_dir, image_size=32, feature_layers=[1, 2], n_ctx=3, n_cls=2, top_k=5)
@@ -265,7 +265,7 @@ def test_sigkill_during_evaluation_then_resume_counts_each_sample_once(tiny_clip
 
     out = tmp_path / "eval"
     log = tmp_path / "eval.log"
-    proc = _start("modeling_vip2clip.evaluate", [*argv, "--output-dir", out], log,
+    proc = _start("modeling_vip2clip.cli.evaluate", [*argv, "--output-dir", out], log,
                   VIP2CLIP_TEST_PAUSE_AFTER_BATCH=f"2:{PAUSE}")
     _kill_when(_paused(log, "VIP2CLIP_TEST_PAUSE_AFTER_BATCH"), proc, log, "batch 2 of 4 written")
     assert not (out / "results.json").exists()

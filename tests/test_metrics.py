@@ -1,4 +1,4 @@
-"""Tests of modeling_vip2clip.metrics against scikit-learn and brute-force definitions.
+"""Tests of modeling_vip2clip.post_processing.metrics against scikit-learn and brute-force definitions.
 
 Every reference implementation here is written independently of the module
 (explicit loops, pure-Python flood fill for regions) so that a wrong
@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-from modeling_vip2clip.metrics import (
+from modeling_vip2clip.post_processing.metrics import (
     METRIC_KEYS,
     MetricUndefinedWarning,
     aupro,
@@ -32,7 +32,7 @@ from modeling_vip2clip.metrics import (
     pixel_f1_max,
     summarize,
 )
-from modeling_vip2clip.report import format_markdown_table, plot_roc_curves
+from modeling_vip2clip.engine.report import format_markdown_table, plot_roc_curves
 from modeling_vip2clip.testing_utils import authors_loop_aupro
 
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -468,7 +468,7 @@ def test_plot_roc_curves_writes_png(tmp_path):
 def test_partial_area_matches_explicit_trapezoid(from_origin):
     """The copy-free trapezoid (two dot products, the crossing segment cut at max_x) against an explicit curve
     built point by point and integrated with numpy's trapezoid."""
-    from modeling_vip2clip.metrics import _partial_area
+    from modeling_vip2clip.post_processing.metrics import _partial_area
 
     rng = np.random.default_rng(7)
     for _ in range(200):

@@ -17,7 +17,7 @@ from scipy.ndimage import gaussian_filter
 
 from modeling_vip2clip import ViP2CLIPConfig, ViP2CLIPModel, ViP2CLIPProcessor
 from modeling_vip2clip.modeling_vip2clip import ViP2CLIPDiceLoss, ViP2CLIPFocalLoss, ViP2CLIPGaussianBlur
-from tiny_clip import tiny_vip2clip_config
+from modeling_vip2clip.testing_utils import tiny_vip2clip_config
 
 S = 32
 

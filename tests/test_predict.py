@@ -4,7 +4,7 @@
   and masks matching the model's own output, unreadable inputs in skipped.csv, usage errors;
 * the model's calibrated thresholds as defaults, `--threshold` overriding them;
 * memory independent of the number of inputs (peak RSS of N vs 5N images, in subprocesses);
-* SIGKILL mid-run (pinned with runtime.test_pause) and a torn last CSV line, then `--resume`: every input once;
+* SIGKILL mid-run (pinned with console.test_pause) and a torn last CSV line, then `--resume`: every input once;
 * 2 CPU processes (accelerate launch) equal to 1, also when killed and resumed;
 * `--dataset` in the canonical schema and in the `BrachioLab/visa` parquet layout (`<class>.test` splits),
   also `--streaming`.
@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from launch import launch_two_cpu_processes
-from modeling_vip2clip.cli import main as cli_main
+from modeling_vip2clip.cli.main import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 WAIT = 120.0
@@ -247,7 +247,7 @@ def test_resume_refuses_other_columns(tiny_model_dir, folder, tmp_path):
 
 RSS_SCRIPT = """
 import resource, sys
-from modeling_vip2clip.predict import main
+from modeling_vip2clip.cli.predict import main
 code = main(sys.argv[1:])
 print("MAXRSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "EXIT", code)
 """
@@ -296,7 +296,7 @@ def _start(argv: list, log: Path, **env_extra) -> subprocess.Popen:
     if "VIP2CLIP_TEST_PAUSE_AFTER_BATCH" not in env_extra:
         env.pop("VIP2CLIP_TEST_PAUSE_AFTER_BATCH", None)
     with open(log, "w") as handle:
-        return subprocess.Popen([sys.executable, "-m", "modeling_vip2clip.predict", *map(str, argv)], stdout=handle,
+        return subprocess.Popen([sys.executable, "-m", "modeling_vip2clip.cli.predict", *map(str, argv)], stdout=handle,
                                 stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
 
 
@@ -353,7 +353,7 @@ def test_two_processes_equal_one_process(tiny_model_dir, folder, tmp_path):
             "--save-maps", "npy"]
     assert cli_main(["predict", *argv, "--output-dir", str(single)]) == 0
     double = tmp_path / "double"
-    completed = launch_two_cpu_processes("modeling_vip2clip.predict", *argv, "--output-dir", str(double))
+    completed = launch_two_cpu_processes("modeling_vip2clip.cli.predict", *argv, "--output-dir", str(double))
     assert completed.returncode == 0, completed.stderr[-4000:]
     expected, got = _scores(single), _scores(double)
     assert got.keys() == expected.keys()
@@ -378,7 +378,7 @@ def test_two_processes_killed_then_resumed(tiny_model_dir, folder, tmp_path):
 
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-               str(free_port()), "-m", "modeling_vip2clip.predict", *argv, "--output-dir", str(out)]
+               str(free_port()), "-m", "modeling_vip2clip.cli.predict", *argv, "--output-dir", str(out)]
     log = tmp_path / "killed.log"
     with open(log, "w") as handle:
         proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
@@ -388,7 +388,7 @@ def test_two_processes_killed_then_resumed(tiny_model_dir, folder, tmp_path):
     assert parts == ["predictions.part-00000.csv", "predictions.part-00001.csv"]
     assert not (out / "predictions.csv").exists()
 
-    completed = launch_two_cpu_processes("modeling_vip2clip.predict", *argv, "--output-dir", str(out), "--resume")
+    completed = launch_two_cpu_processes("modeling_vip2clip.cli.predict", *argv, "--output-dir", str(out), "--resume")
     assert completed.returncode == 0, completed.stderr[-4000:]
     expected, got = _scores(single), _scores(out)
     assert got.keys() == expected.keys()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from modeling_vip2clip.cli import main as cli_main
+from modeling_vip2clip.cli.main import main as cli_main
 
 
 def _scores(out) -> dict[str, float]:
@@ -21,8 +21,8 @@ def test_predict_with_references_folder_and_saved_bank(tiny_model_dir, tmp_path,
     score exactly (docs/few_shot.md); a saved bank of the same image gives the same scores as the folder."""
     import torch
 
-    from modeling_vip2clip.references import load_reference_bank
-    from modeling_vip2clip.runtime import load_model_and_processor
+    from modeling_vip2clip.engine.references import load_reference_bank
+    from modeling_vip2clip.weights.loader import load_model_and_processor
 
     images, references = tmp_path / "images", tmp_path / "refs"
     images.mkdir(), references.mkdir()

@@ -13,14 +13,14 @@ import torch
 from transformers import AutoModel, CLIPModel
 
 from reference_vip2clip import RefCLIP, RefFGP, RefICA, reference_forward, reference_loss
-from tiny_clip import tiny_tokenizer
+from modeling_vip2clip.testing_utils import tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE_SIZE, FEATURES, TOP_K, N_CTX, N_CLS = 32, [1, 2], 5, 3, 2
 
 
 def _load_converter():
-    spec = importlib.util.spec_from_file_location("convert_cli", ROOT / "hub" / "convert_official_checkpoint.py")
+    spec = importlib.util.spec_from_file_location("convert_cli", ROOT / "hub" / "authors_checkpoint_to_folder.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 
 from modeling_vip2clip import ViP2CLIPProcessor
-from modeling_vip2clip.convert import convert_official_checkpoint, load_official_checkpoint
+from modeling_vip2clip.weights.authors_checkpoint import model_from_authors_checkpoint, read_authors_checkpoint
 
 PACKAGE = Path(__file__).resolve().parents[1] / "modeling_vip2clip"
 HUB_FILES = ["configuration_vip2clip.py", "modeling_vip2clip.py", "processing_vip2clip.py", "cpu_fast_path_vip2clip.py",
@@ -37,9 +37,9 @@ def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path, tiny_clip_dir):
     checkpoint = tmp_path / "evil.pth"
     torch.save({"prompt_learner": _Payload(str(marker)), "Zero_try": {}}, checkpoint)
     with pytest.raises(ValueError, match="Refusing to load .*evil.pth"):
-        load_official_checkpoint(checkpoint)
+        read_authors_checkpoint(checkpoint)
     with pytest.raises(ValueError, match="never executed"):
-        convert_official_checkpoint(checkpoint, tiny_clip_dir, tmp_path / "out", image_size=32, feature_layers=[1, 2], top_k=5)
+        model_from_authors_checkpoint(checkpoint, tiny_clip_dir, tmp_path / "out", image_size=32, feature_layers=[1, 2], top_k=5)
     assert not marker.exists()
     assert not (tmp_path / "out").exists()
 
@@ -48,13 +48,13 @@ def test_wrong_or_truncated_checkpoints_get_a_reason(tmp_path):
     plain = tmp_path / "plain.pth"
     torch.save({"state_dict": {"w": torch.zeros(1)}}, plain)
     with pytest.raises(ValueError, match="expected the keys 'prompt_learner' and 'Zero_try'"):
-        load_official_checkpoint(plain)
+        read_authors_checkpoint(plain)
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(plain.read_bytes()[:50])
     with pytest.raises(ValueError, match="Cannot read checkpoint"):
-        load_official_checkpoint(truncated)
+        read_authors_checkpoint(truncated)
     with pytest.raises(FileNotFoundError):
-        load_official_checkpoint(tmp_path / "missing.pth")
+        read_authors_checkpoint(tmp_path / "missing.pth")
 
 
 # Names whose use would mean network access, a new process, or reading arbitrary files / executing code.

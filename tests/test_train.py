@@ -1,4 +1,4 @@
-"""Training loop (modeling_vip2clip.train): learning, frozen backbone, exact resume, atomic checkpoints, feature
+"""Training loop (modeling_vip2clip.cli.train): learning, frozen backbone, exact resume, atomic checkpoints, feature
 cache, NaN guard, the saved model, and a 2-process CPU DDP run. Tiny random CLIP, 32 px synthetic images."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from modeling_vip2clip.data import generate_synthetic_benchmark, load_anomaly_dataset, to_torch_dataset
-from modeling_vip2clip.feature_cache import FeatureCache
-from modeling_vip2clip.checkpointing import find_latest_checkpoint
-from modeling_vip2clip.train import build_parser
-from modeling_vip2clip.runtime import UsageError
-from modeling_vip2clip.training import NonFiniteLossError, run_training
+from modeling_vip2clip.engine.feature_cache import FeatureCache
+from modeling_vip2clip.engine.checkpointing import find_latest_checkpoint
+from modeling_vip2clip.cli.train import build_parser
+from modeling_vip2clip.errors import UsageError
+from modeling_vip2clip.engine.training import NonFiniteLossError, run_training
 
 from launch import launch_two_cpu_processes
 
@@ -239,7 +239,7 @@ def test_two_cpu_processes_ddp_match_one_process(tiny_clip_dir, data_dir, tmp_pa
     """`accelerate launch` with 2 CPU processes x batch 2 = 1 process x batch 4 (same global batches)."""
     single = run_training(_args(tiny_clip_dir, data_dir, tmp_path / "single", "--epochs", "1", "--batch-size", "4"))
     completed = launch_two_cpu_processes(
-        "modeling_vip2clip.train", "--clip", str(tiny_clip_dir), *TINY, "--dataset", str(data_dir),
+        "modeling_vip2clip.cli.train", "--clip", str(tiny_clip_dir), *TINY, "--dataset", str(data_dir),
         "--output-dir", str(tmp_path / "ddp"), "--epochs", "1", "--batch-size", "2", "--num-workers", "0",
         "--report-to", "tensorboard", "--no-progress",
     )

@@ -7,7 +7,7 @@
 * :mod:`.sources` — :func:`load_anomaly_dataset`: a saved folder, a raw benchmark folder,
   parquet/imagefolder files or a Hub id (optionally streamed), in any column names
   (:func:`add_schema_arguments`), with ``<category>.<split>`` split patterns → the schema.
-* :mod:`.loading` — :func:`make_transform`, :func:`collate_skip_bad`, :func:`to_torch_dataset`.
+* :mod:`.transforms` — :func:`make_transform`, :func:`collate_skip_bad`, :func:`to_torch_dataset`.
 * :mod:`.synthetic` — a procedural CC0 benchmark for tests and demos.
 """
 
@@ -17,7 +17,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 # name → submodule. Imported on first use: `from modeling_vip2clip.data import convert` does not import torch
-# (only .loading needs it), and `python -m modeling_vip2clip.data.synthetic` does not find its module already
+# (only .transforms needs it), and `python -m modeling_vip2clip.data.synthetic` does not find its module already
 # imported by the package (runpy's RuntimeWarning).
 _SUBMODULE_NAMES = {
     ".converters": (
@@ -26,7 +26,7 @@ _SUBMODULE_NAMES = {
         "convert_folder", "convert_meta_json", "convert_mvtec", "convert_visa", "detect_layout",
         "suggest_folder_command", "unrecognised_layout_message",
     ),
-    ".loading": (
+    ".transforms": (
         "AnomalyBatchTransform", "SkipBadCollate", "TorchAnomalyDataset", "collate_skip_bad", "make_transform",
         "to_torch_dataset", "without_decoding",
     ),
@@ -47,7 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover
         convert_meta_json, convert_mvtec, convert_visa, detect_layout, suggest_folder_command,
         unrecognised_layout_message,
     )
-    from .loading import (
+    from .transforms import (
         AnomalyBatchTransform, SkipBadCollate, TorchAnomalyDataset, collate_skip_bad, make_transform,
         to_torch_dataset, without_decoding,
     )

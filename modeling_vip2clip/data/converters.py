@@ -38,7 +38,7 @@ label is still valid, and image-only benchmarks (HeadCT, BrainMRI, Br35H)
 legitimately have no masks. Pass ``missing_mask="skip"`` to drop such rows
 instead (they are then listed in ``report.skipped``). Pixel-level metrics must
 ignore anomalous rows whose mask is None (``has_mask`` is False in the batches
-built by :mod:`modeling_vip2clip.data.loading`). A mask whose size differs from
+built by :mod:`modeling_vip2clip.data.transforms`). A mask whose size differs from
 its image is kept with a warning: the processor resizes masks to the model's
 input size anyway.
 

@@ -30,7 +30,7 @@ from typing import Any, Mapping
 import numpy as np
 from datasets import ClassLabel, Features, Image, Value
 
-from ..runtime import UsageError
+from ..errors import UsageError
 
 __all__ = [
     "DatasetError",
@@ -57,7 +57,7 @@ COLUMNS = ("image", "mask", "label", "category", "defect_type", "split", "image_
 class DatasetError(UsageError, ValueError):
     """A dataset that cannot be used as given (a folder that does not exist or has no known layout, a named
     folder or column that is missing). The message reads ``<what is wrong with which value>; <the fix>``; as a
-    :class:`~modeling_vip2clip.runtime.UsageError` every entry point shows it as a one-line user error (exit 2),
+    :class:`~modeling_vip2clip.errors.UsageError` every entry point shows it as a one-line user error (exit 2),
     and as a ``ValueError`` library callers may catch it as before."""
 
 
@@ -85,7 +85,7 @@ def decode_image(value: Any):
     ``Image(decode=False)`` yields), a path, or raw bytes. Returns a loaded PIL image, or None for None.
 
     The one decoder for stored images: :func:`validate_sample` and the lazy batch transform of
-    :mod:`.loading` both use it, so a value that validates is a value that trains.
+    :mod:`.transforms` both use it, so a value that validates is a value that trains.
     """
     from PIL import Image as PILImage
 

@@ -328,7 +328,7 @@ def _open(path: Path, text: str, split: str | None, categories: Sequence[str] | 
     """([(split name or None, dataset)], conversion report or None) for a path or a Hub id."""
     from datasets import DatasetDict, get_dataset_split_names, load_dataset, load_from_disk
 
-    from ..runtime import looks_like_path
+    from ..resolve import looks_like_path
     from .converters import convert, detect_layout, unrecognised_layout_message
 
     if path.is_dir() and is_saved_dataset(path):

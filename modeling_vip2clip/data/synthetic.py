@@ -351,7 +351,7 @@ _FULL = {"categories": list(DEFAULT_CATEGORIES), "image_size": 128, "n_train_goo
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of ``python -m modeling_vip2clip.data.synthetic``."""
-    from ..runtime import add_debug_argument, non_negative_int, positive_int
+    from ..cli.options import add_debug_argument, non_negative_int, positive_int
 
     def default(key: str) -> str:
         full, tiny = _FULL[key], _TINY[key]
@@ -386,8 +386,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Write the benchmark described by ``args``; user errors raise ``runtime.UsageError``."""
-    from ..runtime import UsageError
+    """Write the benchmark described by ``args``; user errors raise ``errors.UsageError``."""
+    from ..errors import UsageError
 
     preset = _TINY if args.tiny else _FULL
     options = {key: preset[key] if getattr(args, key) is None else getattr(args, key) for key in preset}
@@ -404,7 +404,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point (``python -m modeling_vip2clip.data.synthetic``)."""
-    from ..runtime import run_main
+    from ..cli.boundary import run_main
 
     parser = argparse.ArgumentParser(prog="python -m modeling_vip2clip.data.synthetic", description=DESCRIPTION)
     return run_main(run, add_arguments(parser).parse_args(argv))

@@ -1,0 +1,68 @@
+"""`vip2clip calibrate`: the command line of `engine.calibration.calibrate` (what it computes and writes: that
+module's docstring)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+from ..data.dataset_parts import add_column_arguments
+from .options import add_common_arguments
+
+__all__ = ["DESCRIPTION", "add_arguments", "build_parser", "main", "run"]
+
+DESCRIPTION = ("Calibrate a model's decision thresholds on a labelled dataset (F1-max image and pixel thresholds) "
+               "and save a copy of the model that carries them; zero-shot means no training on the target, "
+               "calibrating on a few labelled images is your explicit choice.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--model", required=True, metavar="DIR", help="ViP2CLIP model folder (or Hub id) to calibrate.")
+    parser.add_argument("--dataset", required=True, metavar="ID_OR_PATH",
+                        help="labelled dataset: a saved/converted folder, a raw benchmark folder, a folder of parquet "
+                        "files or a Hub dataset id.")
+    parser.add_argument("--out", required=True, metavar="DIR", help="where the calibrated copy of the model goes.")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists.")
+    parser.add_argument("--split", default="test",
+                        help="dataset split; also every split named <category>.<split> (default: test).")
+    parser.add_argument("--categories", nargs="+", default=None, metavar="CAT", help="calibrate on these categories only (default: all).")
+    parser.add_argument("--dataset-name", default=None, help="name recorded in the calibration info (default: the folder's name or the id).")
+    parser.add_argument("--streaming", action="store_true", help="stream the dataset instead of downloading it first.")
+    add_column_arguments(parser)
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu).")
+    add_common_arguments(parser, batch_size=8, output_dir=None, num_workers=2)
+    return parser
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    return add_arguments(argparse.ArgumentParser(prog=prog or "vip2clip calibrate", description=DESCRIPTION))
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import require_extra
+    from ..console import setup_logging
+
+    for module in ("datasets", "sklearn", "scipy"):
+        require_extra(module, "train", "vip2clip calibrate")
+    setup_logging()
+    from ..engine.calibration import calibrate
+
+    result = calibrate(args)
+    pixel = ("unset (no masks)" if result["pixel_threshold"] is None else
+             f"{result['pixel_threshold']:.6g} (pixel F1-max {result['pixel_f1_max']:.4f})")
+    print(f"calibrated on {result['num_images']} images of {result['dataset']} ({result['num_normal']} normal, "
+          f"{result['num_anomalous']} anomalous, {result['num_anomalous_with_mask']} with a mask; "
+          f"{result['num_skipped']} skipped): image_threshold {result['image_threshold']:.6g} (image F1-max "
+          f"{result['image_f1_max']:.4f}), pixel_threshold {pixel}; wrote {args.out}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m modeling_vip2clip.cli.calibrate`."""
+    from .boundary import run_main
+
+    return run_main(run, build_parser(prog="modeling_vip2clip.cli.calibrate").parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,81 @@
+"""`vip2clip export --model M --format onnx|openvino --out DIR [--int8 --calibration-dataset D]`: the command
+line of `deploy.export.export_model` (what the folder holds and why: that module's docstring)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from typing import Sequence
+
+from ..deploy.export import DEFAULT_OPSET, export_model
+from ..deploy.exported_runtime import INFO_FILE, is_exported_folder
+from ..errors import UsageError
+from .boundary import run_main
+
+__all__ = ["DESCRIPTION", "add_arguments", "run", "main"]
+
+DESCRIPTION = "export a model to ONNX or OpenVINO (optionally INT8) for torch-free deployment"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--model", required=True, metavar="M", help="trained ViP2-CLIP model folder (or Hub id).")
+    parser.add_argument("--format", required=True, choices=["onnx", "openvino"],
+                        help="onnx (ONNX Runtime) or openvino (OpenVINO IR).")
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder to write the exported model to.")
+    parser.add_argument("--int8", action="store_true",
+                        help="OpenVINO only: INT8 post-training quantisation with NNCF (needs --calibration-dataset).")
+    parser.add_argument("--calibration-dataset", metavar="D", default=None,
+                        help="calibration images for --int8: a saved dataset folder (vip2clip convert), an image "
+                        "folder or a quoted glob.")
+    parser.add_argument("--calibration-size", type=int, default=300, metavar="N",
+                        help="calibration images drawn from --calibration-dataset (default: 300).")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default: {DEFAULT_OPSET}).")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors.")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.int8 and args.format != "openvino":
+        raise UsageError("--int8 needs --format openvino (the quantised graph is OpenVINO's)")
+    if args.int8 and args.calibration_dataset is None:
+        raise UsageError("--int8 needs --calibration-dataset D (a saved dataset, an image folder or a glob of images "
+                         "like the ones the model will see)")
+    if args.calibration_size < 1:
+        raise UsageError(f"--calibration-size {args.calibration_size} must be at least 1")
+    if args.calibration_dataset is not None and not args.int8:
+        raise UsageError("--calibration-dataset is only used with --int8; add --int8 or drop it")
+    if is_exported_folder(args.model):
+        raise UsageError(f"--model {args.model} is already an exported folder; export the torch model folder")
+    from ..weights.loader import load_model_and_processor
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    model, processor = load_model_and_processor(args.model, device="cpu")
+    out = export_model(
+        model, processor, args.out, format=args.format, int8=args.int8,
+        calibration_images=args.calibration_dataset, calibration_size=args.calibration_size, opset=args.opset,
+        source=args.model, overwrite=args.overwrite,
+    )
+    info = json.loads((out / INFO_FILE).read_text(encoding="utf-8"))
+    summary = f"exported {args.model} to {out} ({info['format']}, {info['precision']}, {info['export_seconds']} s)"
+    if "int8" in info:
+        accuracy = info["int8"]["accuracy_vs_fp32"]
+        summary += (f"; INT8 vs f32 on {accuracy['images']} {info['int8']['accuracy_on']}: map Pearson min "
+                    f"{accuracy['map_pearson_min']}, max |Δscore| {accuracy['score_abs_diff_max']}")
+    print(summary)
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    return _run(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vip2clip export", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    return run_main(run, add_arguments(parser).parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,60 @@
+"""The command-line options every data-processing command shares, and argparse types checked at parse time."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Callable
+
+__all__ = ["positive_int", "non_negative_int", "probability", "positive_float", "add_common_arguments",
+           "add_debug_argument"]
+
+
+def _number_type(kind: type, name: str, check: Callable[[Any], bool]) -> Callable[[str], Any]:
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {name}") from None
+        if not check(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {name}")
+        return value
+
+    parse.__name__ = name  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _number_type(int, "an integer >= 1", lambda v: v >= 1)
+non_negative_int = _number_type(int, "an integer >= 0", lambda v: v >= 0)
+probability = _number_type(float, "a number in [0, 1]", lambda v: 0.0 <= v <= 1.0)
+positive_float = _number_type(float, "a number > 0", lambda v: v > 0 and v == v and v != float("inf"))
+
+
+def add_common_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    batch_size: int = 8,
+    output_dir: str | None = None,
+    output_help: str = "where the results go",
+    num_workers: int = 2,
+    mixed_precision: bool = True,
+) -> argparse.ArgumentParser:
+    """The options every data-processing entry point has: --batch-size, --num-workers, --output-dir,
+    --mixed-precision, --no-progress and --debug, validated at parse time."""
+    group = parser.add_argument_group("run")
+    group.add_argument("--batch-size", type=positive_int, default=batch_size,
+                       help=f"images per batch and process (default: {batch_size}).")
+    group.add_argument("--num-workers", type=non_negative_int, default=num_workers,
+                       help=f"DataLoader worker processes that decode and preprocess (default: {num_workers}).")
+    if output_dir is not None:
+        group.add_argument("--output-dir", default=output_dir, help=f"{output_help} (default: {output_dir}).")
+    if mixed_precision:
+        group.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no",
+                           help="autocast precision of the forward pass (default: no, fp32 like the reference).")
+    group.add_argument("--no-progress", action="store_true", help="hide the progress bars.")
+    add_debug_argument(group)
+    return parser
+
+
+def add_debug_argument(parser) -> None:
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (also VIP2CLIP_DEBUG=1).")
