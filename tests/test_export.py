@@ -109,7 +109,7 @@ def test_exported_folder_is_self_describing(onnx_folder, openvino_folder, model_
         config = json.loads((folder / "config.json").read_text())
         assert config["feature_layers"] == model.config.feature_layers and config["top_k"] == model.config.top_k
         assert ViP2CLIPProcessor.from_pretrained(folder).to_dict() == processor.to_dict()
-        assert (folder / RUNTIME_FILE).read_bytes() == (REPO / "modeling_vip2clip" / "exported_runtime.py").read_bytes()
+        assert (folder / RUNTIME_FILE).read_bytes() == (REPO / "modeling_vip2clip" / "deploy" / "exported_runtime.py").read_bytes()
         assert "pixel_values" in (folder / "README.md").read_text()
     exported = ExportedViP2CLIP.from_folder(openvino_folder)
     assert exported.image_size == 32 and exported.config["top_k"] == model.config.top_k
