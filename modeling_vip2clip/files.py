@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_text", "atomic_write_json"]
+__all__ = ["atomic_write_text", "atomic_write_json", "atomic_save"]
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -31,3 +31,16 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
     """`atomic_write_text` of `data` as indented JSON in its own key order (non-JSON values written with `str`)."""
     atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def atomic_save(target: Path, save) -> None:
+    """`save(file)` into a temporary file beside `target`, then rename: a killed run never leaves half a file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            save(handle)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

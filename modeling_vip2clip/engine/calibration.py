@@ -71,7 +71,8 @@ def calibrate(args: argparse.Namespace, model=None, processor=None) -> dict:
     from tqdm.auto import tqdm
 
     from ..post_processing.metrics import f1_max_threshold, pixel_f1_max_threshold
-    from .prediction import RowImages, StreamImages, _Prepare, dataset_rows, make_loader, open_dataset_parts
+    from ..data.dataset_parts import open_dataset_parts
+    from ..data.streams import Prepare, RowImages, StreamImages, dataset_rows, make_loader
     from ..weights.loader import load_model_and_processor
     from ..resolve import resolve_source
 
@@ -91,7 +92,7 @@ def calibrate(args: argparse.Namespace, model=None, processor=None) -> dict:
     if model is None:
         model, processor = load_model_and_processor(args.model, device=device)
     model = model.to(device).eval()
-    prepare = _Prepare(processor, with_masks=True)
+    prepare = Prepare(processor, with_masks=True)
     if args.streaming:
         dataset, total = StreamImages(parts, set(), 0, 1, prepare), None
     else:
