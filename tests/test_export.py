@@ -213,7 +213,7 @@ def _env() -> dict:
 def test_cli_exports_a_folder(torch_folder, tmp_path):
     out = tmp_path / "cli-onnx"
     result = subprocess.run(
-        [sys.executable, "-m", "modeling_vip2clip.deploy.export", "--model", str(torch_folder), "--format", "onnx",
+        [sys.executable, "-m", "modeling_vip2clip.cli.export", "--model", str(torch_folder), "--format", "onnx",
          "--out", str(out)], capture_output=True, text=True, env=_env(), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"to {out}" in result.stdout and "onnx, fp32" in result.stdout
@@ -225,7 +225,7 @@ def test_cli_exports_a_folder(torch_folder, tmp_path):
 
 def test_cli_usage_error_is_one_line(torch_folder, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "modeling_vip2clip.deploy.export", "--model", str(torch_folder), "--format", "onnx",
+        [sys.executable, "-m", "modeling_vip2clip.cli.export", "--model", str(torch_folder), "--format", "onnx",
          "--out", str(tmp_path / "x"), "--int8"], capture_output=True, text=True, env=_env(), timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == "error: --int8 needs --format openvino (the quantised graph is OpenVINO's)"
@@ -295,7 +295,7 @@ def test_predict_on_an_exported_folder_equals_the_torch_folder(torch_folder, onn
     modeling_vip2clip/exported_model.py): same CSV scores (1e-4) and overlays as the torch folder."""
     import csv
 
-    from modeling_vip2clip import predict
+    from modeling_vip2clip.cli import predict
     from modeling_vip2clip.deploy.exported_model import ExportedViP2CLIPModel, load_exported
     from modeling_vip2clip.engine.prediction import run_prediction
     from modeling_vip2clip.weights.loader import load_model_and_processor
