@@ -225,6 +225,7 @@ _CHILD = textwrap.dedent(
             report[name] = row
             continue
         row["pipeline"] = f"{type(detector).__module__}.{type(detector).__name__}"
+        row["pipeline_processor"] = [detector.image_processor.image_size, detector.image_processor.min_image_size]
         result = detector(probe)
         row["score"], row["is_anomalous"] = result["score"], bool(result["is_anomalous"])
         row["map_shape"] = list(result["anomaly_map"].shape)
@@ -284,12 +285,16 @@ def test_written_folder_loads_in_a_fresh_process_without_the_package(folders, fr
         assert row[key].startswith("transformers_modules.") and row[key].endswith(".ViP2CLIPImageProcessor"), row[key]
         assert row[key + "_image_size"] == 32
     assert row["pipeline"].endswith(".ViP2CLIPAnomalyDetectionPipeline")
+    saved = json.loads((folders["folders"][name] / "preprocessor_config.json").read_text())
+    assert row["pipeline_processor"] == [saved["image_size"], saved["min_image_size"]]  # the folder's, not a default
     assert row["map_shape"] == [36, 40]  # the probe's own size
     # the same numbers as the package's own model on the same folder
-    expected = _scores(folders["folders"][name], [Image.open(folders["probe"]).convert("RGB")])[0]
+    model, processor = load_model_and_processor(str(folders["folders"][name]))
+    with torch.inference_mode():
+        pixel_values = processor(images=[Image.open(folders["probe"]).convert("RGB")])["pixel_values"]
+        expected = float(model(pixel_values=pixel_values).anomaly_score[0])
     assert row["score"] == pytest.approx(expected, abs=1e-6)
     assert row["auto_model_score"] == pytest.approx(expected, abs=1e-6)
-    model, _ = load_model_and_processor(str(folders["folders"][name]))
     threshold = model.config.image_threshold
     assert row["is_anomalous"] == (row["score"] >= (0.5 if threshold is None else threshold))
 
