@@ -4,14 +4,15 @@
         --eval-json results_visa.json [--train-dataset mvtec] [--license cc-by-nc-sa-4.0] [--out DIR] [--dry-run]
 
 It publishes a model *you* trained or converted, under *your* namespace (the project publishes no weights; the
-authors' release is downloaded by each user, `vip2clip download-authors`). The built folder holds the safetensors
-weights, config.json (auto_map + custom_pipelines), the self-contained Hub files (`configuration_`, `modeling_`,
-`processing_`, `cpu_fast_path_`, `reference_bank_`, `pipeline_vip2clip.py`), preprocessor_config.json and a
-generated model card
-(README.md). Before anything is uploaded the folder is loaded in a *fresh* Python process — offline
-(HF_HUB_OFFLINE=1), with an empty remote-code cache and this repository's package made unimportable — through
-`AutoModel` / `AutoProcessor` (`trust_remote_code=True`) and the `pipeline()` task, and must reproduce the source
-model's outputs on fixed inputs to 1e-6 (max abs diff); otherwise nothing is uploaded (exit code 3).
+authors' release is downloaded by each user, `vip2clip download-authors`). The folder is written by the package's one
+model-folder writer (`modeling_vip2clip.weights.folder.save_model_folder`, the same as `train`, `calibrate`, the
+converter and `download-authors` use): safetensors weights, config.json (auto_map + custom_pipelines), every Hub file
+(`configuration_`, `modeling_`, `processing_`, `pipeline_`, `cpu_fast_path_`, `reference_bank_vip2clip.py`),
+preprocessor_config.json — plus a generated model card (README.md). Before anything is uploaded the folder is
+loaded in a *fresh* Python process — offline (HF_HUB_OFFLINE=1), with an empty remote-code cache and this
+repository's package made unimportable — through `AutoModel` / `AutoImageProcessor` / `AutoProcessor`
+(`trust_remote_code=True`) and the `pipeline()` task, and must reproduce the source model's outputs on fixed inputs
+to 1e-6 (max abs diff); otherwise nothing is uploaded (exit code 3).
 `--dry-run` builds and checks the folder only. Uploading needs a token (`hf auth login` or HF_TOKEN).
 """
 
@@ -45,8 +46,6 @@ from modeling_vip2clip.errors import UsageError  # noqa: E402
 __all__ = ["ParityError", "PARITY_ATOL", "build_hub_folder", "check_parity", "parity_inputs", "upload", "main"]
 
 PARITY_ATOL = 1e-6
-_CODE_FILES = ("configuration_vip2clip.py", "modeling_vip2clip.py", "processing_vip2clip.py", "cpu_fast_path_vip2clip.py",
-               "reference_bank_vip2clip.py")
 _PIPELINE_FILE = "pipeline_vip2clip.py"
 
 
@@ -79,6 +78,7 @@ def _load_source(model_dir: Path):
 
 
 def _prepare_out(out: Path, model_dir: Path, overwrite: bool) -> None:
+    """Refuse an `--out` that may not be replaced; the writer replaces an allowed one once the new folder is complete."""
     if out.resolve() == model_dir.resolve():
         raise ValueError("--out must differ from --model (the source folder is never modified).")
     if out.exists() and any(out.iterdir()):
@@ -86,8 +86,6 @@ def _prepare_out(out: Path, model_dir: Path, overwrite: bool) -> None:
             raise FileExistsError(f"{out} exists and is not empty; pass --overwrite or choose another --out.")
         if not (out / "config.json").is_file():
             raise FileExistsError(f"{out} does not look like an earlier build (no config.json); refusing to clear it.")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def build_hub_folder(
@@ -97,44 +95,24 @@ def build_hub_folder(
     eval_json: str | PathLike | dict | None = None,
     train_dataset: str = "mvtec",
     license: str | None = None,
-    with_pipeline: bool = True,
     overwrite: bool = False,
 ) -> Path:
-    """Write the Hub folder for `model_dir` into `out` and return `out` (no parity check, no upload)."""
+    """Write the Hub folder for `model_dir` into `out` and return `out` (no parity check, no upload): the package's
+    one model-folder writer (`weights.folder.save_model_folder`) plus the model card and the evaluation results."""
+    from modeling_vip2clip.weights.folder import save_model_folder
+
     model_dir, out = Path(model_dir), Path(out)
     eval_results = load_eval_results(eval_json) if eval_json is not None else None  # fail before writing
     model, processor = _load_source(model_dir)
     _prepare_out(out, model_dir, overwrite)
-
-    if with_pipeline:
-        from transformers import AutoModel
-        from transformers.pipelines import PIPELINE_REGISTRY
-
-        from modeling_vip2clip.pipeline_vip2clip import TASK, ViP2CLIPAnomalyDetectionPipeline
-
-        PIPELINE_REGISTRY.register_pipeline(TASK, pipeline_class=ViP2CLIPAnomalyDetectionPipeline, pt_model=AutoModel)
-        detector = ViP2CLIPAnomalyDetectionPipeline(model=model, image_processor=processor, device="cpu", task=TASK)
-        # writes config.custom_pipelines, the pipeline file, the model (+ its code) and the processor
-        detector.save_pretrained(out)
-    else:
-        model.save_pretrained(out)
-        processor.save_pretrained(out)
-
     card = build_model_card(
         model.config, repo_id=repo_id, train_dataset=train_dataset, license=license,
-        eval_results=eval_results, has_pipeline=with_pipeline,
+        eval_results=eval_results, has_pipeline=True,
     )
-    card.save(out / "README.md")
+    extra_files = {"README.md": str(card)}
     if eval_results is not None:
-        (out / "eval_results.json").write_text(json.dumps(eval_results, indent=2) + "\n", encoding="utf-8")
-
-    expected = ["config.json", "model.safetensors", "preprocessor_config.json", "README.md", *_CODE_FILES]
-    if with_pipeline:
-        expected.append(_PIPELINE_FILE)
-    missing = [name for name in expected if not (out / name).is_file()]
-    if missing:
-        raise RuntimeError(f"The built folder {out} lacks {missing}.")
-    return out
+        extra_files["eval_results.json"] = json.dumps(eval_results, indent=2) + "\n"
+    return save_model_folder(model, processor, out, extra_files=extra_files)
 
 
 # ---------------------------------------------------------------------------------------------- parity
@@ -155,13 +133,14 @@ _CHILD = textwrap.dedent(
     import torch
     from PIL import Image
     from safetensors.torch import save_file
-    from transformers import AutoModel, AutoProcessor, pipeline
+    from transformers import AutoImageProcessor, AutoModel, AutoProcessor, pipeline
 
     folder, work, with_pipeline = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "1"
     torch.set_num_threads(int(sys.argv[4]))  # same reduction order as the parent
     torch.manual_seed(0)
     model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    image_processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
     images = [Image.open(path) for path in sorted((work / "inputs").glob("*.png"))]
     inputs = processor(images=images)
     with torch.inference_mode():
@@ -173,7 +152,8 @@ _CHILD = textwrap.dedent(
     }
     tensors.update({f"resized_map_{i}": m.contiguous() for i, m in enumerate(maps)})
     info = {"model_class": f"{type(model).__module__}.{type(model).__name__}",
-            "processor_class": f"{type(processor).__module__}.{type(processor).__name__}"}
+            "processor_class": f"{type(processor).__module__}.{type(processor).__name__}",
+            "image_processor_class": f"{type(image_processor).__module__}.{type(image_processor).__name__}"}
     if with_pipeline:
         detector = pipeline(model=str(folder), trust_remote_code=True, device="cpu")
         info["pipeline_class"] = f"{type(detector).__module__}.{type(detector).__name__}"
@@ -204,7 +184,8 @@ def check_parity(
     with_pipeline: bool | None = None,
     timeout: float = 900,
 ) -> dict[str, float]:
-    """Load `folder` in a fresh offline subprocess (AutoModel / AutoProcessor / pipeline, trust_remote_code) and
+    """Load `folder` in a fresh offline subprocess (AutoModel / AutoImageProcessor / AutoProcessor / pipeline,
+    trust_remote_code) and
     compare its outputs on `parity_inputs()` with the source model's (loaded from `source` with this package).
 
     Returns the max abs differences per output; raises `ParityError` if any exceeds `atol` or the folder cannot be
@@ -255,11 +236,11 @@ def check_parity(
             raise ParityError(f"Loading {folder} in a fresh process took more than {timeout:.0f} s.") from None
         if run.returncode != 0:
             tail = "\n".join((run.stderr or run.stdout).strip().splitlines()[-15:])
-            raise ParityError(f"{folder} does not load on its own (AutoModel/AutoProcessor, offline):\n{tail}")
+            raise ParityError(f"{folder} does not load on its own (AutoModel/AutoImageProcessor/AutoProcessor, offline):\n{tail}")
         published = load_file(str(work / "published.safetensors"))
         info = json.loads((work / "info.json").read_text())
 
-    for key in ("model_class", "processor_class") + (("pipeline_class",) if with_pipeline else ()):
+    for key in ("model_class", "processor_class", "image_processor_class") + (("pipeline_class",) if with_pipeline else ()):
         if not info[key].startswith("transformers_modules."):
             raise ParityError(f"The fresh process got {key} {info[key]} instead of the folder's remote code.")
     diffs: dict[str, float] = {}
@@ -315,7 +296,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--license", help="Hub licence id (default: the training set's)")
     parser.add_argument("--out", help="folder to build (default build/hub/<repo name>)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier build in --out")
-    parser.add_argument("--no-pipeline", action="store_true", help="do not ship the 'anomaly-detection' pipeline")
     parser.add_argument("--dry-run", action="store_true", help="build and parity-check the folder, do not upload")
     parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
     parser.add_argument("--skip-parity", action="store_true", help=argparse.SUPPRESS)  # never allowed with upload
@@ -337,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         build_hub_folder(
             args.model, out, repo_id=args.repo_id, eval_json=args.eval_json, train_dataset=args.train_dataset,
-            license=args.license, with_pipeline=not args.no_pipeline, overwrite=args.overwrite,
+            license=args.license, overwrite=args.overwrite,
         )
     except (UsageError, ValueError, FileNotFoundError, FileExistsError, OSError) as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
@@ -346,12 +326,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.skip_parity:
         try:
-            diffs = check_parity(args.model, out, with_pipeline=not args.no_pipeline)
+            diffs = check_parity(args.model, out)
         except ParityError as error:
             print(f"PARITY FAILED — not uploading.\n{error}", file=sys.stderr)
             return 3
         print(f"parity OK: max abs diff {max(diffs.values()):.2e} over {len(diffs)} outputs "
-              f"(AutoModel/AutoProcessor/pipeline in a fresh offline process, tolerance {PARITY_ATOL:g})")
+              f"(AutoModel/AutoImageProcessor/AutoProcessor/pipeline in a fresh offline process, tolerance {PARITY_ATOL:g})")
     if args.dry_run:
         print(f"dry run: nothing uploaded; upload later with `hf upload {args.repo_id} {out} .`")
         return 0

@@ -13,6 +13,7 @@ __all__ = [
     "ViP2CLIPConfig",
     "ViP2CLIPModel",
     "ViP2CLIPOutput",
+    "ViP2CLIPImageProcessor",
     "ViP2CLIPProcessor",
     "ViP2CLIPReferenceBank",
     "download_authors_checkpoint",
@@ -24,6 +25,7 @@ _LAZY = {
     "ViP2CLIPConfig": ".configuration_vip2clip",
     "ViP2CLIPModel": ".modeling_vip2clip",
     "ViP2CLIPOutput": ".modeling_vip2clip",
+    "ViP2CLIPImageProcessor": ".processing_vip2clip",
     "ViP2CLIPProcessor": ".processing_vip2clip",
     "ViP2CLIPReferenceBank": ".reference_bank_vip2clip",
     "download_authors_checkpoint": ".weights.authors_release",
@@ -33,7 +35,7 @@ _LAZY = {
 if TYPE_CHECKING:  # pragma: no cover
     from .configuration_vip2clip import ViP2CLIPConfig
     from .modeling_vip2clip import ViP2CLIPModel, ViP2CLIPOutput
-    from .processing_vip2clip import ViP2CLIPProcessor
+    from .processing_vip2clip import ViP2CLIPImageProcessor, ViP2CLIPProcessor
     from .reference_bank_vip2clip import ViP2CLIPReferenceBank
     from .weights.authors_release import download_authors_checkpoint, load_authors_model
 

@@ -1,14 +1,17 @@
-"""Writing files so that a reader or a crash only ever sees the old or the new content."""
+"""Writing files and folders so that a reader or a crash only ever sees the old or the new content."""
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-__all__ = ["atomic_write_text", "atomic_write_json", "atomic_save"]
+__all__ = ["atomic_write_text", "atomic_write_json", "atomic_save", "staged_folder"]
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -43,4 +46,34 @@ def atomic_save(target: Path, save) -> None:
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def staged_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """A new, empty folder beside `path` to fill in the `with` block; when the block ends without an error it takes
+    the place of `path` (an existing folder there is moved aside, then removed once the new one is in place), and
+    when it raises, the staged folder is removed and `path` is untouched. Readers never see a half-written folder.
+
+    The staged folder is made with `os.mkdir`, so it gets the user's umask like any other folder (a `mkdtemp`
+    folder would stay 0700). Whether `path` may be replaced at all is the caller's decision, taken before.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} is a file, not a folder; remove it or choose another folder")
+    token = f"{os.getpid()}.{secrets.token_hex(4)}"
+    staging = path.with_name(f".{path.name}.{token}.partial")
+    os.mkdir(staging)
+    try:
+        yield staging
+        if path.exists():
+            previous = path.with_name(f".{path.name}.{token}.old")
+            os.replace(path, previous)
+            os.replace(staging, path)
+            shutil.rmtree(previous, ignore_errors=True)
+        else:
+            os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -8,8 +8,10 @@
 The default thresholds are the model's calibrated ones (`config.image_threshold` for `is_anomalous`,
 `config.pixel_threshold` for `mask`, written by `vip2clip calibrate`), else 0.5; call arguments override them.
 
-`hub/publish.py` registers it (`PIPELINE_REGISTRY.register_pipeline`) and saves it next to the model, which writes
-`custom_pipelines` into config.json. This file travels to the Hub: it imports only numpy, PIL, torch,
+Every model folder the package writes (`modeling_vip2clip.weights.folder.save_model_folder`) carries this file and
+names it under `custom_pipelines` in config.json, so `pipeline("anomaly-detection", model=FOLDER,
+trust_remote_code=True)` finds it in any process. The image processor is the folder's (`AutoImageProcessor`), else
+`ViP2CLIPImageProcessor.for_model(config)`. This file travels to the Hub: it imports only numpy, PIL, torch,
 transformers and its single-dot siblings.
 """
 
@@ -23,7 +25,7 @@ from PIL import Image
 from transformers import Pipeline
 from transformers.image_utils import load_image
 
-from .processing_vip2clip import ViP2CLIPProcessor
+from .processing_vip2clip import ViP2CLIPImageProcessor
 
 __all__ = ["ViP2CLIPAnomalyDetectionPipeline", "TASK"]
 
@@ -38,26 +40,17 @@ class ViP2CLIPAnomalyDetectionPipeline(Pipeline):
     `timeout` for image URLs.
     """
 
-    # The ViP²-CLIP processor is not an AutoImageProcessor: load it ourselves from the model's folder / repo.
+    # The folder's preprocessor_config.json through AutoImageProcessor when it has one (None: try, and go on
+    # without it on failure); nothing else to load.
+    _load_image_processor = None
     _load_processor = False
-    _load_image_processor = False
     _load_feature_extractor = False
     _load_tokenizer = False
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if not isinstance(self.image_processor, ViP2CLIPProcessor):
-            self.image_processor = self._load_vip2clip_processor()
-
-    def _load_vip2clip_processor(self) -> ViP2CLIPProcessor:
-        source = getattr(self.model, "name_or_path", None)
-        if source:
-            try:
-                return ViP2CLIPProcessor.from_pretrained(source)
-            except (OSError, ValueError):
-                pass  # no preprocessor_config.json: the docs/method.md §7 defaults at the model's input size
-        config = self.model.config
-        return ViP2CLIPProcessor(image_size=config.image_size, min_image_size=config.patch_size)
+        if self.image_processor is None:  # a folder without preprocessor_config.json, or a model object alone
+            self.image_processor = ViP2CLIPImageProcessor.for_model(self.model.config)
 
     def _sanitize_parameters(self, threshold=None, score_threshold=None, timeout=None, **kwargs):
         preprocess_params = {} if timeout is None else {"timeout": timeout}

@@ -1,7 +1,9 @@
 """Pre- and post-processing for ViP²-CLIP (docs/method.md §7).
 
-One class, `ViP2CLIPProcessor`, saved as `preprocessor_config.json` and loadable with
-`AutoProcessor.from_pretrained(..., trust_remote_code=True)`:
+One class, `ViP2CLIPImageProcessor` (a transformers `BaseImageProcessor`), saved as `preprocessor_config.json` and
+loadable with `AutoImageProcessor.from_pretrained(..., trust_remote_code=True)` or `AutoProcessor` (the same class);
+`ViP2CLIPProcessor` is its former name, kept as an alias so that older code and folders whose
+`preprocessor_config.json` names it still load:
 
 * images → `pixel_values` `(B, 3, S, S)`: RGB, bicubic resize to S×S (PIL), OpenAI CLIP mean/std;
 * masks → `masks` `(B, S, S)` in {0, 1}: any non-zero pixel is a defect, bilinear resize, binarised at 0.5
@@ -22,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.image_processing_base import ImageProcessingMixin
+from transformers.image_processing_utils import BaseImageProcessor
 
-__all__ = ["ViP2CLIPProcessor", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "jet_colormap"]
+__all__ = ["ViP2CLIPImageProcessor", "ViP2CLIPProcessor", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "jet_colormap"]
 
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -43,7 +45,7 @@ def jet_colormap(values: np.ndarray) -> np.ndarray:
 
 
 def _wide_array_to_uint8(array: np.ndarray, what: str) -> np.ndarray:
-    """16-bit / 32-bit / float pixels → uint8 without clipping (documented in `ViP2CLIPProcessor`)."""
+    """16-bit / 32-bit / float pixels → uint8 without clipping (documented in `ViP2CLIPImageProcessor`)."""
     array = np.asarray(array)
     if array.dtype == np.uint8:
         return array
@@ -72,8 +74,8 @@ def _wide_array_to_uint8(array: np.ndarray, what: str) -> np.ndarray:
     raise ValueError(f"{what} has unsupported pixel dtype {array.dtype}.")
 
 
-class ViP2CLIPProcessorKwargs(TypedDict, total=False):
-    """The processor's saved settings (transformers reads `valid_kwargs` when loading a processor)."""
+class ViP2CLIPImageProcessorKwargs(TypedDict, total=False):
+    """The processor's saved settings (transformers reads `valid_kwargs` when loading an image processor)."""
 
     image_size: int
     image_mean: list[float]
@@ -83,7 +85,7 @@ class ViP2CLIPProcessorKwargs(TypedDict, total=False):
     max_image_pixels: int | None
 
 
-class ViP2CLIPProcessor(ImageProcessingMixin):
+class ViP2CLIPImageProcessor(BaseImageProcessor):
     r"""Image and mask processor of ViP²-CLIP.
 
     Accepted images: `PIL.Image.Image` (any mode), `np.ndarray` / `torch.Tensor` of shape (H, W), (H, W, C) or
@@ -103,7 +105,7 @@ class ViP2CLIPProcessor(ImageProcessingMixin):
     """
 
     model_input_names = ["pixel_values"]
-    valid_kwargs = ViP2CLIPProcessorKwargs
+    valid_kwargs = ViP2CLIPImageProcessorKwargs
 
     def __init__(
         self,
@@ -126,7 +128,7 @@ class ViP2CLIPProcessor(ImageProcessingMixin):
             raise ValueError("image_size must be positive and image_mean / image_std must have 3 values.")
 
     @classmethod
-    def for_model(cls, config, **kwargs) -> "ViP2CLIPProcessor":
+    def for_model(cls, config, **kwargs) -> "ViP2CLIPImageProcessor":
         """The processor a model folder without `preprocessor_config.json` gets: the method's pre-processing
         (docs/method.md §7) at the model's input size, refusing images smaller than one patch."""
         return cls(image_size=config.image_size, min_image_size=config.patch_size, **kwargs)
@@ -343,4 +345,8 @@ class ViP2CLIPProcessor(ImageProcessingMixin):
         return Image.fromarray(np.clip(blended + 0.5, 0, 255).astype(np.uint8), mode="RGB")
 
 
-ViP2CLIPProcessor.register_for_auto_class("AutoProcessor")
+# The former name: older code imports it, and folders saved before the rename name it in preprocessor_config.json
+# (`auto_map["AutoProcessor"] = "processing_vip2clip.ViP2CLIPProcessor"`), which remote code resolves by attribute.
+ViP2CLIPProcessor = ViP2CLIPImageProcessor
+
+ViP2CLIPImageProcessor.register_for_auto_class("AutoImageProcessor")

@@ -104,7 +104,7 @@ def tiny_vip2clip_config(**overrides):
 def save_tiny_vip2clip(directory: str | Path) -> Path:
     """A tiny random ViP²-CLIP (`tiny_vip2clip_config`) with heads drawn at N(0, 0.5²) — larger than their init,
     so every head parameter visibly moves the outputs — saved with its processor (what `--model DIR` gets)."""
-    from . import ViP2CLIPModel, ViP2CLIPProcessor
+    from . import ViP2CLIPImageProcessor, ViP2CLIPModel
 
     torch.manual_seed(0)
     model = ViP2CLIPModel(tiny_vip2clip_config()).eval()
@@ -112,7 +112,7 @@ def save_tiny_vip2clip(directory: str | Path) -> Path:
         for parameter in list(model.ica.parameters()) + list(model.fgp.parameters()):
             parameter.normal_(0, 0.5)
     model.save_pretrained(directory)
-    ViP2CLIPProcessor(image_size=32, min_image_size=8).save_pretrained(directory)
+    ViP2CLIPImageProcessor(image_size=32, min_image_size=8).save_pretrained(directory)
     return Path(directory)
 
 

@@ -34,13 +34,13 @@ def tiny_clip_dir(tmp_path_factory):
 def tiny_model_dir(tiny_clip_dir, tmp_path_factory):
     """`ViP2CLIPModel.from_clip` of the tiny CLIP (32 px, layers 1 and 2), saved with its processor: the folder
     the command-line tests pass as `--model` (read only)."""
-    from modeling_vip2clip import ViP2CLIPModel, ViP2CLIPProcessor
+    from modeling_vip2clip import ViP2CLIPModel, ViP2CLIPImageProcessor
 
     torch.manual_seed(0)
     model = ViP2CLIPModel.from_clip(tiny_clip_dir, image_size=32, feature_layers=[1, 2], n_ctx=3, n_cls=2, top_k=5)
     out = tmp_path_factory.mktemp("tiny_model_dir")
     model.save_pretrained(out)
-    ViP2CLIPProcessor(image_size=32).save_pretrained(out)
+    ViP2CLIPImageProcessor(image_size=32).save_pretrained(out)
     return out
 
 

@@ -350,7 +350,7 @@ def test_command_writes_the_plain_converters_folder(server, authors_pth, plain_c
     assert_same_folder(out, plain_converted)
     assert f"saved {out}: the authors' mvtec_train_epoch_10.pth (trained on MVTec AD: use it on anything that is not MVTec AD" in run.stdout
     assert "Downloading the authors' mvtec_train_epoch_10.pth" in run.stderr and "Verified" in run.stderr
-    assert not list(tmp_path.glob(".vip2clip-mvtec.partial*"))
+    assert not list(tmp_path.glob(".vip2clip-mvtec*"))  # no staging folder left beside --out
     # again into another folder: from the cache, no request
     requests = len(server.state.requests)
     again = _cli("mvtec", "--out", str(tmp_path / "second"), "--clip", str(tiny_clip_dir), "--url", server.url(),

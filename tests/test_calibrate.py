@@ -151,10 +151,10 @@ def _independent_outputs(model_dir, parquet_root, splits):
     import torch
     from datasets import load_dataset
 
-    from modeling_vip2clip import ViP2CLIPModel, ViP2CLIPProcessor
+    from modeling_vip2clip import ViP2CLIPModel, ViP2CLIPImageProcessor
 
     model = ViP2CLIPModel.from_pretrained(model_dir).eval()
-    processor = ViP2CLIPProcessor.from_pretrained(model_dir)
+    processor = ViP2CLIPImageProcessor.from_pretrained(model_dir)
     labels, scores, masks, maps = [], [], [], []
     for split in splits:
         rows = load_dataset(str(parquet_root), split=split)
@@ -192,24 +192,31 @@ def test_calibrate_writes_the_f1_max_thresholds_into_a_copy_of_the_model(tiny_mo
     assert (info["num_images"], info["num_normal"], info["num_anomalous"], info["num_anomalous_with_mask"]) == (16, 8, 8, 7)
     assert info["splits"] == ["candle.test", "pcb1.test"] and info["categories"] == ["candle", "pcb1"]
     assert info["dataset"] == labelled_parquet.name and info["num_skipped"] == 0
-    # The weights and the processor are M's, byte for byte; only the config changed.
-    for name in ("model.safetensors", "preprocessor_config.json"):
-        assert (out / name).read_bytes() == (tiny_model_dir / name).read_bytes()
+    # The weights are M's, byte for byte; the processor's settings are M's; the config changed only in the thresholds
+    # and in what the model-folder writer adds to every folder (auto_map, custom_pipelines).
+    assert (out / "model.safetensors").read_bytes() == (tiny_model_dir / "model.safetensors").read_bytes()
+    writer_keys = ("auto_map", "custom_pipelines")
+    original = json.loads((tiny_model_dir / "preprocessor_config.json").read_text())
+    rewritten = json.loads((out / "preprocessor_config.json").read_text())
+    assert {k: v for k, v in rewritten.items() if k not in writer_keys} == {
+        k: v for k, v in original.items() if k not in writer_keys}
+    calibrated = ("image_threshold", "pixel_threshold", "calibration")
     original = json.loads((tiny_model_dir / "config.json").read_text())
     rewritten = json.loads((out / "config.json").read_text())
-    assert {k: v for k, v in rewritten.items() if k not in ("image_threshold", "pixel_threshold", "calibration")} == {
-        k: v for k, v in original.items() if k not in ("image_threshold", "pixel_threshold", "calibration")}
+    assert {k: v for k, v in rewritten.items() if k not in calibrated + writer_keys} == {
+        k: v for k, v in original.items() if k not in calibrated + writer_keys}
+    assert rewritten["custom_pipelines"]["anomaly-detection"]["impl"] == "pipeline_vip2clip.ViP2CLIPAnomalyDetectionPipeline"
     assert "image_threshold" in capsys.readouterr().out
-    assert not list(tmp_path.glob(".*.tmp"))
+    assert not list(tmp_path.glob(".*"))  # no staging folder left beside --out
 
     # The thresholds travel: the pipeline's defaults are the calibrated ones.
     from PIL import Image
 
-    from modeling_vip2clip import ViP2CLIPModel, ViP2CLIPProcessor
+    from modeling_vip2clip import ViP2CLIPModel, ViP2CLIPImageProcessor
     from modeling_vip2clip.pipeline_vip2clip import ViP2CLIPAnomalyDetectionPipeline
 
     detector = ViP2CLIPAnomalyDetectionPipeline(model=ViP2CLIPModel.from_pretrained(out).eval(),
-                                                image_processor=ViP2CLIPProcessor.from_pretrained(out))
+                                                image_processor=ViP2CLIPImageProcessor.from_pretrained(out))
     image = Image.fromarray(np.full((32, 40, 3), 120, np.uint8))
     result = detector(image)
     assert result["is_anomalous"] == (result["score"] >= config.image_threshold)
@@ -235,10 +242,10 @@ def test_calibrate_one_category_of_a_canonical_dataset(tiny_model_dir, tmp_path)
     tile = dataset.filter(lambda c: c == "tile", input_columns="category")
     import torch
 
-    from modeling_vip2clip import ViP2CLIPModel, ViP2CLIPProcessor
+    from modeling_vip2clip import ViP2CLIPModel, ViP2CLIPImageProcessor
 
     model = ViP2CLIPModel.from_pretrained(tiny_model_dir).eval()
-    processor = ViP2CLIPProcessor.from_pretrained(tiny_model_dir)
+    processor = ViP2CLIPImageProcessor.from_pretrained(tiny_model_dir)
     with torch.no_grad():
         scores = model(pixel_values=processor(images=list(tile["image"]))["pixel_values"]).anomaly_score.numpy()
     assert config.image_threshold == pytest.approx(sklearn_f1_max_threshold(tile["label"], scores)[1], abs=1e-6)

@@ -96,10 +96,14 @@ def test_dry_run_builds_complete_folder(built):
     assert not [name for name in names if name.endswith((".bin", ".pth", ".pt", ".pkl"))]  # safetensors only
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"] == {"AutoConfig": "configuration_vip2clip.ViP2CLIPConfig",
-                                  "AutoModel": "modeling_vip2clip.ViP2CLIPModel"}
+                                  "AutoModel": "modeling_vip2clip.ViP2CLIPModel",
+                                  "AutoImageProcessor": "processing_vip2clip.ViP2CLIPImageProcessor",
+                                  "AutoProcessor": "processing_vip2clip.ViP2CLIPImageProcessor"}
     assert config["custom_pipelines"]["anomaly-detection"]["impl"] == "pipeline_vip2clip.ViP2CLIPAnomalyDetectionPipeline"
     preprocessor = json.loads((out / "preprocessor_config.json").read_text())
-    assert preprocessor["auto_map"] == {"AutoProcessor": "processing_vip2clip.ViP2CLIPProcessor"}
+    assert preprocessor["auto_map"] == {"AutoImageProcessor": "processing_vip2clip.ViP2CLIPImageProcessor",
+                                        "AutoProcessor": "processing_vip2clip.ViP2CLIPImageProcessor"}
+    assert preprocessor["image_processor_type"] == "ViP2CLIPImageProcessor"
     assert preprocessor["image_size"] == 32
     # the shipped code files import nothing from the repository's package
     for name in ("configuration_vip2clip.py", "modeling_vip2clip.py", "processing_vip2clip.py", "cpu_fast_path_vip2clip.py",
@@ -163,7 +167,7 @@ def test_folder_reproduces_source_in_fresh_offline_process(built, source_dir, tm
     and the repository off sys.path, give the source model's outputs; the card's usage snippet runs as written."""
     from PIL import Image
 
-    from modeling_vip2clip import ViP2CLIPProcessor
+    from modeling_vip2clip import ViP2CLIPImageProcessor
 
     out, _ = built
     generator = torch.Generator().manual_seed(5)
@@ -194,7 +198,7 @@ def test_folder_reproduces_source_in_fresh_offline_process(built, source_dir, tm
     torch.testing.assert_close(got["anomaly_score"], expected.anomaly_score, atol=1e-6, rtol=0)
     torch.testing.assert_close(got["anomaly_map"], expected.anomaly_map, atol=1e-6, rtol=0)
 
-    processor = ViP2CLIPProcessor.from_pretrained(source_dir)
+    processor = ViP2CLIPImageProcessor.from_pretrained(source_dir)
     inputs = processor(images=[image])
     torch.testing.assert_close(got["processed"], inputs["pixel_values"], atol=0, rtol=0)
     single = _source_outputs(source_dir, inputs["pixel_values"])

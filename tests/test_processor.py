@@ -1,4 +1,4 @@
-"""ViP2CLIPProcessor: docs/method.md §7 preprocessing against an independent computation, input modes, masks, post-processing."""
+"""ViP2CLIPImageProcessor: docs/method.md §7 preprocessing against an independent computation, input modes, masks, post-processing."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from modeling_vip2clip import ViP2CLIPProcessor
+from modeling_vip2clip import ViP2CLIPImageProcessor
 from modeling_vip2clip.processing_vip2clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, jet_colormap
 
 S = 32
@@ -20,7 +20,7 @@ S = 32
 
 @pytest.fixture
 def processor():
-    return ViP2CLIPProcessor(image_size=S, min_image_size=8)
+    return ViP2CLIPImageProcessor(image_size=S, min_image_size=8)
 
 
 def _rgb(height=40, width=56, seed=0):
@@ -97,7 +97,7 @@ def test_exif_orientation_is_honoured(processor):
 
 
 def test_tiny_huge_and_non_images_are_rejected_with_a_reason():
-    processor = ViP2CLIPProcessor(image_size=S, min_image_size=14, max_image_pixels=100_000)
+    processor = ViP2CLIPImageProcessor(image_size=S, min_image_size=14, max_image_pixels=100_000)
     with pytest.raises(ValueError, match=r"image 0 is 10x30 px, smaller than the minimum side of 14"):
         processor(images=[Image.new("RGB", (10, 30))])
     with pytest.raises(ValueError, match="over the limit of 100,000"):

@@ -207,10 +207,10 @@ class _Poisoned(torch.utils.data.Dataset):
 
 
 def test_nan_loss_stops_with_epoch_step_and_images(tiny_clip_dir, one_batch_dir, tmp_path):
-    from modeling_vip2clip import ViP2CLIPProcessor
+    from modeling_vip2clip import ViP2CLIPImageProcessor
 
     dataset = load_anomaly_dataset(one_batch_dir)
-    poisoned = _Poisoned(to_torch_dataset(dataset, ViP2CLIPProcessor(image_size=32)), bad={1})
+    poisoned = _Poisoned(to_torch_dataset(dataset, ViP2CLIPImageProcessor(image_size=32)), bad={1})
     args = _args(tiny_clip_dir, one_batch_dir, tmp_path, "--epochs", "3", "--batch-size", "2")
     with pytest.raises(NonFiniteLossError) as error:
         run_training(args, train_dataset=poisoned)

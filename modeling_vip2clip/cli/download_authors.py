@@ -5,15 +5,14 @@
     python -m modeling_vip2clip.cli.download_authors mvtec --out vip2clip-mvtec   # the same, without the dispatcher
 
 Downloads (once) the pinned file from the authors' repository, checks its git blob id, converts it with the CLIP
-(`--clip`, default openai/clip-vit-large-patch14-336) and copies the cached folder to `--out`: the same files as
+(`--clip`, default openai/clip-vit-large-patch14-336) and copies the cached folder to `--out` (a complete Hub
+folder, `weights.folder.copy_model_folder`): the same files as
 `hub/authors_checkpoint_to_folder.py` writes from the same `.pth`. The work is done by `authors_checkpoint`.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
 import textwrap
 from pathlib import Path
@@ -29,6 +28,7 @@ from ..weights.authors_release import (
     get_release,
 )
 from ..errors import UsageError
+from ..weights.folder import copy_model_folder
 from .options import add_debug_argument, positive_int
 from .boundary import entry_point_main
 from ..console import show_progress_lines
@@ -83,16 +83,8 @@ def run(args: argparse.Namespace) -> int:
         release.name, clip=args.clip, image_size=args.image_size, feature_layers=args.feature_layers,
         top_k=args.top_k, url=args.url, git_blob_sha1=args.git_blob_sha1,
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        shutil.copytree(model_dir, staging)  # a copy, not links: re-saving --out must never write into the cache
-        if out.is_dir():
-            out.rmdir()  # empty, checked above
-        os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    # A copy, not links (re-saving --out must never write into the cache), through the one model-folder writer.
+    copy_model_folder(model_dir, out)
     from ..configuration_vip2clip import ViP2CLIPConfig
 
     config = ViP2CLIPConfig.from_pretrained(out)

@@ -16,8 +16,9 @@ folder M to M2 whose config carries
 * `calibration`: where they came from — the dataset, split, categories, the counts of images (normal,
   anomalous, with a mask, skipped) and the F1 reached.
 
-The weights are not touched: M2 is M's folder copied (its config rewritten), written to a temporary folder beside
-M2 and renamed into place. The pattern is anomalib's post-processor: thresholds stored with the model.
+The weights are not touched: M2 is M's folder copied (its config rewritten) by the one model-folder writer
+(`weights.folder.save_model_folder`), which also makes it a complete Hub folder, written to a temporary folder
+beside M2 and renamed into place. The pattern is anomalib's post-processor: thresholds stored with the model.
 
 Zero-shot means that the model was never *trained* on the target domain; nothing here trains either. Calibrating
 the two thresholds on a few labelled target images is the user's explicit choice (a handful of normal and
@@ -32,8 +33,6 @@ import argparse
 import contextlib
 import logging
 import math
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -73,6 +72,7 @@ def calibrate(args: argparse.Namespace, model=None, processor=None) -> dict:
     from ..post_processing.metrics import f1_max_threshold, pixel_f1_max_threshold
     from ..data.dataset_parts import open_dataset_parts
     from ..data.streams import Prepare, RowImages, StreamImages, dataset_rows, make_loader
+    from ..weights.folder import save_model_folder
     from ..weights.loader import load_model_and_processor
     from ..resolve import resolve_source
 
@@ -164,27 +164,7 @@ def calibrate(args: argparse.Namespace, model=None, processor=None) -> dict:
     config.image_threshold = float(image_threshold)
     config.pixel_threshold = None if pixel_threshold is None else float(pixel_threshold)
     config.calibration = info
-    _write_model_folder(source, out, model, processor)
+    # M's weights byte for byte (a local M), the config rewritten, staged beside --out and renamed into place.
+    save_model_folder(model, processor, out, source_folder=source)
     return {**info, "image_threshold": config.image_threshold, "pixel_threshold": config.pixel_threshold}
 
-
-def _write_model_folder(source: str, out: Path, model, processor) -> None:
-    """M's folder copied to a temporary folder beside `out`, its config rewritten, renamed into place (a model
-    loaded from the Hub without a local copy is saved with save_pretrained instead)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        if Path(source).is_dir():
-            shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(".cache", ".git"))
-            model.config.save_pretrained(tmp)  # config.json only: the weights stay byte for byte
-        else:
-            model.save_pretrained(tmp)
-        if not (tmp / "preprocessor_config.json").is_file():
-            processor.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -27,6 +27,7 @@ from .checkpointing import (
 from ..errors import UsageError
 from ..files import atomic_write_json
 from ..distributed import check_distributed_setup
+from ..weights.folder import save_model_folder
 from ..weights.loader import load_model_and_processor
 from ..resolve import resolve_source
 from ..console import test_pause
@@ -394,8 +395,7 @@ def run_training(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final_model = accelerator.unwrap_model(step_module).model
-        final_model.save_pretrained(str(model_dir))
-        processor.save_pretrained(str(model_dir))
+        save_model_folder(final_model, processor, model_dir)
         atomic_write_json(output_dir / "train_summary.json", {
             "args": vars(args), "epochs": epoch_log, "global_step": global_step,
             "prepass_seconds": prepass_seconds, "resumed_from": str(resume_dir) if resume_dir else None,

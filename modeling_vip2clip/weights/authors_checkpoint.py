@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..modeling_vip2clip import ViP2CLIPModel
-from ..processing_vip2clip import ViP2CLIPProcessor
+from ..processing_vip2clip import ViP2CLIPImageProcessor
 
 __all__ = ["read_authors_checkpoint", "authors_state_to_model_state", "model_from_authors_checkpoint"]
 
@@ -81,7 +81,8 @@ def model_from_authors_checkpoint(
     top_k: int = 50,
     **config_kwargs,
 ) -> ViP2CLIPModel:
-    """Build a `ViP2CLIPModel` from an authors' checkpoint plus a CLIP; save it (and its processor) if asked.
+    """Build a `ViP2CLIPModel` from an authors' checkpoint plus a CLIP; if `output_dir` is given, write it there as a
+    complete model folder with its processor (`weights.folder.save_model_folder`).
 
     n_ctx, n_cls and the adapter width are read from the checkpoint's shapes. The frozen token embeddings stored in the checkpoint
     are checked against the CLIP's, so a checkpoint paired with the wrong CLIP is refused.
@@ -124,6 +125,7 @@ def model_from_authors_checkpoint(
         raise ValueError(f"Checkpoint does not fit the model: missing {missing}, unexpected {unexpected}.")
     model.eval()
     if output_dir is not None:
-        model.save_pretrained(output_dir)
-        ViP2CLIPProcessor(image_size=image_size, min_image_size=model.config.patch_size).save_pretrained(output_dir)
+        from .folder import save_model_folder
+
+        save_model_folder(model, ViP2CLIPImageProcessor.for_model(model.config), output_dir)
     return model

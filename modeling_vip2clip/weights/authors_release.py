@@ -20,7 +20,7 @@ code in it can run, and combined with OpenAI's CLIP from the Hub (`openai/clip-v
 
     $HF_HOME/vip2clip/authors/checkpoints/<git blob id>/<name>_train_epoch_10.pth   verified file
                                          .../<name>_train_epoch_10.pth.incomplete   an interrupted download (resumed)
-    $HF_HOME/vip2clip/authors/models/<name>-<key>/     converted folder (config, safetensors with the CLIP, processor)
+    $HF_HOME/vip2clip/authors/models/<name>-<key>/     converted model folder (weights/folder.py: a complete Hub folder)
     $HF_HOME/vip2clip/authors/locks/*.lock             inter-process locks (empty files)
 
 `<key>` hashes the checkpoint's id, the CLIP and the conversion options. Timeouts are huggingface_hub's
@@ -39,7 +39,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -72,7 +71,7 @@ AUTHORS_REPOSITORY = "https://github.com/kim0806/ViP2-CLIP"
 AUTHORS_COMMIT = "4b5884f6c6bd42001fe47ccaeef32e4f1a8f5a93"
 DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"
 PAPER = "arXiv 2505.17692"
-_CACHE_FORMAT = 1  # bump when the conversion's output changes, so older cached folders are not reused
+_CACHE_FORMAT = 2  # bump when the conversion's output changes, so older cached folders are not reused
 
 
 @dataclass(frozen=True)
@@ -355,20 +354,16 @@ def download_authors_checkpoint(
         checkpoint = fetch_authors_checkpoint(name, url=url, git_blob_sha1=blob, cache_dir=root)
         from .authors_checkpoint import model_from_authors_checkpoint
 
-        staging = root / "models" / f".{folder}.partial"  # ours alone while we hold the lock: stale ones are removed
-        shutil.rmtree(staging, ignore_errors=True)
         LOGGER.info("Converting %s with the CLIP %s...", release.filename, clip)
-        try:
+        try:  # staged beside model_dir and renamed into place by the model-folder writer
             model_from_authors_checkpoint(
-                checkpoint, clip, staging, image_size=image_size, feature_layers=feature_layers, top_k=top_k
+                checkpoint, clip, model_dir, image_size=image_size, feature_layers=feature_layers, top_k=top_k
             )
         except (ValueError, OSError) as error:
-            shutil.rmtree(staging, ignore_errors=True)
             raise AuthorsConversionError(
                 f"cannot build the model from {release.filename} and the CLIP {str(clip)!r} ({_first_line(error)}); "
                 f"pass --clip a local CLIP folder or allow Hub access (the paper's CLIP is {DEFAULT_CLIP})"
             ) from error
-        os.replace(staging, model_dir)
         LOGGER.info("Cached the converted model in %s.", model_dir)
     return model_dir
 
@@ -387,14 +382,14 @@ def load_authors_model(
     """`(model, processor)` for the authors' `name` checkpoint (see `download_authors_checkpoint`); extra keyword
     arguments go to `from_pretrained` (e.g. `dtype=torch.bfloat16`). The model is in eval mode."""
     from ..modeling_vip2clip import ViP2CLIPModel
-    from ..processing_vip2clip import ViP2CLIPProcessor
+    from ..processing_vip2clip import ViP2CLIPImageProcessor
 
     model_dir = download_authors_checkpoint(
         name, clip=clip, image_size=image_size, feature_layers=feature_layers, top_k=top_k, url=url,
         git_blob_sha1=git_blob_sha1, cache_dir=cache_dir,
     )
     model = ViP2CLIPModel.from_pretrained(model_dir, **from_pretrained_kwargs).eval()
-    return model, ViP2CLIPProcessor.from_pretrained(model_dir)
+    return model, ViP2CLIPImageProcessor.from_pretrained(model_dir)
 
 
 def from_authors_checkpoint(
@@ -413,7 +408,7 @@ def from_authors_checkpoint(
     repository at a pinned commit, verified by git blob id, converted with `clip` and cached (offline afterwards).
 
     "mvtec" was trained on MVTec AD: use it on anything that is not MVTec AD; "visa" was trained on VisA: use it on
-    MVTec AD. The processor is `ViP2CLIPProcessor.from_pretrained(download_authors_checkpoint(name, ...))`, or use
+    MVTec AD. The processor is `ViP2CLIPImageProcessor.from_pretrained(download_authors_checkpoint(name, ...))`, or use
     `load_authors_model`, which returns both. Terms: see `modeling_vip2clip.weights.authors_release`.
     """
     model_dir = download_authors_checkpoint(

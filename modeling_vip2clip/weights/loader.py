@@ -16,7 +16,7 @@ def load_model_and_processor(source: str, device=None, dtype=None, flag: str = "
       OpenVINO, no PyTorch in its forward), with the same `model(pixel_values=...)` outputs.
     * The model is the package's `ViP2CLIPModel` (no remote code runs), `dtype` (default fp32) through the standard
       `from_pretrained(dtype=...)` (the heads stay fp32). A folder whose weights do not fit its config is refused.
-    * The processor is the folder's `preprocessor_config.json`, else `ViP2CLIPProcessor.for_model(config)`; one
+    * The processor is the folder's `preprocessor_config.json`, else `ViP2CLIPImageProcessor.for_model(config)`; one
       whose input size differs from the model's is refused (the folder mixes two models).
     """
     resolved = resolve_source(source, flag)  # before the heavy imports: a bad value fails in a second
@@ -29,7 +29,7 @@ def load_model_and_processor(source: str, device=None, dtype=None, flag: str = "
     import torch
 
     from ..modeling_vip2clip import ViP2CLIPModel
-    from ..processing_vip2clip import ViP2CLIPProcessor
+    from ..processing_vip2clip import ViP2CLIPImageProcessor
 
     try:
         model = ViP2CLIPModel.from_pretrained(resolved, dtype=dtype or torch.float32)
@@ -41,11 +41,11 @@ def load_model_and_processor(source: str, device=None, dtype=None, flag: str = "
         model.to(device)
     processor = None
     try:
-        processor = ViP2CLIPProcessor.from_pretrained(resolved)
+        processor = ViP2CLIPImageProcessor.from_pretrained(resolved)
     except (OSError, ValueError):
-        processor = ViP2CLIPProcessor.for_model(model.config)
+        processor = ViP2CLIPImageProcessor.for_model(model.config)
     if int(processor.image_size) != int(model.config.image_size):
         raise UsageError(f"{flag} {source}: its preprocessor_config.json has image_size {processor.image_size} but "
                          f"the model takes {model.config.image_size}; re-save the processor with "
-                         f"ViP2CLIPProcessor.for_model(model.config).save_pretrained(...).")
+                         f"ViP2CLIPImageProcessor.for_model(model.config).save_pretrained(...).")
     return model, processor
