@@ -14,7 +14,6 @@ from PIL import Image
 
 from modeling_vip2clip.data import (
     DatasetError,
-    decode_image,
     SkipBadCollate,
     convert,
     convert_folder,
@@ -25,6 +24,7 @@ from modeling_vip2clip.data import (
     generate_synthetic_benchmark,
     load_anomaly_dataset,
     make_transform,
+    read_image,
     to_torch_dataset,
     validate_sample,
     without_decoding,
@@ -369,8 +369,8 @@ def _check_visa_like(ds, expected, splits):
         assert validate_sample(row) == []
         assert row["category"] == split_name.split(".")[0] and row["split"] == split_name.split(".")[1]
         assert row["label"] == label and row["defect_type"] == ("anomaly" if label else "good")
-        assert np.array_equal(np.asarray(decode_image(row["image"])), image)  # streamed rows are not decoded
-        assert np.array_equal(np.asarray(decode_image(row["mask"])), mask)
+        assert np.array_equal(np.asarray(read_image(row["image"])), image)  # streamed rows are not decoded
+        assert np.array_equal(np.asarray(read_image(row["mask"])), mask)
     assert {s for s, _ in seen} == set(splits) and len(seen) == len(rows)  # every row once, image_path unique
 
 
@@ -453,8 +453,10 @@ def test_saved_dataset_dict_and_schema_flags(tmp_path):
     assert set(train["split"]) == {"train"} and train["image_path"] == dd["train"]["image_path"]
     with pytest.raises(DatasetError, match="--split val"):
         load_anomaly_dataset(tmp_path / "saved", split="val")
-    with pytest.raises(DatasetError, match="does not exist"):
+    with pytest.raises(DatasetError, match="--dataset .*nothing-here: no such file or folder"):
         load_anomaly_dataset(tmp_path / "nothing-here")
     args = add_schema_arguments(argparse.ArgumentParser()).parse_args(["--image-column", "img", "--mask-column", "gt"])
     assert schema_options(args) == {"image_column": "img", "label_column": "label", "mask_column": "gt",
-                                    "category_column": "category"}
+                                    "category_column": "category", "normal_labels": None}
+    args = add_schema_arguments(argparse.ArgumentParser()).parse_args(["--normal-label", "good", "ok"])
+    assert schema_options(args)["normal_labels"] == ["good", "ok"]

@@ -72,10 +72,10 @@ import numpy as np
 from datasets import Dataset, DatasetInfo
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from .images import IMAGE_EXTENSIONS
 from .schema import NORMAL_DEFECT, UNKNOWN_DEFECT, DatasetError, anomaly_features
 
 __all__ = [
-    "IMAGE_EXTENSIONS",
     "NORMAL_FOLDER_NAMES",
     "ANOMALOUS_FOLDER_NAMES",
     "MASK_FOLDER_NAMES",
@@ -96,8 +96,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: File extensions treated as images (case-insensitive).
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 MVTEC_CATEGORIES = frozenset(
     "bottle cable capsule carpet grid hazelnut leather metal_nut pill screw tile toothbrush "
     "transistor wood zipper".split()
