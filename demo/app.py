@@ -25,7 +25,6 @@ import os
 import sys
 import threading
 import traceback
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,7 +104,7 @@ if __name__ == "__main__":  # refuse a bad --model now, before the slow imports 
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image, UnidentifiedImageError  # noqa: E402
+from PIL import Image  # noqa: E402
 
 try:
     from modeling_vip2clip.errors import UsageError
@@ -372,41 +371,13 @@ def _display_name(path: str | Path) -> str:
 
 
 def open_image(path: str | Path, name: str | None = None) -> Image.Image:
-    """Open and fully decode an image file, or raise `ImageInputError` with a message naming the file."""
-    name = name or _display_name(path)
-    path = Path(path)
-    if not path.is_file():
-        raise ImageInputError(f"{name}: the file is missing (upload it again).")
-    if path.stat().st_size == 0:
-        raise ImageInputError(f"{name}: the file is empty (0 bytes).")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            image = Image.open(path)
-        except UnidentifiedImageError:
-            raise ImageInputError(
-                f"{name}: not an image file this app can read (PNG, JPEG, TIFF, BMP, WebP, ...)."
-            ) from None
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise ImageInputError(
-                f"{name}: too many pixels (limit {MAX_PIXELS:,}); downscale it first — the model sees it at a few "
-                "hundred pixels anyway."
-            ) from None
-        except OSError as error:
-            raise ImageInputError(f"{name}: cannot be opened ({error}).") from None
-        width, height = image.size
-        if width * height > MAX_PIXELS:
-            raise ImageInputError(
-                f"{name}: {width}×{height} = {width * height:,} pixels, over the limit of {MAX_PIXELS:,}; downscale "
-                "it first — the model sees it at a few hundred pixels anyway."
-            )
-        try:
-            image.load()
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise ImageInputError(f"{name}: too many pixels (limit {MAX_PIXELS:,}).") from None
-        except (OSError, SyntaxError, ValueError, EOFError) as error:
-            raise ImageInputError(f"{name}: the image data is corrupt or truncated ({error}).") from None
-    return image
+    """Open and fully decode an image file (the package's one reader), or raise `ImageInputError` naming it."""
+    from modeling_vip2clip.data.images import ImageReadError, read_image
+
+    try:
+        return read_image(Path(path), what=name or _display_name(path), max_pixels=MAX_PIXELS)
+    except ImageReadError as error:
+        raise ImageInputError(str(error)) from None
 
 
 # ---------------------------------------------------------------------------------------------- the demo

@@ -4,6 +4,8 @@ save/load round trip, lazy torch batches, determinism."""
 from __future__ import annotations
 
 import hashlib
+import io
+import re
 import shutil
 from pathlib import Path
 
@@ -14,7 +16,6 @@ from PIL import Image
 
 from modeling_vip2clip.data import (
     DatasetError,
-    decode_image,
     SkipBadCollate,
     convert,
     convert_folder,
@@ -25,6 +26,7 @@ from modeling_vip2clip.data import (
     generate_synthetic_benchmark,
     load_anomaly_dataset,
     make_transform,
+    read_image,
     to_torch_dataset,
     validate_sample,
     without_decoding,
@@ -369,8 +371,8 @@ def _check_visa_like(ds, expected, splits):
         assert validate_sample(row) == []
         assert row["category"] == split_name.split(".")[0] and row["split"] == split_name.split(".")[1]
         assert row["label"] == label and row["defect_type"] == ("anomaly" if label else "good")
-        assert np.array_equal(np.asarray(decode_image(row["image"])), image)  # streamed rows are not decoded
-        assert np.array_equal(np.asarray(decode_image(row["mask"])), mask)
+        assert np.array_equal(np.asarray(read_image(row["image"])), image)  # streamed rows are not decoded
+        assert np.array_equal(np.asarray(read_image(row["mask"])), mask)
     assert {s for s, _ in seen} == set(splits) and len(seen) == len(rows)  # every row once, image_path unique
 
 
@@ -419,6 +421,54 @@ def test_other_column_names_and_label_kinds():
         load_anomaly_dataset(datasets.Dataset.from_dict({"image": images[:1], "label": ["maybe"]}))
 
 
+def test_one_label_rule_class_names_in_any_order_and_normal_label():
+    import datasets
+
+    images = [Image.new("RGB", (16, 16), (i * 40, 0, 0)) for i in range(4)]
+    backwards = datasets.Dataset.from_dict(
+        {"image": images, "label": [1, 0, 1, 0]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["defective", "good"])}))
+    assert load_anomaly_dataset(backwards)["label"] == [0, 1, 0, 1]  # good (index 1) is the normal class
+    names = datasets.Dataset.from_dict({"image": images, "defect": ["good", "scratch", "Good", "crack"]})
+    with pytest.raises(DatasetError, match=r"^--label-column defect: label 'scratch' is neither .* --normal-label"):
+        load_anomaly_dataset(names, label_column="defect")
+    ds = load_anomaly_dataset(names, label_column="defect", normal_labels=["good"])
+    assert ds["label"] == [0, 1, 0, 1] and ds["defect_type"] == ["good", "scratch", "good", "crack"]
+    with pytest.raises(DatasetError, match=r"^--normal-label goood: no value of the label column 'defect'"):
+        load_anomaly_dataset(names, label_column="defect", normal_labels=["goood"])  # a typo is not "all anomalous"
+    numbers = datasets.Dataset.from_dict({"image": images, "label": [True, False, 0.0, 1.0]})
+    assert load_anomaly_dataset(numbers)["label"] == [1, 0, 0, 1]
+    # The defect-name column of a dataset that otherwise has the canonical columns goes through the rule too.
+    canonical_names = ds.cast_column("label", datasets.Value("string")).map(
+        lambda row: {"label": row["defect_type"]})
+    assert load_anomaly_dataset(canonical_names, normal_labels=["good"])["label"] == [0, 1, 0, 1]
+
+
+def test_one_image_reader_names_the_input_and_the_reason(tmp_path):
+    from modeling_vip2clip.data import ImageReadError
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), (10, 20, 30)).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    (tmp_path / "ok.png").write_bytes(data)
+    for value in (tmp_path / "ok.png", str(tmp_path / "ok.png"), data, {"bytes": data, "path": None},
+                  {"bytes": None, "path": str(tmp_path / "ok.png")}, np.full((30, 40, 3), 7, np.uint8)):
+        image = read_image(value)
+        assert image.size == (40, 30) and image.mode == "RGB"
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.png").write_text("not an image")
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    cases = {tmp_path / "nope.png": "no such file", tmp_path / "empty.png": "0 bytes",
+             tmp_path / "text.png": "not an image file", tmp_path / "cut.png": "corrupt or truncated"}
+    for path, reason in cases.items():
+        with pytest.raises(ImageReadError, match=f"^{re.escape(str(path))}: .*{reason}"):
+            read_image(path)
+    with pytest.raises(ImageReadError, match=r"^part\.png: 40x30 = 1,200 pixels, over the limit of 1,000"):
+        read_image(data, what="part.png", max_pixels=1000)
+    with pytest.raises(ImageReadError, match="neither bytes nor a path"):
+        read_image({"bytes": None, "path": None})
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -453,8 +503,10 @@ def test_saved_dataset_dict_and_schema_flags(tmp_path):
     assert set(train["split"]) == {"train"} and train["image_path"] == dd["train"]["image_path"]
     with pytest.raises(DatasetError, match="--split val"):
         load_anomaly_dataset(tmp_path / "saved", split="val")
-    with pytest.raises(DatasetError, match="does not exist"):
+    with pytest.raises(DatasetError, match="--dataset .*nothing-here: no such file or folder"):
         load_anomaly_dataset(tmp_path / "nothing-here")
     args = add_schema_arguments(argparse.ArgumentParser()).parse_args(["--image-column", "img", "--mask-column", "gt"])
     assert schema_options(args) == {"image_column": "img", "label_column": "label", "mask_column": "gt",
-                                    "category_column": "category"}
+                                    "category_column": "category", "normal_labels": None}
+    args = add_schema_arguments(argparse.ArgumentParser()).parse_args(["--normal-label", "good", "ok"])
+    assert schema_options(args)["normal_labels"] == ["good", "ok"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from ..data.dataset_parts import add_column_arguments
+from ..data.options import add_schema_arguments
 from .options import add_common_arguments
 
 __all__ = ["DESCRIPTION", "add_arguments", "build_parser", "main", "run"]
@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--categories", nargs="+", default=None, metavar="CAT", help="calibrate on these categories only (default: all).")
     parser.add_argument("--dataset-name", default=None, help="name recorded in the calibration info (default: the folder's name or the id).")
     parser.add_argument("--streaming", action="store_true", help="stream the dataset instead of downloading it first.")
-    add_column_arguments(parser)
+    add_schema_arguments(parser)
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu).")
     add_common_arguments(parser, batch_size=8, output_dir=None, num_workers=2)
     return parser

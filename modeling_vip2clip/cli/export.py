@@ -8,6 +8,7 @@ import json
 import logging
 from typing import Sequence
 
+from ..data.options import add_schema_arguments, schema_options
 from ..deploy.export import DEFAULT_OPSET, export_model
 from ..deploy.exported_runtime import INFO_FILE, is_exported_folder
 from ..errors import UsageError
@@ -30,6 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "folder or a quoted glob.")
     parser.add_argument("--calibration-size", type=int, default=300, metavar="N",
                         help="calibration images drawn from --calibration-dataset (default: 300).")
+    parser.add_argument("--calibration-split", default="all", metavar="SPLIT",
+                        help="split of a --calibration-dataset dataset; also every split named <category>.<split> "
+                        "(default: all).")
+    add_schema_arguments(parser)
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default: {DEFAULT_OPSET}).")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors.")
@@ -55,6 +60,7 @@ def _run(args: argparse.Namespace) -> int:
     out = export_model(
         model, processor, args.out, format=args.format, int8=args.int8,
         calibration_images=args.calibration_dataset, calibration_size=args.calibration_size, opset=args.opset,
+        calibration_options={"split": args.calibration_split, **schema_options(args)},
         source=args.model, overwrite=args.overwrite,
     )
     info = json.loads((out / INFO_FILE).read_text(encoding="utf-8"))

@@ -43,7 +43,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from ..data.dataset_parts import add_column_arguments
+from ..data.options import add_schema_arguments
 from .options import add_common_arguments, probability
 
 __all__ = ["DESCRIPTION", "add_arguments", "build_parser", "run", "main"]
@@ -66,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     data.add_argument("--categories", nargs="+", default=None, metavar="CAT", help="only these categories (default: all).")
     data.add_argument("--streaming", action="store_true",
                       help="stream the dataset instead of downloading/preparing it first.")
-    add_column_arguments(data)
+    add_schema_arguments(parser)
     parser.add_argument("--threshold", type=probability, default=None,
                         help="image score at or above which an image is anomalous (default: the model's calibrated "
                         "image_threshold, else 0.5).")

@@ -70,12 +70,12 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 from datasets import Dataset, DatasetInfo
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
+from .images import IMAGE_EXTENSIONS, ImageReadError, read_image
 from .schema import NORMAL_DEFECT, UNKNOWN_DEFECT, DatasetError, anomaly_features
 
 __all__ = [
-    "IMAGE_EXTENSIONS",
     "NORMAL_FOLDER_NAMES",
     "ANOMALOUS_FOLDER_NAMES",
     "MASK_FOLDER_NAMES",
@@ -96,8 +96,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: File extensions treated as images (case-insensitive).
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 MVTEC_CATEGORIES = frozenset(
     "bottle cable capsule carpet grid hazelnut leather metal_nut pill screw tile toothbrush "
     "transistor wood zipper".split()
@@ -228,6 +226,8 @@ def _describe_error(exc: BaseException) -> str:
         return f"not a decodable image (PIL cannot identify it): {exc}"
     if isinstance(exc, (OSError, SyntaxError)) and "truncated" in str(exc).lower():
         return f"truncated image data: {exc}"
+    if isinstance(exc, ImageReadError):
+        return str(exc)
     return f"corrupt image ({type(exc).__name__}): {exc}"
 
 
@@ -239,18 +239,12 @@ def _check_image(path: Path) -> tuple[int, int]:
         raise ValueError(f"unsupported file extension {path.suffix!r}")
     if path.stat().st_size == 0:
         raise ValueError("empty file (0 bytes)")
-    previous = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False  # never accept a truncated file silently
     try:
         with Image.open(path) as im:
-            im.verify()  # structure / checksums
-        with Image.open(path) as im:
-            im.load()  # actually decode every pixel
-            return im.size
+            im.verify()  # structure / checksums, which decoding alone does not check
+        return read_image(path, what=path.name).size  # the package's one reader: every pixel decoded, truncation refused
     except Exception as exc:  # noqa: BLE001 - every decode failure is reported, none crashes
         raise ValueError(_describe_error(exc)) from exc
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
 def _load_mask(path: Path, threshold: int) -> tuple[bytes, tuple[int, int], bool]:

@@ -1,5 +1,15 @@
-"""Finding image files: files, folders searched recursively, glob patterns and `@LIST` files (`collect_inputs`), and
-reading one image from a path, bytes, a `datasets` image dict or a PIL image (`decode`)."""
+"""Images on disk and in datasets, one way each for every command, the demo and export:
+
+* :data:`IMAGE_EXTENSIONS` — the file extensions taken for images (file discovery, the converters);
+* :func:`collect_inputs` — files, folders searched recursively, glob patterns and `@LIST` files → image files;
+* :func:`read_image` — one image from a path, bytes, a `datasets` image dict, a PIL image or a numpy array,
+  fully decoded, with every failure (missing, empty, not an image, truncated or corrupt data, too many pixels)
+  raised as one :class:`ImageReadError` whose message names the input.
+
+Mode conversion (16-bit, palette, RGBA → RGB) and EXIF orientation are the processor's `to_pil` (the Hub-side
+conversion, which the Hub files cannot import from here): `read_image` returns the image as stored, so masks keep
+their single channel.
+"""
 
 from __future__ import annotations
 
@@ -9,18 +19,14 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["collect_inputs", "decode"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageReadError", "collect_inputs", "read_image"]
 
-_DEFAULT_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+#: Extensions (lower case) of the files taken for images.
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 
 
-def _image_extensions() -> set[str]:
-    try:
-        from .converters import IMAGE_EXTENSIONS
-
-        return {ext.lower() for ext in IMAGE_EXTENSIONS}
-    except ImportError:  # pragma: no cover - the data extra is missing
-        return set(_DEFAULT_EXTENSIONS)
+class ImageReadError(ValueError):
+    """An image that cannot be read; the message reads ``<what>: <reason>``, ready to show or log."""
 
 
 def _glob_base(pattern: str) -> str:
@@ -77,7 +83,7 @@ def collect_inputs(inputs: Sequence[str]) -> tuple[list[tuple[str, str]], list[t
     folder — so one folder `D/` gives keys relative to `D/` (its tree mirrored), and same-named files from
     different inputs always get different keys (the outputs are `overlays/<key>.png`, ...).
     """
-    extensions = _image_extensions()
+    extensions = IMAGE_EXTENSIONS
     found: list[tuple[str, str, str]] = []
     problems: list[tuple[str, str]] = []
     for item in inputs:
@@ -105,18 +111,60 @@ def collect_inputs(inputs: Sequence[str]) -> tuple[list[tuple[str, str]], list[t
     return items, problems
 
 
-def decode(value: Any):
-    """A file path, encoded bytes, a `datasets` image dict or a PIL image → a loaded PIL image."""
-    from PIL import Image
+def read_image(value: Any, *, what: str | None = None, max_pixels: int | None = None):
+    """A file path, encoded bytes, a `datasets` image dict (`{"bytes", "path"}`), a PIL image or a numpy array →
+    a fully decoded PIL image (mode as stored), its file closed.
+
+    `what` names the input in messages (default: the path, else "image"). `max_pixels` refuses larger images
+    before their pixels are decoded (default: PIL's decompression-bomb limit, `PIL.Image.MAX_IMAGE_PIXELS`).
+    Truncated files are refused (PIL's default; the global `ImageFile.LOAD_TRUNCATED_IMAGES` is not touched, so
+    threads reading at once never race on it). Raises :class:`ImageReadError`.
+    """
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
 
     if isinstance(value, Image.Image):
         value.load()
         return value
+    if isinstance(value, np.ndarray):
+        try:
+            return Image.fromarray(np.ascontiguousarray(value))
+        except (TypeError, ValueError) as error:
+            raise ImageReadError(f"{what or 'image'}: array of shape {value.shape} and dtype {value.dtype} is not "
+                                 f"an image ({error})") from None
     if isinstance(value, dict):
         value = value.get("bytes") if value.get("bytes") is not None else value.get("path")
         if value is None:
-            raise ValueError("the image entry has neither bytes nor a path")
-    source = io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else value
-    with Image.open(source) as handle:
-        handle.load()
-        return handle.copy()
+            raise ImageReadError(f"{what or 'image'}: the image entry has neither bytes nor a path")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        what, data = what or "image", bytes(value)
+    elif isinstance(value, (str, os.PathLike)):
+        what, path = what or str(value), Path(value)
+        if not path.is_file():
+            raise ImageReadError(f"{what}: no such file (missing or moved)")
+        # Read into memory: no file handle stays open (multi-frame formats keep theirs after load).
+        data = path.read_bytes()
+    else:
+        raise ImageReadError(f"{what or 'image'}: cannot read an image from a {type(value).__name__}")
+    if not data:
+        raise ImageReadError(f"{what}: the file is empty (0 bytes)")
+    limit = max_pixels or Image.MAX_IMAGE_PIXELS
+    # (No warnings.catch_warnings here: it is not thread-safe. Between PIL's limit and twice it PIL warns, and the
+    # size check below refuses; above twice PIL raises.)
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageReadError(f"{what}: not an image file that can be read (PNG, JPEG, TIFF, BMP, WebP, ...)") from None
+    except Image.DecompressionBombError:
+        raise ImageReadError(f"{what}: too many pixels (limit {limit:,}); downscale it first") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageReadError(f"{what}: cannot be opened ({' '.join(str(error).split())})") from None
+    width, height = image.size
+    if limit and width * height > limit:
+        raise ImageReadError(f"{what}: {width}x{height} = {width * height:,} pixels, over the limit of {limit:,}; "
+                             "downscale it first (the model sees it at a few hundred pixels anyway)")
+    try:
+        image.load()  # PIL refuses truncated data (unless ImageFile.LOAD_TRUNCATED_IMAGES was set)
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as error:
+        raise ImageReadError(f"{what}: the image data is corrupt or truncated ({' '.join(str(error).split())})") from None
+    return image

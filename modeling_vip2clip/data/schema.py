@@ -23,14 +23,13 @@ image_path     ``Value("string")``     source path relative to the dataset
 
 from __future__ import annotations
 
-import io
-import os
 from typing import Any, Mapping
 
 import numpy as np
 from datasets import ClassLabel, Features, Image, Value
 
 from ..errors import UsageError
+from .images import read_image
 
 __all__ = [
     "DatasetError",
@@ -40,7 +39,6 @@ __all__ = [
     "COLUMNS",
     "ANOMALY_FEATURES",
     "anomaly_features",
-    "decode_image",
     "validate_sample",
 ]
 
@@ -80,37 +78,6 @@ def anomaly_features() -> Features:
 ANOMALY_FEATURES = anomaly_features()
 
 
-def decode_image(value: Any):
-    """Decode a stored ``Image`` column value: a PIL image, a ``{"bytes", "path"}`` dict (what
-    ``Image(decode=False)`` yields), a path, or raw bytes. Returns a loaded PIL image, or None for None.
-
-    The one decoder for stored images: :func:`validate_sample` and the lazy batch transform of
-    :mod:`.transforms` both use it, so a value that validates is a value that trains.
-    """
-    from PIL import Image as PILImage
-
-    if value is None:
-        return None
-    if isinstance(value, PILImage.Image):
-        value.load()
-        return value
-    if isinstance(value, Mapping):
-        if value.get("bytes") is not None:
-            img = PILImage.open(io.BytesIO(value["bytes"]))
-        elif value.get("path"):
-            img = PILImage.open(value["path"])
-        else:
-            raise ValueError("image value has neither bytes nor path")
-    elif isinstance(value, (bytes, bytearray)):
-        img = PILImage.open(io.BytesIO(value))
-    elif isinstance(value, (str, os.PathLike)):
-        img = PILImage.open(value)
-    else:
-        raise TypeError(f"unsupported image value of type {type(value).__name__}")
-    img.load()
-    return img
-
-
 def validate_sample(row: Mapping[str, Any], *, check_images: bool = True) -> list[str]:
     """Return the list of problems found in one row of the canonical schema.
 
@@ -147,12 +114,12 @@ def validate_sample(row: Mapping[str, Any], *, check_images: bool = True) -> lis
         problems.append("image is None")
     else:
         try:
-            decode_image(row["image"])
+            read_image(row["image"])
         except Exception as exc:  # noqa: BLE001 - any decode failure is a problem to report
             problems.append(f"image does not decode: {type(exc).__name__}: {exc}")
     if row.get("mask") is not None:
         try:
-            mask = decode_image(row["mask"])
+            mask = read_image(row["mask"])
         except Exception as exc:  # noqa: BLE001
             problems.append(f"mask does not decode: {type(exc).__name__}: {exc}")
         else:

@@ -11,9 +11,10 @@
 * otherwise a Hub dataset id, through ``datasets.load_dataset`` (``streaming=True`` reads it lazily).
 
 Other schemas are mapped onto the canonical columns (:mod:`.schema`): ``image_column``, ``label_column``,
-``mask_column``, ``category_column`` name the source's columns. Labels may be 0/1, booleans, strings
-(``normal``/``good``/``ok``/``nominal`` → 0, ``anomaly``/``anomalous``/``bad``/``defect``/``defective``/``ng``
-→ 1) or a ``ClassLabel`` whose normal class has such a name (the other class names become ``defect_type``).
+``mask_column``, ``category_column`` name the source's columns. Labels follow the one label rule
+(:mod:`.labels`): 0/1, booleans, normal/anomalous words, a ``ClassLabel`` read through its names in any order, or
+— with ``normal_labels`` (``--normal-label good``) — a column of class names whose listed values are normal and
+every other value an anomaly of that ``defect_type``.
 Without a mask column the dataset is image-level only; without a category column the category comes from the
 split name or the dataset's name.
 
@@ -34,16 +35,16 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .options import DEFAULT_COLUMNS, add_schema_arguments, schema_options  # noqa: F401 - re-exported
-from .schema import COLUMNS, NORMAL_DEFECT, UNKNOWN_DEFECT, DatasetError, anomaly_features
+from ..errors import UsageError
+from .labels import UNLABELLED, LabelRule
+from .schema import COLUMNS, LABEL_NAMES, DatasetError, anomaly_features
 
 __all__ = ["DEFAULT_COLUMNS", "is_saved_dataset", "load_anomaly_dataset", "add_schema_arguments", "schema_options",
-           "select_splits"]
+           "select_splits", "without_decoding", "is_dataset_folder"]
 
 logger = logging.getLogger(__name__)
 
 _FLAGS = {key: "--" + key.replace("_", "-") for key in DEFAULT_COLUMNS}
-_NORMAL_LABELS = ("0", "normal", "good", "ok", "nominal", "false")
-_ANOMALOUS_LABELS = ("1", "anomaly", "anomalous", "abnormal", "bad", "defect", "defective", "ng", "true")
 _DATA_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
 _METADATA_FILES = ("metadata.csv", "metadata.jsonl", "metadata.parquet")
 
@@ -120,31 +121,21 @@ class _Columns:
         return _Columns(self.image, label, mask, category)
 
 
-def _label_names(feature: Any) -> list[str] | None:
-    names = getattr(feature, "names", None)
-    return list(names) if names else None
+def _label_rule(ds, column: str | None, normal_labels: Sequence[str] | None) -> LabelRule | None:
+    """The :class:`LabelRule` of ``column`` (None without labels); with ``--normal-label`` it checks that one of
+    its values occurs (in the class names, or the column of a map-style dataset)."""
+    from datasets import Dataset
 
-
-def _label_and_defect(value: Any, names: list[str] | None, column: str) -> tuple[int, str]:
-    """(0/1, defect_type) of one label value; a value that is neither raises :class:`DatasetError`."""
-    name = None
-    if names is not None and isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(names):
-        name = names[value]
-        text = name.strip().lower()
-    else:
-        text = str(value).strip().lower()
-        if isinstance(value, float) and value in (0.0, 1.0):
-            text = str(int(value))
-    if text in _NORMAL_LABELS:
-        return 0, NORMAL_DEFECT
-    if text in _ANOMALOUS_LABELS:
-        return 1, UNKNOWN_DEFECT
-    if name is not None and len(names) > 1 and any(n.strip().lower() in _NORMAL_LABELS for n in names):
-        return 1, name  # a ClassLabel of defect types next to a normal class
-    raise DatasetError(
-        f"--label-column {column}: label {value!r} is neither normal (0, false, {', '.join(_NORMAL_LABELS[1:-1])}) "
-        f"nor anomalous (1, true, {', '.join(_ANOMALOUS_LABELS[1:-1])}); pass --label-column with a column of "
-        "such labels")
+    if column is None:
+        return None
+    names = getattr(ds.features[column], "names", None)
+    rule = LabelRule(column, names, normal_labels)
+    if normal_labels is not None:
+        if names:
+            rule.check_values(names)
+        elif isinstance(ds, Dataset):
+            rule.check_values(ds.unique(column))
+    return rule
 
 
 def _stored_paths(ds, column: str) -> list[str | None]:
@@ -173,22 +164,27 @@ def _image_paths(stored: list[str | None], prefix: str) -> list[str]:
     return [f"{prefix}/{i:06d}" for i in range(len(stored))]
 
 
-def _is_canonical(ds, columns: _Columns) -> bool:
-    return (columns == _Columns() and set(COLUMNS) <= set(ds.column_names or ())
-            and _label_names(ds.features["label"]) in (["normal", "anomalous"], None))
+def _is_canonical(ds, columns: _Columns, normal_labels: Sequence[str] | None = None) -> bool:
+    """The canonical columns with 0/1 labels (a ``ClassLabel`` named normal/anomalous, or integers): used as
+    they are. Any other label column (strings, other class names) goes through the label rule."""
+    if columns != _Columns() or normal_labels is not None or not set(COLUMNS) <= set(ds.column_names or ()):
+        return False
+    feature = ds.features["label"]
+    names = getattr(feature, "names", None)
+    return list(names) == list(LABEL_NAMES) if names else str(getattr(feature, "dtype", "")).startswith(("int", "uint"))
 
 
 def to_canonical(ds, columns: _Columns, *, split_tag: str, category: str, prefix: str, source: str,
-                 require_labels: bool = True):
+                 require_labels: bool = True, normal_labels: Sequence[str] | None = None):
     """``ds`` (a ``Dataset`` or ``IterableDataset`` of one split) in the canonical schema."""
     from datasets import Dataset, Image as ImageFeature
 
     if ds.column_names is None:  # a streamed dataset whose features the source does not declare
         ds = ds._resolve_features()
-    if _is_canonical(ds, columns):
+    if _is_canonical(ds, columns, normal_labels):
         return ds.select_columns(list(COLUMNS))
     cols = columns.check(ds.column_names, source, require_labels)
-    names = _label_names(ds.features[cols.label]) if cols.label else None
+    rule = _label_rule(ds, cols.label, normal_labels)
     features = anomaly_features()
     for key in (cols.image, cols.mask):
         if key is not None and not isinstance(ds.features[key], ImageFeature):
@@ -196,8 +192,7 @@ def to_canonical(ds, columns: _Columns, *, split_tag: str, category: str, prefix
 
     if isinstance(ds, Dataset):  # read the small columns only; the images stay where they are (no copy)
         n = len(ds)
-        pairs = ([_label_and_defect(v, names, cols.label) for v in ds[cols.label]] if cols.label
-                 else [(-1, "")] * n)
+        pairs = [rule(v) for v in ds[cols.label]] if rule else [(UNLABELLED, "")] * n
         if "defect_type" in ds.column_names and cols.label:
             pairs = [(label, str(d) if label == 1 and d else defect)
                      for (label, defect), d in zip(pairs, ds["defect_type"])]
@@ -214,14 +209,14 @@ def to_canonical(ds, columns: _Columns, *, split_tag: str, category: str, prefix
 
     # Streaming: the same mapping, lazily, row by row. Images and masks stay undecoded ({"bytes", "path"}, an
     # ``Image(decode=False)`` feature): reading a path costs no decode, and the consumer decodes where it runs
-    # (``decode_image`` / ``AnomalyBatchTransform``, in DataLoader workers).
+    # (``read_image`` in ``SampleTransform``, in DataLoader workers).
     for key in (cols.image, cols.mask):
         if key is not None:
             ds = ds.cast_column(key, ImageFeature(decode=False))
     features["image"], features["mask"] = ImageFeature(decode=False), ImageFeature(decode=False)
 
     def canonical(row: dict, index: int) -> dict:
-        label, defect = _label_and_defect(row[cols.label], names, cols.label) if cols.label else (-1, "")
+        label, defect = rule(row[cols.label]) if rule else (UNLABELLED, "")
         if label == 1 and row.get("defect_type"):
             defect = str(row["defect_type"])
         stored = row[cols.image].get("path") if isinstance(row[cols.image], dict) else None
@@ -233,6 +228,28 @@ def to_canonical(ds, columns: _Columns, *, split_tag: str, category: str, prefix
 
 
 # --------------------------------------------------------------------------------------------- loading
+
+
+def without_decoding(dataset):
+    """``dataset`` with its ``image``/``mask`` columns cast to ``Image(decode=False)`` (a metadata-only change):
+    rows then carry ``{"bytes", "path"}``, and the consumer reads them (:func:`.images.read_image`) where it can
+    report an unreadable one instead of failing inside ``datasets``."""
+    from datasets import Image as ImageFeature
+
+    for column in ("image", "mask"):
+        feature = (dataset.features or {}).get(column)
+        if isinstance(feature, ImageFeature) and feature.decode:
+            dataset = dataset.cast_column(column, ImageFeature(decode=False))
+    return dataset
+
+
+def is_dataset_folder(path: str | os.PathLike) -> bool:
+    """True for a folder :func:`load_anomaly_dataset` opens as a dataset (saved with ``save_to_disk``, a benchmark
+    layout the converters know, or data files), False for e.g. a plain folder of images."""
+    from .converters import detect_layout
+
+    path = Path(path)
+    return path.is_dir() and (is_saved_dataset(path) or detect_layout(path) is not None or _has_data_files(path))
 
 
 def _has_data_files(folder: Path) -> bool:
@@ -263,23 +280,29 @@ def load_anomaly_dataset(
     label_column: str | None = "label",
     mask_column: str | None = "mask",
     category_column: str | None = "category",
+    normal_labels: Sequence[Any] | None = None,
     streaming: bool = False,
     require_labels: bool = True,
     return_report: bool = False,
+    flag: str = "--dataset",
     **converter_kwargs: Any,
 ):
     """Open an anomaly dataset as a :class:`datasets.Dataset` (``IterableDataset`` with ``streaming``) in the
     canonical schema; see the module docstring for the sources, schemas and split patterns understood. Streamed
-    rows carry their images and masks undecoded (``Image(decode=False)``: decode with :func:`.decode_image`).
+    rows carry their images and masks undecoded (``Image(decode=False)``: read with :func:`.images.read_image`).
+    This is the one loader of every command (train, evaluate, calibrate, ``predict --dataset``, ``export
+    --calibration-dataset``): they all see the same rows, labels, masks and categories.
 
     ``split``: a split name, a bare name matching ``<category>.<split>`` splits, ``"all"``, or None (``test``,
     else every ``<category>.test``, else the only split; a raw folder converts its ``test`` split; a saved
     ``Dataset`` is kept whole). On a saved ``Dataset`` (no splits) it filters the ``split`` column.
-    ``categories`` keeps those categories. ``label_column=None`` (or, with ``require_labels=False``, a missing
+    ``categories`` keeps those categories. Labels follow :class:`.labels.LabelRule`; ``normal_labels`` (the
+    ``--normal-label`` values) names the normal class(es) of a column of class names. ``label_column=None`` (or, with ``require_labels=False``, a missing
     default ``label`` column) gives an unlabelled dataset (``label`` -1), for scoring only. ``converter_kwargs``
     go to the converter of a raw folder (e.g. ``missing_mask="skip"``, ``progress=False``). With
     ``return_report`` the result is ``(dataset, report)``, the report None unless a raw folder was converted.
-    A source, split or column that is not there raises :class:`DatasetError` (a one-line user error).
+    A source, split, column or label that is not understood raises :class:`DatasetError` (a one-line user error
+    that names ``flag`` for the source).
     """
     from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, concatenate_datasets
 
@@ -291,8 +314,23 @@ def load_anomaly_dataset(
         selected = ([(None, splits[None])] if None in splits else
                     [(s, splits[s]) for s in select_splits(list(splits), split, name)])
     else:
+        from ..resolve import resolve_source
+
         name = str(source)
-        selected, report = _open(Path(name).expanduser(), name, split, categories, streaming, converter_kwargs)
+        try:
+            resolved = resolve_source(name, flag, repo_type="dataset")  # a clear error before datasets is asked
+        except DatasetError:
+            raise
+        except UsageError as error:  # a DatasetError, so that library callers may catch ValueError as before
+            raise DatasetError(str(error)) from None
+        try:
+            selected, report = _open(Path(resolved), name, split, categories, streaming, converter_kwargs)
+        except DatasetError:
+            raise
+        except (OSError, ValueError) as error:  # e.g. unreadable data files
+            raise DatasetError(f"{flag} {name}: cannot be opened as a dataset ({' '.join(str(error).split())[:200]});"
+                               " pass a folder written by `vip2clip convert` / save_to_disk, a folder of parquet "
+                               "files or a Hub dataset id") from error
         if report is not None:
             categories = None  # the converter applied them
 
@@ -306,10 +344,11 @@ def load_anomaly_dataset(
         if streaming and isinstance(ds, Dataset):
             ds = ds.to_iterable_dataset()
         part = to_canonical(ds, columns, split_tag=tag, category=prefix or Path(name).name or "dataset",
-                            prefix=split_name or tag, source=name, require_labels=require_labels)
-        if split_name is None and split not in (None, "all") and _is_canonical(ds, columns):
+                            prefix=split_name or tag, source=name, require_labels=require_labels,
+                            normal_labels=normal_labels)
+        if split_name is None and split not in (None, "all") and _is_canonical(ds, columns, normal_labels):
             part = part.filter(lambda v: v == split, input_columns="split")  # a saved Dataset with a split column
-        parts.append(part)
+        parts.append(without_decoding(part) if streaming else part)
     if not parts:
         raise DatasetError(f"--categories {' '.join(categories or [])}: none of them in {name}; pass categories "
                            "among its splits' <category> names")
@@ -328,7 +367,6 @@ def _open(path: Path, text: str, split: str | None, categories: Sequence[str] | 
     """([(split name or None, dataset)], conversion report or None) for a path or a Hub id."""
     from datasets import DatasetDict, get_dataset_split_names, load_dataset, load_from_disk
 
-    from ..resolve import looks_like_path
     from .converters import convert, detect_layout, unrecognised_layout_message
 
     if path.is_dir() and is_saved_dataset(path):
@@ -350,7 +388,5 @@ def _open(path: Path, text: str, split: str | None, categories: Sequence[str] | 
     if path.exists():
         raise DatasetError(f"{text} is a file but not a data file ({', '.join(_DATA_FILE_BUILDERS)}); pass a "
                            "dataset folder, a data file or a Hub dataset id")
-    if looks_like_path(text):
-        raise DatasetError(f"dataset folder {text} does not exist; check the path, or pass a Hub dataset id")
     names = get_dataset_split_names(text)
     return [(s, load_dataset(text, split=s, streaming=streaming)) for s in select_splits(names, split, text)], None

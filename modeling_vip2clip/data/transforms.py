@@ -1,51 +1,55 @@
-"""Turn anomaly datasets into model-ready torch batches (opening them is :mod:`.sources`' job).
+"""The torch side of the data: one preprocessing step per sample and the torch datasets built on it.
 
-* :func:`make_transform` builds a function for ``Dataset.with_transform`` that
-  decodes images lazily, runs the processor, and *flags* rows whose image or
-  mask cannot be decoded or processed instead of raising;
-  :func:`collate_skip_bad` (a :class:`SkipBadCollate` instance) drops the
-  flagged rows in a ``DataLoader`` and logs them with a running count.
-* :func:`to_torch_dataset` wraps a dataset for a ``DataLoader`` without copying
-  images into memory (rows are read and decoded per batch) and adds the row
-  ``index``.
+* :class:`SampleTransform` — *the* preprocessing of one sample, used by every command: read the image and mask
+  (:func:`.images.read_image`), drop the mask of an image labelled normal (with a warning), bring a mask to its
+  image's size, run the processor → ``pixel_values``, the resized mask, or the reason the sample is unusable.
+* training and evaluation (map-style datasets in the canonical schema): :class:`AnomalyBatchTransform` (a
+  ``Dataset.with_transform`` function, :func:`make_transform`), :class:`TorchAnomalyDataset`
+  (:func:`to_torch_dataset`) and the collate that drops and logs unusable rows (:class:`SkipBadCollate`,
+  :data:`collate_skip_bad`);
+* scoring (``vip2clip predict`` and ``calibrate``): :class:`FileImages` (image files), :class:`RowImages` (rows of
+  a dataset), :class:`StreamImages` (a streamed dataset), :func:`dataset_rows` (each row's id and output key),
+  :func:`collate` and :func:`make_loader`.
 
-Datasets decode ``Image`` columns *before* a ``with_transform`` function sees
-them, so a corrupt image would raise inside ``datasets``; :func:`without_decoding`
-(applied by :func:`to_torch_dataset`) casts ``image``/``mask`` to
-``Image(decode=False)`` so the transform does the decoding and can catch errors.
+Datasets decode ``Image`` columns *before* a ``with_transform`` function sees them, so a corrupt image would raise
+inside ``datasets``; :func:`without_decoding` (applied by the datasets here) casts ``image``/``mask`` to
+``Image(decode=False)`` so that :class:`SampleTransform` reads them and can report errors.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+from pathlib import PurePosixPath
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
-from datasets import Dataset, Image as ImageFeature
+from datasets import Dataset
 from PIL import Image
 
-from .schema import decode_image
+from .images import read_image
+from .labels import UNLABELLED
+from .sources import without_decoding
 
 __all__ = [
     "without_decoding",
+    "SampleTransform",
     "AnomalyBatchTransform",
     "make_transform",
     "SkipBadCollate",
     "collate_skip_bad",
     "TorchAnomalyDataset",
     "to_torch_dataset",
+    "FileImages",
+    "RowImages",
+    "StreamImages",
+    "collate",
+    "dataset_rows",
+    "make_loader",
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def without_decoding(dataset: Dataset) -> Dataset:
-    """Cast the ``image``/``mask`` columns to ``Image(decode=False)`` (metadata-only change)."""
-    for col in ("image", "mask"):
-        feat = dataset.features.get(col)
-        if isinstance(feat, ImageFeature) and feat.decode:
-            dataset = dataset.cast_column(col, ImageFeature(decode=False))
-    return dataset
 
 
 def _where(batch: Mapping[str, list], i: int) -> str:
@@ -57,9 +61,73 @@ def _where(batch: Mapping[str, list], i: int) -> str:
     return f"row {batch['index'][i] if batch.get('index') else i}"
 
 
+class SampleTransform:
+    """One sample → model inputs; a picklable object, so ``DataLoader`` workers also start under ``spawn``
+    (macOS, Windows, Python ≥ 3.14 defaults).
+
+    ``sample(image, mask, label, where)`` returns a dict: ``error`` ("" when usable, else the reason: the image
+    or mask does not decode, or the processor rejects it — then nothing else is set), ``pixel_values`` (3, S, S)
+    float, ``size`` (H, W) of the image as the processor sees it (EXIF orientation applied), with ``with_masks``
+    ``mask`` (S, S) bool (all False without one) and ``has_mask`` (the row came with a mask), with ``keep_image``
+    ``image`` (H, W, 3) uint8 (for overlays). A non-empty mask on an image labelled normal is ignored with a
+    warning (the reference scores normal images against an empty mask; the label wins); a mask of another size
+    than its image is resized to it (nearest neighbour keeps it binary).
+    """
+
+    def __init__(self, processor: Any, *, with_masks: bool = True, keep_image: bool = False) -> None:
+        self.processor = processor
+        self.with_masks = with_masks
+        self.keep_image = keep_image
+
+    def __call__(self, image: Any, mask: Any = None, label: int = UNLABELLED, where: str = "") -> dict:
+        out: dict = {"error": ""}
+        try:
+            picture = read_image(image, what=where or None)
+        except Exception as error:  # noqa: BLE001 - reported with its reason, then skipped
+            out["error"] = _reason("image does not decode", error)
+            return out
+        try:
+            picture = self.processor.to_pil(picture, what=where or "image")  # RGB, EXIF orientation applied
+        except Exception as error:  # noqa: BLE001
+            out["error"] = _reason("processor rejected the image", error)
+            return out
+        masks = None
+        if self.with_masks:
+            try:
+                mask = None if mask is None else read_image(mask, what=f"mask of {where}" if where else "mask")
+            except Exception as error:  # noqa: BLE001
+                out["error"] = _reason("mask does not decode", error)
+                return out
+            out["has_mask"] = mask is not None
+            if mask is not None and label == 0 and mask.getbbox() is not None:
+                logger.warning("%s is labelled normal but its mask is not empty; the mask is ignored (fix the label "
+                               "or the mask)", where or "an image")
+                mask = None
+            if mask is not None and mask.size != picture.size:
+                # Converters keep such rows (with a warning); the processor requires equal sizes.
+                logger.debug("resizing mask of %s from %s to %s", where, mask.size, picture.size)
+                mask = mask.convert("L").resize(picture.size, Image.Resampling.NEAREST)
+            masks = [mask]
+        try:
+            features = self.processor(images=[picture], masks=masks)
+        except Exception as error:  # noqa: BLE001
+            out["error"] = _reason("processor rejected the image", error)
+            return out
+        out["pixel_values"] = torch.as_tensor(features["pixel_values"][0]).float()
+        out["size"] = (picture.height, picture.width)
+        if self.with_masks:
+            out["mask"] = torch.as_tensor(features["masks"][0]) > 0.5
+        if self.keep_image:
+            out["image"] = torch.from_numpy(np.asarray(picture, dtype=np.uint8).copy())  # shared memory, not pickled
+        return out
+
+
+def _reason(what: str, error: BaseException) -> str:
+    return " ".join(f"{what}: {type(error).__name__}: {error}".split())
+
+
 class AnomalyBatchTransform:
-    """A ``Dataset.with_transform`` function producing model-ready batches (a picklable object, so that
-    ``DataLoader`` workers also start under the ``spawn`` method: macOS, Windows, Python ≥ 3.14 defaults).
+    """A ``Dataset.with_transform`` function producing model-ready batches: :class:`SampleTransform` on each row.
 
     Output per batch of B rows: ``pixel_values`` FloatTensor (B,3,S,S),
     ``masks`` FloatTensor (B,S,S) in {0,1} (zeros when there is no mask),
@@ -67,86 +135,42 @@ class AnomalyBatchTransform:
     with mask None: exclude anomalous ones from pixel metrics), ``category``
     list[str], ``index`` list[int] (the ``index`` column when present, else
     -1), ``image_path`` list[str], and ``bad`` BoolTensor (B,) with ``error``
-    list[str]: rows whose image or mask fails to decode, or that the processor
-    rejects (``ValueError``), are flagged (zero tensors, reason in ``error``)
-    rather than raising; drop them with :func:`collate_skip_bad`. A mask whose
-    size differs from its image's is resized to the image's size (nearest
-    neighbour) before the processor sees it.
-
-    ``processor(images=[PIL], masks=[PIL|None], return_tensors="pt")`` must
-    return ``pixel_values`` and ``masks``; ``processor.image_size`` is S. Use
-    it on a dataset passed through :func:`without_decoding`, otherwise
-    ``datasets`` decodes (and may fail on) images before this function runs.
+    list[str]: unusable rows (see :class:`SampleTransform`) are flagged (zero
+    tensors, reason in ``error``) rather than raising; drop them with
+    :func:`collate_skip_bad`. Use it on a dataset passed through
+    :func:`without_decoding`, otherwise ``datasets`` decodes (and may fail on)
+    images before this function runs.
     """
 
     def __init__(self, processor: Any) -> None:
         self.processor = processor
         self.size = int(processor.image_size)
-
-    def _run(self, images: list, masks: list) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.processor(images=images, masks=masks, return_tensors="pt")
-        return torch.as_tensor(out["pixel_values"]).float(), torch.as_tensor(out["masks"]).float()
+        self.sample = SampleTransform(processor, with_masks=True)
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["image"])
         masks_in = batch.get("mask") or [None] * n
-        errors = [""] * n
-        images: list = [None] * n
-        masks: list = [None] * n
-        for i in range(n):
-            try:
-                images[i] = decode_image(batch["image"][i])  # mode conversion is the processor's job
-            except Exception as exc:  # noqa: BLE001 - reported, not raised
-                errors[i] = f"image does not decode: {type(exc).__name__}: {exc}"
-                continue
-            try:
-                masks[i] = decode_image(masks_in[i])
-            except Exception as exc:  # noqa: BLE001
-                errors[i] = f"mask does not decode: {type(exc).__name__}: {exc}"
-                continue
-            if masks[i] is not None and int(batch["label"][i]) == 0 and masks[i].getbbox() is not None:
-                # The reference scores normal images against an empty mask; a defect drawn on an image
-                # labelled normal is a labelling error, so say so and follow the label.
-                logger.warning("%s is labelled normal but its mask is not empty; the mask is ignored "
-                               "(fix the label or the mask)", _where(batch, i))
-                masks[i] = None
-            if masks[i] is not None and masks[i].size != images[i].size:
-                # Converters keep such rows (with a warning); bring the mask to its image's size here
-                # (nearest neighbour keeps it binary) since the processor requires equal sizes.
-                logger.debug("resizing mask of %s from %s to %s", _where(batch, i), masks[i].size, images[i].size)
-                masks[i] = masks[i].convert("L").resize(images[i].size, Image.Resampling.NEAREST)
         pixel_values = torch.zeros(n, 3, self.size, self.size)
-        mask_t = torch.zeros(n, self.size, self.size)
-        ok = [i for i in range(n) if not errors[i]]
-        if ok:
-            try:
-                pv, mk = self._run([images[i] for i in ok], [masks[i] for i in ok])
-                pixel_values[ok], mask_t[ok] = pv, mk
-            except Exception:  # noqa: BLE001 - find the offending rows one by one
-                for i in ok:
-                    try:
-                        pv, mk = self._run([images[i]], [masks[i]])
-                        pixel_values[i], mask_t[i] = pv[0], mk[0]
-                    except Exception as exc:  # noqa: BLE001
-                        errors[i] = f"processor rejected the image: {type(exc).__name__}: {exc}"
-        index = [int(v) for v in batch["index"]] if "index" in batch else [-1] * n
-        for i, err in enumerate(errors):
-            if err:
-                pixel_values[i].zero_()
-                mask_t[i].zero_()
-                logger.debug("bad row %s: %s", _where(batch, i), err)
+        masks = torch.zeros(n, self.size, self.size)
+        errors = [""] * n
+        for i in range(n):
+            out = self.sample(batch["image"][i], masks_in[i], int(batch["label"][i]), _where(batch, i))
+            errors[i] = out["error"]
+            if errors[i]:
+                logger.debug("bad row %s: %s", _where(batch, i), errors[i])
+            else:
+                pixel_values[i], masks[i] = out["pixel_values"], out["mask"].float()
         return {
             "pixel_values": pixel_values,
-            "masks": (mask_t > 0.5).float(),
+            "masks": masks,
             "labels": torch.as_tensor([int(v) for v in batch["label"]], dtype=torch.long),
             "has_mask": torch.tensor([m is not None for m in masks_in], dtype=torch.bool),
             "category": [str(c) for c in batch.get("category") or [""] * n],
-            "index": index,
+            "index": [int(v) for v in batch["index"]] if "index" in batch else [-1] * n,
             "image_path": [_where(batch, i) for i in range(n)],
             "bad": torch.tensor([bool(e) for e in errors], dtype=torch.bool),
             "error": errors,
         }
-
 
 
 def make_transform(processor: Any) -> AnomalyBatchTransform:
@@ -247,3 +271,118 @@ class TorchAnomalyDataset(torch.utils.data.Dataset):
 def to_torch_dataset(dataset: Dataset, processor: Any) -> TorchAnomalyDataset:
     """Wrap ``dataset`` for ``torch.utils.data.DataLoader(..., collate_fn=collate_skip_bad)``."""
     return TorchAnomalyDataset(dataset, processor)
+
+
+# ---------------------------------------------------------------------------------------------------- scoring
+# `vip2clip predict` and `calibrate`: items are dicts with `id` (the CSV's `path`), `key` (the output files' name),
+# `label` (None when unlabelled), `category` and the fields of SampleTransform.
+
+
+def _item(step: SampleTransform, item_id: str, key: str, image: Any, mask: Any = None, label: Any = UNLABELLED,
+          category: Any = "") -> dict:
+    label = UNLABELLED if label is None else int(label)
+    out = step(image, mask, label, item_id)
+    out.update(id=item_id, key=key, label=None if label == UNLABELLED else label, category=str(category or ""))
+    return out
+
+
+def _safe_key(image_path: str) -> str:
+    """An output key from a row's ``image_path``: path components kept (the dataset's tree mirrored), each
+    reduced to safe characters, ``.``/``..`` and leading dots dropped, so no key leaves the output folder."""
+    parts = [re.sub(r"[^A-Za-z0-9._-]+", "_", part).lstrip(".")
+             for part in PurePosixPath(str(image_path).replace("\\", "/")).parts if part not in ("/", ".", "..")]
+    return "/".join(part for part in parts if part) or "row"
+
+
+def dataset_rows(dataset) -> tuple[list[str], list[str]]:
+    """``(ids, keys)`` of every row of a map-style dataset in the canonical schema: the id is the row's
+    ``image_path`` (what evaluate reports too; ``@<row>`` appended to repeats), the key its safe file name."""
+    paths = [str(p) for p in dataset.select_columns(["image_path"])["image_path"]]
+    seen: set[str] = set()
+    ids = []
+    for row, path in enumerate(paths):
+        ids.append(path if path not in seen else f"{path}@{row:06d}")
+        seen.add(path)
+    return ids, [_safe_key(item_id) for item_id in ids]
+
+
+class FileImages(torch.utils.data.Dataset):
+    """Image files `[(path, key)]`, read and preprocessed one by one in the workers."""
+
+    def __init__(self, items: Sequence[tuple[str, str]], step: SampleTransform):
+        self.items = list(items)
+        self.step = step
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        path, key = self.items[index]
+        return _item(self.step, path, key, path)
+
+
+class RowImages(torch.utils.data.Dataset):
+    """Rows `rows` of a map-style dataset in the canonical schema; a batch of rows is read in one call."""
+
+    def __init__(self, dataset, rows: Sequence[int], ids: Sequence[str], keys: Sequence[str], step: SampleTransform):
+        self.dataset = without_decoding(dataset)
+        self.rows = [int(row) for row in rows]
+        self.ids, self.keys = list(ids), list(keys)
+        self.step = step
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict]:
+        indices = [int(i) for i in indices]
+        batch = self.dataset[[self.rows[i] for i in indices]]
+        return [_item(self.step, self.ids[i], self.keys[i], batch["image"][n], batch["mask"][n], batch["label"][n],
+                      batch["category"][n]) for n, i in enumerate(indices)]
+
+    def __getitem__(self, index: int) -> dict:
+        return self.__getitems__([index])[0]
+
+
+class StreamImages(torch.utils.data.IterableDataset):
+    """Rows of a streamed (`IterableDataset`) dataset in the canonical schema. Every DataLoader worker of every
+    process reads the whole stream in order — so a row's number is the same for all of them — and decodes only
+    the rows of its own slot (`row % (processes × workers)`) whose id is not in `done`: streaming with several
+    processes or workers reads the stream that many times (download the dataset first to avoid it)."""
+
+    def __init__(self, dataset, done: set[str], rank: int, world: int, step: SampleTransform):
+        self.dataset = without_decoding(dataset)
+        self.done = done
+        self.rank, self.world = rank, world
+        self.step = step
+
+    def __iter__(self):
+        worker = torch.utils.data.get_worker_info()
+        workers, worker_id = (worker.num_workers, worker.id) if worker is not None else (1, 0)
+        slots, slot = self.world * workers, self.rank * workers + worker_id
+        number = 0
+        # `.iter()` (not `iter()`): datasets would otherwise hand each torch worker only some of the shards.
+        for batch in self.dataset.iter(batch_size=64):
+            for n, image_path in enumerate(batch["image_path"]):
+                number += 1
+                if (number - 1) % slots != slot or image_path in self.done:
+                    continue
+                yield _item(self.step, image_path, _safe_key(image_path), batch["image"][n], batch["mask"][n],
+                            batch["label"][n], batch["category"][n])
+
+
+def collate(rows: list[dict]) -> dict:
+    """`{"pixel_values": (B', 3, S, S) or None, "items": [usable rows], "bad": [(id, reason)], "masks"}`."""
+    good = [row for row in rows if not row["error"]]
+    batch = {"items": good, "bad": [(row["id"], row["error"]) for row in rows if row["error"]], "pixel_values": None}
+    if good:
+        batch["pixel_values"] = torch.stack([row.pop("pixel_values") for row in good])
+        if "mask" in good[0]:
+            batch["masks"] = torch.stack([row.pop("mask") for row in good])
+    return batch
+
+
+def make_loader(dataset, batch_size: int, num_workers: int, pin_memory: bool = False):
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate,
+        pin_memory=pin_memory, prefetch_factor=2 if num_workers > 0 else None,
+    )

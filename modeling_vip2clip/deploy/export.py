@@ -23,7 +23,6 @@ The folder written: the model (`model.onnx` [+ `model.onnx_data` over 2 GB] or `
 from __future__ import annotations
 
 import glob
-import io
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import UsageError, require_extra
+from ..resolve import looks_like_path
 from .exported_runtime import (
     INFO_FILE,
     INPUT_NAME,
@@ -91,59 +91,41 @@ def _wrap(model):
 
 
 # ---------------------------------------------------------------------------------------------- calibration images
-def _image_extensions() -> set[str]:
-    try:
-        from ..data import IMAGE_EXTENSIONS
-
-        return {ext.lower() for ext in IMAGE_EXTENSIONS}
-    except ImportError:  # the data module needs the `train` extra (datasets)
-        return {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
-
-
-def _open_image(file):
-    from PIL import Image
-
-    with Image.open(file) as handle:
-        handle.load()
-        image = handle.copy()
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
-def load_calibration_images(source: Any, count: int, seed: int = 0) -> list:
-    """`count` images (PIL) drawn without replacement (seeded) from a saved dataset folder (this package's schema,
-    `vip2clip convert`), a raw benchmark folder that `vip2clip convert` recognises (MVTec-style tree, VisA, ...;
-    its images, never its masks), a plain image folder (recursive) or a glob pattern; all when there are fewer."""
+def load_calibration_images(source: Any, count: int, seed: int = 0, *, split: str | None = "all",
+                            **dataset_options: Any) -> list:
+    """`count` images (PIL, as stored) drawn without replacement (seeded) from a dataset — opened by the one
+    loader every command uses (`data.load_anomaly_dataset`: a saved dataset folder, a raw benchmark folder, data
+    files or a Hub id; `split` and `dataset_options` as there; its images, never its masks) — or from a plain image
+    folder (recursive) or glob pattern (`data.collect_inputs`); all when there are fewer."""
     path = Path(str(source))
     rng = random.Random(seed)
+    from ..data.images import collect_inputs, read_image
+
+    if not path.is_dir() and glob.has_magic(str(source)) or path.is_dir() and not _is_dataset_folder(path):
+        files = [file for file, _ in collect_inputs([str(source)])[0]]
+        if not files:
+            raise UsageError(f"--calibration-dataset {source}: no image files found; point it at a folder of images")
+        return [read_image(file) for file in sorted(rng.sample(files, min(count, len(files))))]
+    if not path.exists() and looks_like_path(str(source)):
+        raise UsageError(f"--calibration-dataset {source}: no such folder or pattern; pass a saved dataset folder "
+                         "(vip2clip convert), an image folder or a quoted glob such as 'images/**/*.png'")
+    require_extra("datasets", "train", "a dataset as --calibration-dataset")
+    from ..data import load_anomaly_dataset, without_decoding
+
+    dataset = load_anomaly_dataset(str(source), split, require_labels=False, flag="--calibration-dataset",
+                                   progress=False, **dataset_options)
+    dataset = without_decoding(dataset)  # decode only the rows drawn
+    rows = sorted(rng.sample(range(len(dataset)), min(count, len(dataset))))
+    drawn = dataset.select(rows)
+    return [read_image(value, what=str(where)) for value, where in zip(drawn["image"], drawn["image_path"])]
+
+
+def _is_dataset_folder(path: Path) -> bool:
     try:
-        from ..data import detect_layout, is_saved_dataset, load_anomaly_dataset, without_decoding
-    except ImportError:  # the data module needs the `train` extra (datasets): plain folders and globs only
-        detect_layout = is_saved_dataset = None
-    if path.is_dir() and is_saved_dataset is not None and (is_saved_dataset(path) or detect_layout(path)):
-        if is_saved_dataset(path):
-            dataset = load_anomaly_dataset(path, split=None)
-        else:  # a raw benchmark, converted in memory: every split
-            dataset = load_anomaly_dataset(path, split="all", progress=False)
-        dataset = without_decoding(dataset)  # decode only the rows drawn
-        rows = sorted(rng.sample(range(len(dataset)), min(count, len(dataset))))
-        images = []
-        for value in dataset.select(rows)["image"]:
-            images.append(_open_image(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]))
-        return images
-    extensions = _image_extensions()
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
-    elif glob.has_magic(str(source)):
-        files = sorted(Path(p) for p in glob.glob(str(source), recursive=True) if Path(p).is_file())
-    else:
-        raise UsageError(
-            f"--calibration-dataset {source}: no such folder or pattern; pass a saved dataset folder "
-            "(vip2clip convert), an image folder or a quoted glob such as 'images/**/*.png'"
-        )
-    if not files:
-        raise UsageError(f"--calibration-dataset {source}: no image files found; point it at a folder of images")
-    files = sorted(rng.sample(files, min(count, len(files))))
-    return [_open_image(file) for file in files]
+        from ..data.sources import is_dataset_folder
+    except ImportError:  # the data module needs the `train` extra (datasets): plain folders only
+        return False
+    return is_dataset_folder(path)
 
 
 # ---------------------------------------------------------------------------------------------- export steps
@@ -312,6 +294,7 @@ def export_model(
     int8: bool = False,
     calibration_images: Any = None,
     calibration_size: int = 300,
+    calibration_options: dict | None = None,
     opset: int = DEFAULT_OPSET,
     source: str | None = None,
     external_data: bool | None = None,
@@ -329,6 +312,8 @@ def export_model(
         calibration_images: a list of images (PIL / arrays), or a saved dataset folder, an image folder or a
             glob; `calibration_size` of them are used (all when fewer). Extra images (up to `accuracy_images`)
             are held out to measure the INT8 accuracy; without extras it is measured on calibration images.
+        calibration_options: for a dataset, the keywords of `data.load_anomaly_dataset` (`split`, the columns and
+            `normal_labels` of `data.schema_options`): it is opened like every command opens a dataset.
         opset: ONNX opset of the traced graph.
         external_data: ONNX weights in a separate file; `None` = only when over protobuf's 2 GB.
         int8_ignored_patterns: NNCF node-name patterns kept in floating point (default `INT8_IGNORED_PATTERNS`).
@@ -349,6 +334,14 @@ def export_model(
         require_extra("openvino", "openvino", "exporting to OpenVINO")
     if int8:
         require_extra("nncf", "openvino", "INT8 quantisation")
+        # Read before the (slow) export, so that a dataset that cannot be used fails at once.
+        if isinstance(calibration_images, (str, os.PathLike)):
+            calibration_source = str(calibration_images)
+            images = load_calibration_images(calibration_images, calibration_size + accuracy_images,
+                                             **(calibration_options or {}))
+        else:
+            calibration_source = f"{len(calibration_images)} images passed to export_model"
+            images = list(calibration_images)
     parameter = next(model.parameters())
     if parameter.dtype != torch.float32 or parameter.device.type != "cpu":
         raise UsageError(f"the model is {parameter.dtype} on {parameter.device}; export a float32 model on CPU "
@@ -395,12 +388,6 @@ def export_model(
         if int8:
             from tqdm.auto import tqdm
 
-            if isinstance(calibration_images, (str, os.PathLike)):
-                calibration_source = str(calibration_images)
-                images = load_calibration_images(calibration_images, calibration_size + accuracy_images)
-            else:
-                calibration_source = f"{len(calibration_images)} images passed to export_model"
-                images = list(calibration_images)
             calibration = [processor(images=[image])["pixel_values"].numpy()
                            for image in tqdm(images[:calibration_size], desc="calibration images", disable=not progress)]
             held_out = images[calibration_size:calibration_size + accuracy_images]

@@ -70,35 +70,27 @@ def calibrate(args: argparse.Namespace, model=None, processor=None) -> dict:
     from tqdm.auto import tqdm
 
     from ..post_processing.metrics import f1_max_threshold, pixel_f1_max_threshold
-    from ..data.dataset_parts import open_dataset_parts
-    from ..data.streams import Prepare, RowImages, StreamImages, dataset_rows, make_loader
+    from ..data import load_anomaly_dataset, schema_options
+    from ..data.transforms import RowImages, SampleTransform, StreamImages, dataset_rows, make_loader
     from ..weights.folder import save_model_folder
     from ..weights.loader import load_model_and_processor
     from ..resolve import resolve_source
 
     source = resolve_source(args.model, "--model")
     out = _check_out(args, source)
-    parts = open_dataset_parts(
-        args.dataset, args.split, image_column=args.image_column, label_column=args.label_column,
-        mask_column=args.mask_column, category_column=args.category_column, categories=args.categories,
-        streaming=args.streaming,
-    )
-    for part in parts:
-        columns = list(part.dataset.column_names or [])
-        if "label" not in columns:
-            raise UsageError(f"--label-column: --dataset {args.dataset} (split {part.name}) has no label column "
-                             f"(it has: {', '.join(columns)}); pass --label-column NAME — calibration needs labels.")
+    dataset = load_anomaly_dataset(args.dataset, args.split, args.categories, streaming=args.streaming,
+                                   **schema_options(args))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if model is None:
         model, processor = load_model_and_processor(args.model, device=device)
     model = model.to(device).eval()
-    prepare = Prepare(processor, with_masks=True)
+    prepare = SampleTransform(processor, with_masks=True)
     if args.streaming:
-        dataset, total = StreamImages(parts, set(), 0, 1, prepare), None
+        scored, total = StreamImages(dataset, set(), 0, 1, prepare), None
     else:
-        rows, ids = dataset_rows(parts)
-        dataset, total = RowImages(parts, rows, ids, prepare), len(ids)
-    loader = make_loader(dataset, args.batch_size, args.num_workers, pin_memory=device.type == "cuda")
+        ids, keys = dataset_rows(dataset)
+        scored, total = RowImages(dataset, range(len(ids)), ids, keys, prepare), len(ids)
+    loader = make_loader(scored, args.batch_size, args.num_workers, pin_memory=device.type == "cuda")
     autocast = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
 
     labels, scores, categories, skipped = [], [], [], []
@@ -148,7 +140,8 @@ def calibrate(args: argparse.Namespace, model=None, processor=None) -> dict:
     info = {
         "dataset": _dataset_name(args),
         "split": args.split,
-        "splits": [part.name for part in parts],
+        "splits": None if args.streaming else sorted({f"{category}.{split}" for category, split in zip(
+            dataset["category"], dataset["split"])}),  # <category>.<split> of the rows used
         "categories": sorted(set(categories)) if any(categories) else None,
         "num_images": len(labels),
         "num_normal": num_normal,

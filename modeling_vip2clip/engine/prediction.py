@@ -32,9 +32,8 @@ from pathlib import Path
 
 import torch
 
-from ..data.dataset_parts import DatasetPart, open_dataset_parts
 from ..data.images import collect_inputs
-from ..data.streams import FileImages, Prepare, RowImages, StreamImages, dataset_rows, make_loader
+from ..data.transforms import FileImages, RowImages, SampleTransform, StreamImages, dataset_rows, make_loader
 from .prediction_files import PredictionFiles
 from .results_csv import PREDICTIONS_CSV, SKIPPED_CSV, CsvLog, done_ids, merge_parts, part_files, read_csv_rows
 from ..errors import UsageError, require_extra
@@ -104,19 +103,17 @@ def run_prediction(args: argparse.Namespace, model=None, processor=None) -> dict
     procs = _Processes()
     output_dir = Path(args.output_dir)
 
-    parts: list[DatasetPart] = []
     problems: list[tuple[str, str]] = []
     if inputs:
         items, problems = collect_inputs(inputs)
         ids = [path for path, _ in items]
     else:
-        parts = open_dataset_parts(
-            args.dataset, args.split, image_column=args.image_column, label_column=args.label_column,
-            mask_column=args.mask_column, category_column=args.category_column, categories=args.categories,
-            streaming=args.streaming,
-        )
+        from ..data import load_anomaly_dataset, schema_options
+
+        dataset = load_anomaly_dataset(args.dataset, args.split, args.categories, streaming=args.streaming,
+                                       require_labels=False, **schema_options(args))
         if not args.streaming:
-            rows, ids = dataset_rows(parts)
+            ids, keys = dataset_rows(dataset)
 
     device = torch.device(args.device or procs.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if model is None:
@@ -162,16 +159,16 @@ def run_prediction(args: argparse.Namespace, model=None, processor=None) -> dict
         for path, reason in problems:
             print(f"skipped {path}: {reason}", file=sys.stderr)
 
-    prepare = Prepare(processor, keep_image=outputs.overlays)
+    prepare = SampleTransform(processor, with_masks=False, keep_image=outputs.overlays)
     if args.dataset and args.streaming:
-        dataset, total = StreamImages(parts, done, procs.rank, procs.world, prepare), None
+        dataset, total = StreamImages(dataset, done, procs.rank, procs.world, prepare), None
     else:
         remaining = [index for index, item_id in enumerate(ids) if item_id not in done]
         mine = remaining[procs.rank::procs.world]
         if inputs:
             dataset = FileImages([items[i] for i in mine], prepare)
         else:
-            dataset = RowImages(parts, rows[mine], [ids[i] for i in mine], prepare)
+            dataset = RowImages(dataset, mine, [ids[i] for i in mine], [keys[i] for i in mine], prepare)
         total = len(mine)
         if done and procs.is_main:
             logger.info("resuming: %d inputs already in %s, %d to go", len(ids) - len(remaining), output_dir, len(remaining))

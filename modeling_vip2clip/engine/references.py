@@ -11,7 +11,6 @@ references, and the banks built from them.
 
 from __future__ import annotations
 
-import glob
 import logging
 from pathlib import Path
 from typing import Any
@@ -59,33 +58,19 @@ def bank_from_images(model, processor, images: list, batch_size: int = 8):
 
 def build_category_banks(model, processor, dataset, drawn: dict[str, list[int]], batch_size: int = 8) -> dict[str, Any]:
     """One bank per category from the drawn rows of `dataset`."""
-    from ..data import decode_image
+    from ..data.images import read_image
 
     banks = {}
     for category, rows in drawn.items():
-        images = [processor.to_pil(decode_image(dataset[row]["image"]), what=str(dataset[row]["image_path"]))
-                  for row in rows]
+        images = [processor.to_pil(read_image(dataset[row]["image"], what=str(dataset[row]["image_path"])),
+                                   what=str(dataset[row]["image_path"])) for row in rows]
         banks[category] = bank_from_images(model, processor, images, batch_size=batch_size)
     return banks
-
-
-def _image_files(source: str) -> list[Path]:
-    from ..data import IMAGE_EXTENSIONS
-
-    path = Path(source).expanduser()
-    extensions = {ext.lower() for ext in IMAGE_EXTENSIONS}
-    if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
-    if path.is_file():
-        return [path]
-    return sorted(Path(p) for p in glob.glob(source, recursive=True) if Path(p).is_file())
 
 
 def load_reference_bank(model, processor, source: str, batch_size: int = 8):
     """`--references SOURCE`: a bank saved with `bank.save(...)` (`.safetensors`, checked against the model), or
     the normal images of a folder / glob. Unreadable images are reported and skipped; none left is an error."""
-    from PIL import Image
-
     from ..reference_bank_vip2clip import ViP2CLIPReferenceBank
 
     if str(source).endswith(".safetensors"):
@@ -96,15 +81,16 @@ def load_reference_bank(model, processor, source: str, batch_size: int = 8):
             return ViP2CLIPReferenceBank.load(source, model=model)
         except ValueError as error:
             raise UsageError(f"--references {source}: {error}") from error
-    files = _image_files(str(source))
+    from ..data.images import collect_inputs, read_image
+
+    files = [path for path, _ in collect_inputs([str(Path(source).expanduser())])[0]]
     if not files:
         raise UsageError(f"--references {source}: no image files there; pass a folder or a glob of normal "
                          "reference images, or a saved .safetensors bank.")
     images = []
     for file in files:
         try:
-            with Image.open(file) as handle:
-                images.append(processor.to_pil(handle.copy(), what=str(file)))
+            images.append(processor.to_pil(read_image(file), what=str(file)))
         except Exception as error:  # noqa: BLE001 - reported, then skipped
             logger.warning("reference image %s skipped: %s", file, error)
     if not images:
