@@ -579,8 +579,9 @@ class AnomalyDemo:
     def default_thresholds(self) -> tuple[float, float]:
         """The sliders' start: the model's calibrated thresholds (`vip2clip calibrate`), else 0.5."""
         config = getattr(self.loaded.model, "config", None)
-        values = [getattr(config, name, None) for name in ("image_threshold", "pixel_threshold")]
-        return tuple(0.5 if value is None else float(value) for value in values)
+        if config is None:  # no model served
+            return 0.5, 0.5
+        return config.resolve_threshold("image")[0], config.resolve_threshold("pixel")[0]
 
     @staticmethod
     def verdict(score: float, threshold: float) -> str:
