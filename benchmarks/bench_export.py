@@ -222,8 +222,8 @@ def main(argv=None) -> int:
     for folder, fmt in ((onnx_folder, "onnx"), (ov_folder, "openvino")):
         if not (folder / INFO_FILE).is_file():
             started = time.perf_counter()
-            export_module.export_model(fp32, processor, folder, format=fmt, source="random ViT-L/14@518",
-                                       overwrite=True)
+            export_module.export(fp32, folder, processor=processor, format=fmt, source="random ViT-L/14@518",
+                                 overwrite=True)
             emit({"export": fmt, "seconds": round(time.perf_counter() - started, 1)})
 
     # the reference: torch fp32 on the evaluation images (outputs cached with the work dir)

@@ -4,7 +4,7 @@ the number of images.
 * `rate` (per model: `tiny`, the tests' random tiny ViP²-CLIP at 32 px; `real`, the random-weight model of the
   real geometry, ViT-L/14@336 at 518 px, loaded in bf16 by default): in one fresh process, the model-only rate
   (the images decoded and preprocessed beforehand, then `model(pixel_values)` batch after batch, the outputs
-  moved to the CPU), then `predict`'s rate on the same image files (`run_prediction`: DataLoader workers decode
+  moved to the CPU), then `predict`'s rate on the same image files (`predict`: DataLoader workers decode
   and preprocess, the main process runs the model, a thread pool writes the overlays, the CSV is appended and
   fsynced batch by batch; model loading excluded, a warm-up run first), then the model-only rate again. The
   ratio is e2e ÷ the mean of the two model-only rates (bracketing drift on a shared machine).
@@ -57,14 +57,15 @@ def _tiny_model(folder: Path) -> Path:
     return folder
 
 
-def _predict_args(model_dir: str, inputs: list[str], out: Path, batch: int, workers: int, dtype: str, device: str):
-    from modeling_vip2clip.cli.predict import build_parser
+def _predict_args(model, inputs: list[str], out: Path, batch: int, workers: int, device: str) -> dict:
+    """`predict`'s keywords for these `vip2clip predict` flags, with the model already loaded in its dtype."""
+    from modeling_vip2clip.cli.predict import build_parser, job_arguments
 
-    return build_parser().parse_args([
-        "--model", model_dir, *inputs, "--output-dir", str(out), "--batch-size", str(batch), "--num-workers",
-        str(workers), "--mixed-precision", {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[dtype], "--device", device,
-        "--no-progress",
-    ])
+    keywords = job_arguments(build_parser().parse_args([
+        "--model", "unused", *inputs, "--output-dir", str(out), "--batch-size", str(batch), "--num-workers",
+        str(workers), "--device", device, "--no-progress",
+    ]))
+    return {**keywords, "model": model}
 
 
 # ---------------------------------------------------------------------------------------------------- workers
@@ -73,7 +74,7 @@ def _predict_args(model_dir: str, inputs: list[str], out: Path, batch: int, work
 def _worker_rate(spec: dict) -> dict:
     import torch
 
-    from modeling_vip2clip.engine.prediction import run_prediction
+    from modeling_vip2clip.engine.prediction import predict
     from modeling_vip2clip.weights.loader import load_model_and_processor
 
     device = torch.device(spec["device"])
@@ -104,10 +105,10 @@ def _worker_rate(spec: dict) -> dict:
     work = Path(spec["work"])
     common.reset_peak_rss()
     before = model_only()
-    run_prediction(_predict_args(spec["model_dir"], files[:batch], work / "warmup", batch, spec["workers"],
-                                 spec["dtype"], spec["device"]), model=model, processor=processor)
-    result = run_prediction(_predict_args(spec["model_dir"], files, work / "e2e", batch, spec["workers"], spec["dtype"],
-                                          spec["device"]), model=model, processor=processor)
+    predict(**_predict_args(model, files[:batch], work / "warmup", batch, spec["workers"], spec["device"]),
+            processor=processor)
+    result = predict(**_predict_args(model, files, work / "e2e", batch, spec["workers"], spec["device"]),
+                     processor=processor)
     after = model_only()
     e2e = result["rows"] / result["seconds"]
     return {

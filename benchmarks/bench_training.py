@@ -3,7 +3,7 @@
 Not a test. Builds a randomly initialised ViP²-CLIP at the paper's geometry by default (CLIP ViT-L/14 backbone,
 input 518, layers 6/12/18/24, top-k 50: `ViP2CLIPModel(ViP2CLIPConfig())` with placeholder state-token ids —
 random weights cost exactly what real ones do), writes a small synthetic benchmark, and runs the real training
-loop (`modeling_vip2clip.cli.train.run_training`) twice: on the images, then with `--cache-features` (pre-pass +
+loop (`modeling_vip2clip.engine.training.train`) twice: on the images, then with `--cache-features` (pre-pass +
 epochs from the cache). Prints one JSON line:
 
     {"machine": ..., "settings": ..., "s_per_epoch_uncached": ..., "s_per_epoch_cached": ..., "prepass_s": ...,
@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modeling_vip2clip import ViP2CLIPConfig, ViP2CLIPModel, ViP2CLIPProcessor  # noqa: E402
 from modeling_vip2clip.data import generate_synthetic_benchmark  # noqa: E402
-from modeling_vip2clip.cli.train import build_parser as train_parser  # noqa: E402
-from modeling_vip2clip.engine.training import run_training  # noqa: E402
+from modeling_vip2clip.cli.train import build_parser as train_parser, job_arguments  # noqa: E402
+from modeling_vip2clip.engine.training import train  # noqa: E402
 
 
 def machine() -> dict:
@@ -105,14 +105,13 @@ def main(argv=None) -> int:
         initial = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("clip.")}
 
         reset_accelerate()
-        uncached = run_training(train_parser().parse_args([*common, "--output-dir", str(work / "uncached")]),
-                                model=model, processor=processor)
+        uncached = train(**{**job_arguments(train_parser().parse_args([*common, "--output-dir", str(work / "uncached")])),
+                            "model": model}, processor=processor)
         model.load_state_dict(initial, strict=False)  # same starting heads for the second run
         reset_accelerate()
-        cached = run_training(
-            train_parser().parse_args([*common, "--output-dir", str(work / "cached"), "--cache-features", str(work / "cache")]),
-            model=model, processor=processor,
-        )
+        cached = train(**{**job_arguments(train_parser().parse_args(
+            [*common, "--output-dir", str(work / "cached"), "--cache-features", str(work / "cache")])), "model": model},
+            processor=processor)
         cache_bytes = sum(f.stat().st_size for f in (work / "cache").iterdir())
 
     s_uncached, s_cached, prepass = steady(uncached["epochs"]), steady(cached["epochs"]), cached["prepass_seconds"]

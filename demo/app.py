@@ -32,9 +32,6 @@ from typing import Any
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no phone-home from the server
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-if (ROOT / "modeling_vip2clip" / "__init__.py").is_file() and str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # running from a checkout: use the repository's package
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"
 AUTHORS_NAMES = ("mvtec", "visa")
@@ -106,12 +103,19 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-try:
-    from modeling_vip2clip.errors import UsageError
-except ImportError:  # a Space holding demo/ alone: nothing raises it
 
-    class UsageError(Exception):
-        pass
+
+def _package_errors() -> tuple[type[BaseException], ...]:
+    """The package's `UsageError` (its message already says what is wrong and how to fix it); none on a Space
+    holding demo/ alone, where nothing raises it."""
+    try:
+        from modeling_vip2clip.errors import UsageError
+    except ImportError:
+        return ()
+    return (UsageError,)
+
+
+PACKAGE_ERRORS = _package_errors()
 
 
 LOGGER = logging.getLogger("vip2clip.demo")
@@ -187,35 +191,13 @@ def release_memory_soon() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- model loading
-def build_untrained_model(seed: int = 0, image_size: int = 224):
-    """A small, randomly initialised ViP²-CLIP (ViT hidden 64, 4 layers, patch 16) for trying the interface.
+def build_untrained_model(seed: int = 0):
+    """The package's tiny random ViP²-CLIP (`testing_utils.tiny_vip2clip_model`, 32 px) for trying the interface:
+    its scores and maps are MEANINGLESS. Returns `(model, processor)`."""
+    from modeling_vip2clip.testing_utils import tiny_vip2clip_model
 
-    Its scores and maps are MEANINGLESS. Built from an explicit config (no download, no tokenizer): the token ids
-    are arbitrary entries of a small vocabulary. Returns `(model, processor)`.
-    """
-    from modeling_vip2clip import ViP2CLIPConfig, ViP2CLIPModel, ViP2CLIPProcessor
-
-    vocab_size = 1000
-    clip_config = {
-        "projection_dim": 64,
-        "text_config": {
-            "vocab_size": vocab_size, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "max_position_embeddings": 32, "projection_dim": 64,
-            "bos_token_id": vocab_size - 2, "eos_token_id": vocab_size - 1, "pad_token_id": vocab_size - 1,
-        },
-        "vision_config": {
-            "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
-            "image_size": image_size, "patch_size": 16, "projection_dim": 64,
-        },
-    }
-    config = ViP2CLIPConfig(
-        clip_config=clip_config, feature_layers=[1, 2, 3, 4], n_ctx=7, n_cls=3, adapter_hidden_size=64, top_k=20,
-        blur_sigma=4.0, prompt_start_token_id=vocab_size - 2, prompt_end_token_id=vocab_size - 1,
-        normal_state_token_id=1, abnormal_state_token_id=2,
-    )
-    torch.manual_seed(seed)
-    model = ViP2CLIPModel(config).eval()
-    processor = ViP2CLIPProcessor(image_size=image_size, min_image_size=16, max_image_pixels=MAX_PIXELS)
+    model, processor = tiny_vip2clip_model(seed)
+    processor.max_image_pixels = MAX_PIXELS
     return model, processor
 
 
@@ -292,7 +274,7 @@ def load_model(model_id: str, dtype: str = "fp32") -> LoadedModel:
     print(f"Loading model '{model_id}'...", flush=True)
     try:
         model, processor, via = _load_requested(model_id, dtype)
-    except UsageError as error:  # the package's loader says what is wrong and how to fix it
+    except PACKAGE_ERRORS as error:  # the package's loader says what is wrong and how to fix it
         raise ModelLoadError(str(error)) from error
     except Exception as error:  # remote code: offline, missing repo, not a ViP²-CLIP folder, ...
         raise ModelLoadError(
@@ -481,7 +463,7 @@ class AnomalyDemo:
                 bank = self.reference_bank(reference_paths)
             except ImageInputError as error:
                 problems.append(f"reference image {error} — scored zero-shot instead.")
-            except UsageError as error:  # e.g. an exported (ONNX / OpenVINO) model: no reference bank
+            except PACKAGE_ERRORS as error:  # e.g. an exported (ONNX / OpenVINO) model: no reference bank
                 problems.append(f"{error} Scored zero-shot instead.")
         results: list[Result] = []
         for index, path in enumerate(sources):
@@ -550,8 +532,9 @@ class AnomalyDemo:
     def default_thresholds(self) -> tuple[float, float]:
         """The sliders' start: the model's calibrated thresholds (`vip2clip calibrate`), else 0.5."""
         config = getattr(self.loaded.model, "config", None)
-        values = [getattr(config, name, None) for name in ("image_threshold", "pixel_threshold")]
-        return tuple(0.5 if value is None else float(value) for value in values)
+        if config is None:  # no model served
+            return 0.5, 0.5
+        return config.resolve_threshold("image")[0], config.resolve_threshold("pixel")[0]
 
     @staticmethod
     def verdict(score: float, threshold: float) -> str:

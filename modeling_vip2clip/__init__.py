@@ -1,7 +1,9 @@
 """vip2clip: ViP²-CLIP zero-shot anomaly detection as a transformers model (the method: docs/method.md).
 
-The public classes are imported on first use, so that `vip2clip --help` and the other command-line entry points
-start without importing torch and transformers.
+The public classes and the jobs' Python entry points (`predict`, `evaluate`, `calibrate`, `train`, `export`: each
+the function behind the `vip2clip` command of that name, with its options as keyword arguments) are imported on
+first use, so that `vip2clip --help` and the other command-line entry points start without importing torch and
+transformers.
 """
 
 from __future__ import annotations
@@ -18,6 +20,11 @@ __all__ = [
     "ViP2CLIPReferenceBank",
     "download_authors_checkpoint",
     "load_authors_model",
+    "predict",
+    "evaluate",
+    "calibrate",
+    "train",
+    "export",
 ]
 __version__ = "0.1.0"
 
@@ -30,6 +37,11 @@ _LAZY = {
     "ViP2CLIPReferenceBank": ".reference_bank_vip2clip",
     "download_authors_checkpoint": ".weights.authors_release",
     "load_authors_model": ".weights.authors_release",
+    "predict": ".engine.prediction",
+    "evaluate": ".engine.evaluation",
+    "calibrate": ".engine.calibration",
+    "train": ".engine.training",
+    "export": ".deploy.export",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -38,6 +50,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from .processing_vip2clip import ViP2CLIPImageProcessor, ViP2CLIPProcessor
     from .reference_bank_vip2clip import ViP2CLIPReferenceBank
     from .weights.authors_release import download_authors_checkpoint, load_authors_model
+    from .engine.prediction import predict
+    from .engine.evaluation import evaluate
+    from .engine.calibration import calibrate
+    from .engine.training import train
+    from .deploy.export import export
 
 
 def _attach_authors_loader(model_class) -> None:

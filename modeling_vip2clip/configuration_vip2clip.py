@@ -150,6 +150,25 @@ class ViP2CLIPConfig(PretrainedConfig):
         """[SOS] + n_ctx + state word + n_cls + [EOS]: the prompt cut right after EOS (docs/method.md §3)."""
         return self.n_ctx + self.n_cls + 3
 
+    # ------------------------------------------------------------------ decision thresholds
+    DEFAULT_THRESHOLD = 0.5
+
+    def resolve_threshold(self, kind: str, option: float | None = None) -> tuple[float, str]:
+        """The one threshold rule of every command, the pipeline and the demo: `(value, where it came from)`.
+
+        `kind` is "image" (score at or above which an image is anomalous) or "pixel" (map value at or above which a
+        pixel is defective). The value is `option` when given ("option"), else the model's calibrated
+        `image_threshold` / `pixel_threshold` from `vip2clip calibrate` ("calibrated"), else 0.5 ("default").
+        """
+        if kind not in ("image", "pixel"):
+            raise ValueError(f"kind must be 'image' or 'pixel', got {kind!r}.")
+        if option is not None:
+            return float(option), "option"
+        calibrated = getattr(self, f"{kind}_threshold", None)
+        if calibrated is not None:
+            return float(calibrated), "calibrated"
+        return self.DEFAULT_THRESHOLD, "default"
+
     # ------------------------------------------------------------------ validation
     def validate_architecture(self):
         """Called by transformers' strict dataclass machinery at construction and on every change."""

@@ -1,4 +1,6 @@
-"""Distributed runs (`accelerate launch`): refuse a launcher Accelerate does not see, and tear the group down."""
+"""Distributed runs (`accelerate launch`): this process's place in the run, a launcher Accelerate does not see
+refused, and the group torn down. Every multi-process command goes through Accelerate: evaluate and train with an
+`Accelerator` (`prepare`d loaders), predict and calibrate with the same `PartialState` sharding their inputs."""
 
 from __future__ import annotations
 
@@ -7,7 +9,43 @@ import sys
 
 from .errors import UsageError
 
-__all__ = ["check_distributed_setup", "teardown_distributed"]
+__all__ = ["process_state", "check_distributed_setup", "teardown_distributed"]
+
+
+def process_state():
+    """Accelerate's `PartialState` of this process (alone, or one of an `accelerate launch` job), checked.
+
+    It gives `process_index`, `num_processes`, `is_main_process`, `wait_for_everyone()` and `device` (this
+    process's GPU, else the CPU). `ACCELERATE_USE_CPU=true` runs the processes on CPUs (gloo), as `Accelerator`
+    does. Accelerate comes with the `train` extra: without it a single process still runs.
+    """
+    from .errors import require_extra
+
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        require_extra("accelerate", "train", "a multi-process run (accelerate launch)")
+    try:
+        from accelerate import PartialState
+        from accelerate.utils import parse_flag_from_env
+    except ImportError:  # the base install: one process, the state below is what PartialState reports alone
+        return _SingleProcess()
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    check_distributed_setup(state)
+    return state
+
+
+class _SingleProcess:
+    """What `PartialState` says in a process that runs alone, for an install without Accelerate."""
+
+    process_index, num_processes, is_main_process = 0, 1, True
+
+    @property
+    def device(self):
+        import torch
+
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def wait_for_everyone(self) -> None:
+        pass
 
 
 def check_distributed_setup(accelerator) -> None:

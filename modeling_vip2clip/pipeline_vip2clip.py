@@ -6,7 +6,8 @@
     # {"score": 0.83, "is_anomalous": True, "anomaly_map": float32 array (H, W), "mask": PIL "L" image (H, W)}
 
 The default thresholds are the model's calibrated ones (`config.image_threshold` for `is_anomalous`,
-`config.pixel_threshold` for `mask`, written by `vip2clip calibrate`), else 0.5; call arguments override them.
+`config.pixel_threshold` for `mask`, written by `vip2clip calibrate`), else 0.5; call arguments override them
+(`ViP2CLIPConfig.resolve_threshold`, the rule every command and the demo follow).
 
 Every model folder the package writes (`modeling_vip2clip.weights.folder.save_model_folder`) carries this file and
 names it under `custom_pipelines` in config.json, so `pipeline("anomaly-detection", model=FOLDER,
@@ -36,7 +37,7 @@ class ViP2CLIPAnomalyDetectionPipeline(Pipeline):
     """Image → anomaly score, anomaly map and binary defect mask, each at the image's own size.
 
     Call arguments: `threshold` binarises the map into `mask` (default: the model's `pixel_threshold`, else 0.5);
-    `score_threshold` decides `is_anomalous` (default: the model's `image_threshold`, else `threshold`, else 0.5);
+    `score_threshold` decides `is_anomalous` (default: the model's `image_threshold`, else 0.5);
     `timeout` for image URLs.
     """
 
@@ -74,14 +75,10 @@ class ViP2CLIPAnomalyDetectionPipeline(Pipeline):
         return {"anomaly_score": outputs.anomaly_score, "anomaly_map": outputs.anomaly_map, "original_size": original_size}
 
     def postprocess(self, model_outputs: dict[str, Any], threshold: float | None = None, score_threshold: float | None = None):
-        config = self.model.config
-        calibrated_image = getattr(config, "image_threshold", None)
-        calibrated_pixel = getattr(config, "pixel_threshold", None)
-        if score_threshold is None:
-            score_threshold = calibrated_image if calibrated_image is not None else (
-                threshold if threshold is not None else 0.5)
-        if threshold is None:
-            threshold = calibrated_pixel if calibrated_pixel is not None else 0.5
+        # The one threshold rule (`ViP2CLIPConfig.resolve_threshold`): the call argument, else the calibrated value,
+        # else 0.5.
+        score_threshold, _ = self.model.config.resolve_threshold("image", score_threshold)
+        threshold, _ = self.model.config.resolve_threshold("pixel", threshold)
         size = model_outputs["original_size"]
         size = tuple(int(v) for v in (size.tolist() if isinstance(size, torch.Tensor) else size))
         anomaly_map = self.image_processor.post_process_anomaly_maps(

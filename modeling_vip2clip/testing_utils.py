@@ -18,7 +18,8 @@ from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 __all__ = [
-    "tiny_clip_config", "tiny_tokenizer", "save_tiny_clip", "tiny_vip2clip_config", "save_tiny_vip2clip",
+    "tiny_clip_config", "tiny_tokenizer", "save_tiny_clip", "tiny_vip2clip_config", "tiny_vip2clip_model",
+    "save_tiny_vip2clip",
     "authors_loop_aupro",
 ]
 
@@ -101,18 +102,25 @@ def tiny_vip2clip_config(**overrides):
     return ViP2CLIPConfig(**kwargs)
 
 
-def save_tiny_vip2clip(directory: str | Path) -> Path:
-    """A tiny random ViP²-CLIP (`tiny_vip2clip_config`) with heads drawn at N(0, 0.5²) — larger than their init,
-    so every head parameter visibly moves the outputs — saved with its processor (what `--model DIR` gets)."""
-    from . import ViP2CLIPImageProcessor, ViP2CLIPModel
+def tiny_vip2clip_model(seed: int = 0):
+    """`(model, processor)`: a tiny ViP²-CLIP (`tiny_vip2clip_config`, 32 px) initialised at random from `seed`, in
+    memory, with its processor — also what the demo serves, labelled, when no trained weights can be had."""
+    from . import ViP2CLIPModel, ViP2CLIPImageProcessor
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = ViP2CLIPModel(tiny_vip2clip_config()).eval()
+    return model, ViP2CLIPImageProcessor(image_size=32, min_image_size=8)
+
+
+def save_tiny_vip2clip(directory: str | Path) -> Path:
+    """A tiny random ViP²-CLIP (`tiny_vip2clip_model`) with heads drawn at N(0, 0.5²) — larger than their init,
+    so every head parameter visibly moves the outputs — saved with its processor (what `--model DIR` gets)."""
+    model, processor = tiny_vip2clip_model(seed=0)
     with torch.no_grad():
         for parameter in list(model.ica.parameters()) + list(model.fgp.parameters()):
             parameter.normal_(0, 0.5)
     model.save_pretrained(directory)
-    ViP2CLIPImageProcessor(image_size=32, min_image_size=8).save_pretrained(directory)
+    processor.save_pretrained(directory)
     return Path(directory)
 
 

@@ -225,6 +225,32 @@ def test_calibrate_writes_the_f1_max_thresholds_into_a_copy_of_the_model(tiny_mo
     assert forced["is_anomalous"] and np.asarray(forced["mask"]).min() == 255
 
 
+def test_two_cpu_processes_write_the_thresholds_of_one_process(tiny_model_dir, labelled_parquet, tmp_path):
+    """`accelerate launch` with 2 CPU processes (Accelerate's PartialState, as predict): the images are sharded over
+    the processes and their scores gathered; the same thresholds and counts as one process, one folder, one
+    summary."""
+    from launch import launch_two_cpu_processes
+
+    from modeling_vip2clip import ViP2CLIPConfig
+    from modeling_vip2clip.cli.main import main as cli_main
+
+    argv = ["--model", str(tiny_model_dir), "--dataset", str(labelled_parquet), "--batch-size", "1",
+            "--num-workers", "0", "--no-progress"]
+    assert cli_main(["calibrate", *argv, "--out", str(tmp_path / "single")]) == 0
+    completed = launch_two_cpu_processes("modeling_vip2clip.cli.calibrate", *argv, "--out", str(tmp_path / "double"))
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    one = ViP2CLIPConfig.from_pretrained(tmp_path / "single")
+    two = ViP2CLIPConfig.from_pretrained(tmp_path / "double")
+    assert two.image_threshold == pytest.approx(one.image_threshold, abs=1e-6)
+    assert two.pixel_threshold == pytest.approx(one.pixel_threshold, abs=1e-6)
+    counts = ("num_images", "num_normal", "num_anomalous", "num_anomalous_with_mask", "num_skipped", "splits",
+              "categories")
+    assert {key: two.calibration[key] for key in counts} == {key: one.calibration[key] for key in counts}
+    assert two.calibration["num_images"] == 16
+    assert completed.stdout.count("calibrated on") == 1
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
 def test_calibrate_one_category_of_a_canonical_dataset(tiny_model_dir, tmp_path):
     from modeling_vip2clip import ViP2CLIPConfig
     from modeling_vip2clip.cli.main import main as cli_main

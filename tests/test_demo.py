@@ -21,7 +21,7 @@ from PIL import Image
 
 from launch import free_port
 from loopback_server import FILE_PATH, FileServer, blob_id, write_authors_checkpoint
-from modeling_vip2clip.testing_utils import save_tiny_vip2clip
+from modeling_vip2clip.testing_utils import save_tiny_vip2clip, tiny_vip2clip_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "demo"
@@ -222,11 +222,14 @@ def test_untrained_fallback_model(app_module, capsys, monkeypatch, hf_home):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     model_a, processor = app_module.build_untrained_model()
     model_b, _ = app_module.build_untrained_model()
-    assert model_a.config.image_size == 224 and model_a.config.clip_config.vision_config.hidden_size == 64
+    # the package's one tiny-model builder (testing_utils), not a second copy in the demo
+    expected = tiny_vip2clip_config()
+    assert (model_a.config.image_size, model_a.config.feature_layers, model_a.config.clip_config.vision_config.hidden_size) \
+        == (expected.image_size, expected.feature_layers, expected.clip_config.vision_config.hidden_size) == (32, [1, 2], 32)
     assert all(torch.equal(a, b) for a, b in zip(model_a.state_dict().values(), model_b.state_dict().values()))
     with torch.inference_mode():
         out = model_a(pixel_values=processor(images=[Image.open(EXAMPLE)])["pixel_values"])
-    assert out.anomaly_map.shape == (1, 224, 224) and 0 <= float(out.anomaly_score[0]) <= 1
+    assert out.anomaly_map.shape == (1, 32, 32) and 0 <= float(out.anomaly_score[0]) <= 1
     loaded = app_module.load_authors_weights("mvtec")
     assert not loaded.trained and loaded.model is not None and "HF_HUB_OFFLINE=1 is set" in loaded.error
     printed = capsys.readouterr().out

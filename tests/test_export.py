@@ -16,7 +16,7 @@ from PIL import Image, ImageOps
 from modeling_vip2clip.testing_utils import save_tiny_vip2clip
 
 from modeling_vip2clip import ViP2CLIPModel, ViP2CLIPProcessor
-from modeling_vip2clip.deploy.export import INT8_IGNORED_PATTERNS, UsageError, export_model
+from modeling_vip2clip.deploy.export import INT8_IGNORED_PATTERNS, UsageError, export
 from modeling_vip2clip.deploy.exported_runtime import (
     INFO_FILE,
     ONNX_DATA_FILE,
@@ -55,14 +55,14 @@ def model_and_processor(torch_folder):
 @pytest.fixture(scope="module")
 def onnx_folder(model_and_processor, tmp_path_factory):
     model, processor = model_and_processor
-    return export_model(model, processor, tmp_path_factory.mktemp("export") / "onnx", format="onnx",
+    return export(model, processor=processor, out_dir=tmp_path_factory.mktemp("export") / "onnx", format="onnx",
                         source="tiny", progress=False)
 
 
 @pytest.fixture(scope="module")
 def openvino_folder(model_and_processor, tmp_path_factory):
     model, processor = model_and_processor
-    return export_model(model, processor, tmp_path_factory.mktemp("export") / "ov", format="openvino",
+    return export(model, processor=processor, out_dir=tmp_path_factory.mktemp("export") / "ov", format="openvino",
                         source="tiny", progress=False)
 
 
@@ -161,7 +161,7 @@ def test_wrong_input_size_names_the_expected_size(onnx_folder, openvino_folder):
 def test_external_data_for_large_weights(model_and_processor, tmp_path):
     """Weights over 2 GB go to model.onnx_data (forced here on the tiny model); the folder still runs."""
     model, processor = model_and_processor
-    folder = export_model(model, processor, tmp_path / "ext", format="onnx", external_data=True, progress=False)
+    folder = export(model, processor=processor, out_dir=tmp_path / "ext", format="onnx", external_data=True, progress=False)
     assert (folder / ONNX_DATA_FILE).stat().st_size > (folder / "model.onnx").stat().st_size
     assert json.loads((folder / INFO_FILE).read_text())["external_data"] is True
     pixel_values = processor(images=_images(2))["pixel_values"].numpy()
@@ -173,11 +173,11 @@ def test_external_data_for_large_weights(model_and_processor, tmp_path):
 def test_export_refuses_bad_requests(model_and_processor, tmp_path, onnx_folder):
     model, processor = model_and_processor
     with pytest.raises(UsageError, match="--int8 needs --format openvino"):
-        export_model(model, processor, tmp_path / "a", format="onnx", int8=True, calibration_images=_images(2))
+        export(model, processor=processor, out_dir=tmp_path / "a", format="onnx", int8=True, calibration_images=_images(2))
     with pytest.raises(UsageError, match="needs calibration images"):
-        export_model(model, processor, tmp_path / "b", format="openvino", int8=True)
+        export(model, processor=processor, out_dir=tmp_path / "b", format="openvino", int8=True)
     with pytest.raises(UsageError, match="exists and is not empty"):
-        export_model(model, processor, onnx_folder, format="onnx")
+        export(model, processor=processor, out_dir=onnx_folder, format="onnx")
 
 
 def test_int8_export_records_its_accuracy(model_and_processor, tmp_path):
@@ -185,7 +185,7 @@ def test_int8_export_records_its_accuracy(model_and_processor, tmp_path):
     quality bar meaningful, so only the bookkeeping and that the vision blocks really are quantised are checked."""
     pytest.importorskip("nncf")
     model, processor = model_and_processor
-    folder = export_model(model, processor, tmp_path / "int8", format="openvino", int8=True,
+    folder = export(model, processor=processor, out_dir=tmp_path / "int8", format="openvino", int8=True,
                           calibration_images=_images(7), calibration_size=4, accuracy_images=3, progress=False)
     info = json.loads((folder / INFO_FILE).read_text())
     assert info["precision"] == "int8" and info["inference_precision"] == "f32"
@@ -297,7 +297,6 @@ def test_predict_on_an_exported_folder_equals_the_torch_folder(torch_folder, onn
 
     from modeling_vip2clip.cli import predict
     from modeling_vip2clip.deploy.exported_model import ExportedViP2CLIPModel, load_exported
-    from modeling_vip2clip.engine.prediction import run_prediction
     from modeling_vip2clip.weights.loader import load_model_and_processor
 
     images = tmp_path / "images"
@@ -307,10 +306,8 @@ def test_predict_on_an_exported_folder_equals_the_torch_folder(torch_folder, onn
 
     def scores(model_source, loaded=None):
         out = tmp_path / f"out-{Path(model_source).name}"
-        args = predict.build_parser().parse_args(["--model", str(model_source), str(images), "--output-dir", str(out),
-                                                  "--batch-size", "3"])
-        model, processor = loaded or (None, None)
-        run_prediction(args, model=model, processor=processor)
+        model, processor = loaded or (str(model_source), None)
+        predict(model, [str(images)], out, processor=processor, batch_size=3)
         with open(out / "predictions.csv", newline="") as handle:
             rows = {row["path"]: float(row["score"]) for row in csv.DictReader(handle)}
         overlays = {p.name: np.asarray(Image.open(p), dtype=np.int16) for p in (out / "overlays").iterdir()}

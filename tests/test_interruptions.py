@@ -9,15 +9,17 @@ no mocks, tiny random CLIP and 32 px synthetic images (each run takes seconds, m
 * Evaluation SIGKILLed mid-way and `--resume`d: every sample counted exactly once, the same metrics.
 (A NaN loss stopping the run with its epoch/step is covered by tests/test_train.py::test_nan_loss_stops_...)
 
-The moments are pinned with the test-only hooks of `modeling_vip2clip.console.test_pause` (environment variables
-`VIP2CLIP_TEST_PAUSE_*="N:SECONDS"`, no-ops unless set): the process prints one line and sleeps there, and the
-test kills it; otherwise a 0.03 s epoch or a millisecond checkpoint write could not be hit reliably.
+The moments are pinned from the test side (`tests/paused_run.py`): the command runs in a process where one function
+(an optimiser step, the write of trainer_state.json, a batch of partial results) sleeps after its N-th call, after
+printing one line, and the test kills it there; otherwise a 0.03 s epoch or a millisecond checkpoint write could not
+be hit reliably. The package holds no test hook.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -46,16 +48,24 @@ pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 # ---------------------------------------------------------------------------------------------------- processes
 
 
-def _start(module: str, argv: list, log: Path, **pause) -> subprocess.Popen:
-    """Start `python -m module argv` in its own session (so the whole group can be killed), output into `log`."""
+# Where each moment is pinned (`tests/paused_run.py`: MODULE:ATTRIBUTE, paused after its N-th call).
+AFTER_STEP = "torch.optim:Adam.step"  # train: after an optimiser step
+IN_CHECKPOINT = "modeling_vip2clip.engine.checkpointing:atomic_write_json"  # train: epoch_N.tmp complete, not renamed
+AFTER_BATCH = "modeling_vip2clip.engine.results_store:PartialResults.write"  # evaluate: a batch's results stored
+
+
+def _start(module: str, argv: list, log: Path, pause: str | None = None) -> subprocess.Popen:
+    """Start `python -m module argv` in its own session (so the whole group can be killed), output into `log`;
+    `pause` = "TARGET@N" pauses the run after the N-th call of TARGET."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **pause}
-    for name in ("VIP2CLIP_TEST_PAUSE_AFTER_STEP", "VIP2CLIP_TEST_PAUSE_IN_CHECKPOINT", "VIP2CLIP_TEST_PAUSE_AFTER_BATCH"):
-        if name not in pause:
-            env.pop(name, None)
+           "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("VIP2CLIP_TEST_PAUSE", None)
+    if pause:
+        env["VIP2CLIP_TEST_PAUSE"] = f"{pause}:{PAUSE}"
     with open(log, "w") as handle:  # the child keeps its own descriptor
-        return subprocess.Popen([sys.executable, "-m", module, *map(str, argv)], stdout=handle,
-                                stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
+        return subprocess.Popen([sys.executable, str(ROOT / "tests" / "paused_run.py"), "-m", module,
+                                 *map(str, argv)], stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                start_new_session=True)
 
 
 def _kill(proc: subprocess.Popen) -> None:
@@ -100,8 +110,8 @@ def _finish(proc: subprocess.Popen, log: Path, timeout: float = WAIT) -> str:
     return text
 
 
-def _paused(log: Path, variable: str):
-    return lambda: f"[test hook] {variable}: pausing" in log.read_text(errors="replace")
+def _paused(log: Path, target: str):
+    return lambda: re.search(rf"\[test hook\] pausing after call \d+ of {re.escape(target)}", log.read_text(errors="replace"))
 
 
 # ---------------------------------------------------------------------------------------------------- training
@@ -151,7 +161,7 @@ def test_sigkill_during_training_then_resume_matches_uninterrupted_run(reference
     # (c) Right after checkpoint epoch_1 is complete (renamed into place). The pause after the next step only
     # guarantees the run cannot get further if the kill is late.
     log = tmp_path / "1_after_checkpoint.log"
-    proc = _start("modeling_vip2clip.cli.train", argv, log, VIP2CLIP_TEST_PAUSE_AFTER_STEP=f"{STEPS_PER_EPOCH + 1}:{PAUSE}")
+    proc = _start("modeling_vip2clip.cli.train", argv, log, pause=f"{AFTER_STEP}@{STEPS_PER_EPOCH + 1}")
     _kill_when(lambda: (checkpoints / "epoch_1").is_dir(), proc, log, "epoch_1 complete")
     assert _entries(checkpoints) == ["epoch_1"]
     assert find_latest_checkpoint(checkpoints).name == "epoch_1"
@@ -159,11 +169,11 @@ def test_sigkill_during_training_then_resume_matches_uninterrupted_run(reference
     _assert_same(heads(out, 1), heads(reference, 1), "epoch_1 after the kill")
     assert not (out / "model").exists()
 
-    # (a) In the middle of epoch 2: killed after its 2nd optimiser step (weights changed in memory only).
+    # (a) In the middle of epoch 2: killed after its 2nd optimiser step (weights changed in memory only); the
+    # resumed process counts its own steps, so global step 5 is its 2nd.
     log = tmp_path / "2_mid_epoch.log"
-    proc = _start("modeling_vip2clip.cli.train", [*argv, "--resume"], log,
-                  VIP2CLIP_TEST_PAUSE_AFTER_STEP=f"{STEPS_PER_EPOCH + 2}:{PAUSE}")
-    _kill_when(_paused(log, "VIP2CLIP_TEST_PAUSE_AFTER_STEP"), proc, log, "step 5 (mid epoch 2)")
+    proc = _start("modeling_vip2clip.cli.train", [*argv, "--resume"], log, pause=f"{AFTER_STEP}@2")
+    _kill_when(_paused(log, AFTER_STEP), proc, log, "step 5 (mid epoch 2)")
     text = log.read_text()
     assert "resumed from" in text and "epoch [2/3]" not in text  # really inside epoch 2
     assert _entries(checkpoints) == ["epoch_1"]
@@ -171,10 +181,11 @@ def test_sigkill_during_training_then_resume_matches_uninterrupted_run(reference
     _assert_same(heads(out, 1), heads(reference, 1), "epoch_1 after the mid-epoch kill")
 
     # (b) While epoch_2 is being written: weights, optimiser, RNG states and even trainer_state.json are in
-    # epoch_2.tmp, only the rename is missing. It must never be taken for the newest checkpoint.
+    # epoch_2.tmp, only the rename is missing. It must never be taken for the newest checkpoint. (Resumed from
+    # epoch_1, the first trainer_state.json this process writes is epoch 2's.)
     log = tmp_path / "3_in_checkpoint.log"
-    proc = _start("modeling_vip2clip.cli.train", [*argv, "--resume"], log, VIP2CLIP_TEST_PAUSE_IN_CHECKPOINT=f"2:{PAUSE}")
-    _kill_when(_paused(log, "VIP2CLIP_TEST_PAUSE_IN_CHECKPOINT"), proc, log, "epoch_2.tmp being written")
+    proc = _start("modeling_vip2clip.cli.train", [*argv, "--resume"], log, pause=f"{IN_CHECKPOINT}@1")
+    _kill_when(_paused(log, IN_CHECKPOINT), proc, log, "epoch_2.tmp being written")
     assert _entries(checkpoints) == ["epoch_1", "epoch_2.tmp"]
     assert (checkpoints / "epoch_2.tmp" / "model.safetensors").is_file()
     assert find_latest_checkpoint(checkpoints).name == "epoch_1"
@@ -265,9 +276,8 @@ def test_sigkill_during_evaluation_then_resume_counts_each_sample_once(tiny_clip
 
     out = tmp_path / "eval"
     log = tmp_path / "eval.log"
-    proc = _start("modeling_vip2clip.cli.evaluate", [*argv, "--output-dir", out], log,
-                  VIP2CLIP_TEST_PAUSE_AFTER_BATCH=f"2:{PAUSE}")
-    _kill_when(_paused(log, "VIP2CLIP_TEST_PAUSE_AFTER_BATCH"), proc, log, "batch 2 of 4 written")
+    proc = _start("modeling_vip2clip.cli.evaluate", [*argv, "--output-dir", out], log, pause=f"{AFTER_BATCH}@2")
+    _kill_when(_paused(log, AFTER_BATCH), proc, log, "batch 2 of 4 written")
     assert not (out / "results.json").exists()
     partial = PartialResults(out / "partial")
     assert [p.name for p in partial.batch_dirs()] == ["r001_b000001", "r001_b000002"]

@@ -4,7 +4,8 @@
   and masks matching the model's own output, unreadable inputs in skipped.csv, usage errors;
 * the model's calibrated thresholds as defaults, `--threshold` overriding them;
 * memory independent of the number of inputs (peak RSS of N vs 5N images, in subprocesses);
-* SIGKILL mid-run (pinned with console.test_pause) and a torn last CSV line, then `--resume`: every input once;
+* SIGKILL mid-run (pinned from the test side, tests/paused_run.py) and a torn last CSV line, then `--resume`: every
+  input once;
 * 2 CPU processes (accelerate launch) equal to 1, also when killed and resumed;
 * `--dataset` in the canonical schema and in the `BrachioLab/visa` parquet layout (`<class>.test` splits),
   also `--streaming`.
@@ -291,18 +292,28 @@ def test_memory_does_not_grow_with_the_number_of_images(tiny_model_dir, tmp_path
 # ---------------------------------------------------------------------------------------------------- kills
 
 
-def _start(argv: list, log: Path, **env_extra) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env_extra}
-    if "VIP2CLIP_TEST_PAUSE_AFTER_BATCH" not in env_extra:
-        env.pop("VIP2CLIP_TEST_PAUSE_AFTER_BATCH", None)
+# Each batch ends with two CSV writes (its predictions, its skipped inputs): pausing after call 2N of this pauses
+# right after batch N is on disk (tests/paused_run.py).
+CSV_WRITE = "modeling_vip2clip.engine.results_csv:CsvLog.write"
+
+
+def _pause_after_batch(batch: int) -> dict:
+    return {"VIP2CLIP_TEST_PAUSE": f"{CSV_WRITE}@{2 * batch}:60"}
+
+
+def _start(argv: list, log: Path, pause: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("VIP2CLIP_TEST_PAUSE", None)
+    env.update(pause or {})
     with open(log, "w") as handle:
-        return subprocess.Popen([sys.executable, "-m", "modeling_vip2clip.cli.predict", *map(str, argv)], stdout=handle,
+        return subprocess.Popen([sys.executable, str(ROOT / "tests" / "paused_run.py"), "-m",
+                                 "modeling_vip2clip.cli.predict", *map(str, argv)], stdout=handle,
                                 stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
 
 
 def _kill_when_paused(proc: subprocess.Popen, log: Path, count: int = 1) -> None:
     deadline = time.monotonic() + WAIT
-    while log.read_text(errors="replace").count("[test hook] VIP2CLIP_TEST_PAUSE_AFTER_BATCH") < count:
+    while log.read_text(errors="replace").count(f"of {CSV_WRITE}") < count:
         if proc.poll() is not None:
             pytest.fail(f"the run ended ({proc.returncode}) before the pause:\n{log.read_text()[-3000:]}")
         if time.monotonic() > deadline:
@@ -322,7 +333,7 @@ def test_sigkill_mid_run_then_resume_holds_every_image_once(tiny_model_dir, fold
     out = tmp_path / "out"
 
     log = tmp_path / "killed.log"
-    proc = _start([*argv, "--output-dir", out], log, VIP2CLIP_TEST_PAUSE_AFTER_BATCH="2:60")
+    proc = _start([*argv, "--output-dir", out], log, _pause_after_batch(2))
     _kill_when_paused(proc, log)
     with open(out / "skipped.csv", newline="") as handle:
         skipped = list(csv.DictReader(handle))
@@ -373,12 +384,13 @@ def test_two_processes_killed_then_resumed(tiny_model_dir, folder, tmp_path):
     assert cli_main(["predict", *argv, "--output-dir", str(single)]) == 0
     out = tmp_path / "out"
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "VIP2CLIP_TEST_PAUSE_AFTER_BATCH": "1:60"}
+           **_pause_after_batch(1)}
     from launch import free_port
 
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-               str(free_port()), "-m", "modeling_vip2clip.cli.predict", *argv, "--output-dir", str(out)]
+               str(free_port()), str(ROOT / "tests" / "paused_run.py"), "-m", "modeling_vip2clip.cli.predict", *argv,
+               "--output-dir", str(out)]
     log = tmp_path / "killed.log"
     with open(log, "w") as handle:
         proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=ROOT,

@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 from modeling_vip2clip.data import generate_synthetic_benchmark, load_anomaly_dataset, to_torch_dataset
 from modeling_vip2clip.engine.feature_cache import FeatureCache
 from modeling_vip2clip.engine.checkpointing import find_latest_checkpoint
-from modeling_vip2clip.cli.train import build_parser
+from modeling_vip2clip.cli.train import build_parser, job_arguments
 from modeling_vip2clip.errors import UsageError
-from modeling_vip2clip.engine.training import NonFiniteLossError, run_training
+from modeling_vip2clip.engine.training import NonFiniteLossError, train
 
 from launch import launch_two_cpu_processes
 
@@ -27,11 +27,12 @@ TINY = ["--image-size", "32", "--feature-layers", "1", "2", "--n-ctx", "3", "--n
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
-def _args(clip_dir, data_dir, out, *extra):
-    return build_parser().parse_args(
+def _args(clip_dir, data_dir, out, *extra) -> dict:
+    """The keyword arguments of `train` for these command-line flags (as `vip2clip train` passes them)."""
+    return job_arguments(build_parser().parse_args(
         ["--clip", str(clip_dir), *TINY, "--dataset", str(data_dir), "--output-dir", str(out), "--num-workers", "0",
          "--report-to", "none", "--no-progress", *extra]
-    )
+    ))
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def reference_run(tiny_clip_dir, data_dir, tmp_path_factory):
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     out = tmp_path_factory.mktemp("reference_run")
-    result = run_training(_args(tiny_clip_dir, data_dir, out, "--epochs", "2", "--batch-size", "3"))
+    result = train(**_args(tiny_clip_dir, data_dir, out, "--epochs", "2", "--batch-size", "3"))
     weights = load_file(out / "model" / "model.safetensors")
     return {"out": out, "result": result, "weights": weights}
 
@@ -70,13 +71,13 @@ def test_training_lowers_loss_only_heads_change_and_logs(tiny_clip_dir, one_batc
 
     from modeling_vip2clip import ViP2CLIPModel
 
-    set_seed(111)  # what run_training does before building the model: the same initial heads
+    set_seed(111)  # what train does before building the model: the same initial heads
     initial = ViP2CLIPModel.from_clip(tiny_clip_dir, image_size=32, feature_layers=[1, 2], n_ctx=3, n_cls=2, top_k=5)
     initial_state = {k: v.clone() for k, v in initial.state_dict().items()}
 
     args = _args(tiny_clip_dir, one_batch_dir, tmp_path, "--epochs", "5", "--batch-size", "2", "--lr", "5e-3")
-    args.report_to = "tensorboard"
-    result = run_training(args)
+    args["report_to"] = "tensorboard"
+    result = train(**args)
     losses = [record["loss"] for record in result["history"]]
     assert len(losses) == 5  # one optimiser step per epoch, always the same batch
     assert losses[-1] < losses[0] - 1e-3, losses
@@ -134,7 +135,7 @@ def test_resume_after_epoch_1_matches_uninterrupted_run(reference_run, tiny_clip
     assert find_latest_checkpoint(out / "checkpoints").name == "epoch_1"
 
     shutil.rmtree(also_bad)
-    result = run_training(_args(tiny_clip_dir, data_dir, out, "--epochs", "2", "--batch-size", "3", "--resume"))
+    result = train(**_args(tiny_clip_dir, data_dir, out, "--epochs", "2", "--batch-size", "3", "--resume"))
     assert result["resumed_from"].endswith("epoch_1")
     assert [r["epoch"] for r in result["history"]] == [2, 2, 2]  # only epoch 2 ran again
     assert not half_written.exists()
@@ -151,14 +152,14 @@ def test_existing_checkpoints_need_resume_or_overwrite(reference_run, tiny_clip_
     out = tmp_path / "run"
     shutil.copytree(reference_run["out"], out)
     with pytest.raises(UsageError, match="already holds checkpoints; pass --resume"):
-        run_training(_args(tiny_clip_dir, data_dir, out, "--epochs", "2", "--batch-size", "3"))
+        train(**_args(tiny_clip_dir, data_dir, out, "--epochs", "2", "--batch-size", "3"))
 
 
 def test_feature_cache_gives_the_same_losses(reference_run, tiny_clip_dir, data_dir, tmp_path):
     cache_dir = tmp_path / "cache"
     args = _args(tiny_clip_dir, data_dir, tmp_path / "run", "--epochs", "2", "--batch-size", "3",
                  "--cache-features", str(cache_dir))
-    result = run_training(args)
+    result = train(**args)
     assert result["prepass_seconds"] > 0
     cached = [(r["loss"], r["pixel_loss"], r["image_loss"]) for r in result["history"]]
     plain = [(r["loss"], r["pixel_loss"], r["image_loss"]) for r in reference_run["result"]["history"]]
@@ -176,14 +177,14 @@ def test_feature_cache_gives_the_same_losses(reference_run, tiny_clip_dir, data_
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-    args.output_dir = str(tmp_path / "run2")
-    assert run_training(args)["prepass_seconds"] == 0
+    args["output_dir"] = str(tmp_path / "run2")
+    assert train(**args)["prepass_seconds"] == 0
     index["key"]["dataset"] = "something else"
     (cache_dir / "index.json").write_text(json.dumps(index))
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-    args.output_dir = str(tmp_path / "run3")
-    again = run_training(args)
+    args["output_dir"] = str(tmp_path / "run3")
+    again = train(**args)
     assert again["prepass_seconds"] > 0
     assert json.loads((cache_dir / "index.json").read_text())["key"]["dataset"] != "something else"
     assert [r["loss"] for r in again["history"]] == pytest.approx([c[0] for c in cached], abs=1e-6)
@@ -213,7 +214,7 @@ def test_nan_loss_stops_with_epoch_step_and_images(tiny_clip_dir, one_batch_dir,
     poisoned = _Poisoned(to_torch_dataset(dataset, ViP2CLIPImageProcessor(image_size=32)), bad={1})
     args = _args(tiny_clip_dir, one_batch_dir, tmp_path, "--epochs", "3", "--batch-size", "2")
     with pytest.raises(NonFiniteLossError) as error:
-        run_training(args, train_dataset=poisoned)
+        train(**args, train_dataset=poisoned)
     message = str(error.value)
     assert "epoch 1" in message and "step 1" in message
     assert dataset[1]["image_path"] in message and "index 1" in message
@@ -237,7 +238,7 @@ def test_final_model_loads_with_automodel_remote_code(reference_run):
 
 def test_two_cpu_processes_ddp_match_one_process(tiny_clip_dir, data_dir, tmp_path):
     """`accelerate launch` with 2 CPU processes x batch 2 = 1 process x batch 4 (same global batches)."""
-    single = run_training(_args(tiny_clip_dir, data_dir, tmp_path / "single", "--epochs", "1", "--batch-size", "4"))
+    single = train(**_args(tiny_clip_dir, data_dir, tmp_path / "single", "--epochs", "1", "--batch-size", "4"))
     completed = launch_two_cpu_processes(
         "modeling_vip2clip.cli.train", "--clip", str(tiny_clip_dir), *TINY, "--dataset", str(data_dir),
         "--output-dir", str(tmp_path / "ddp"), "--epochs", "1", "--batch-size", "2", "--num-workers", "0",

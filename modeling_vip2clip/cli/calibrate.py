@@ -1,5 +1,5 @@
 """`vip2clip calibrate`: the command line of `engine.calibration.calibrate` (what it computes and writes: that
-module's docstring)."""
+module's docstring). Several processes: `accelerate launch -m modeling_vip2clip.cli.calibrate ...`."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import argparse
 from typing import Sequence
 
 from ..data.options import add_schema_arguments
-from .options import add_common_arguments
+from .options import add_common_arguments, job_keywords
 
-__all__ = ["DESCRIPTION", "add_arguments", "build_parser", "main", "run"]
+__all__ = ["DESCRIPTION", "add_arguments", "build_parser", "job_arguments", "main", "run"]
 
 DESCRIPTION = ("Calibrate a model's decision thresholds on a labelled dataset (F1-max image and pixel thresholds) "
                "and save a copy of the model that carries them; zero-shot means no training on the target, "
@@ -29,7 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--dataset-name", default=None, help="name recorded in the calibration info (default: the folder's name or the id).")
     parser.add_argument("--streaming", action="store_true", help="stream the dataset instead of downloading it first.")
     add_schema_arguments(parser)
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu).")
+    parser.add_argument("--device", default=None,
+                        help="torch device (default: the process's GPU under accelerate launch, else cuda if "
+                        "available, else cpu).")
     add_common_arguments(parser, batch_size=8, output_dir=None, num_workers=2)
     return parser
 
@@ -38,16 +40,31 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return add_arguments(argparse.ArgumentParser(prog=prog or "vip2clip calibrate", description=DESCRIPTION))
 
 
+def job_arguments(args: argparse.Namespace) -> dict:
+    """The keyword arguments of `engine.calibration.calibrate` from this command's namespace."""
+    from dataclasses import fields
+
+    from ..engine.calibration import CalibrateOptions
+
+    return job_keywords(args, [f.name for f in fields(CalibrateOptions)])
+
+
 def run(args: argparse.Namespace) -> int:
     from ..errors import require_extra
     from ..console import setup_logging
+    from ..distributed import process_state, teardown_distributed
 
     for module in ("datasets", "sklearn", "scipy"):
         require_extra(module, "train", "vip2clip calibrate")
     setup_logging()
     from ..engine.calibration import calibrate
 
-    result = calibrate(args)
+    try:
+        result = calibrate(**job_arguments(args))
+        if not process_state().is_main_process:  # one summary, from the main process
+            return 0
+    finally:
+        teardown_distributed()
     pixel = ("unset (no masks)" if result["pixel_threshold"] is None else
              f"{result['pixel_threshold']:.6g} (pixel F1-max {result['pixel_f1_max']:.4f})")
     print(f"calibrated on {result['num_images']} images of {result['dataset']} ({result['num_normal']} normal, "

@@ -39,9 +39,9 @@ import argparse
 from typing import Sequence
 
 from ..data.options import add_schema_arguments
-from .options import add_common_arguments, non_negative_int, positive_int
+from .options import add_common_arguments, job_keywords, non_negative_int, positive_int
 
-__all__ = ["DESCRIPTION", "add_arguments", "build_parser", "run", "main"]
+__all__ = ["DESCRIPTION", "add_arguments", "build_parser", "job_arguments", "run", "main"]
 
 DESCRIPTION = ("Evaluate a ViP2-CLIP model zero-shot on an anomaly benchmark: per-category image/pixel metrics and "
                "their mean, as a markdown table and OUTPUT_DIR/results.json.")
@@ -91,6 +91,15 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return add_arguments(argparse.ArgumentParser(prog=prog or "vip2clip evaluate", description=DESCRIPTION))
 
 
+def job_arguments(args: argparse.Namespace) -> dict:
+    """The keyword arguments of `engine.evaluation.evaluate` from this command's namespace."""
+    from dataclasses import fields
+
+    from ..engine.evaluation import EvaluateOptions
+
+    return job_keywords(args, [f.name for f in fields(EvaluateOptions)])
+
+
 def run(args: argparse.Namespace) -> int:
     from ..errors import require_extra
     from ..resolve import resolve_source
@@ -102,9 +111,9 @@ def run(args: argparse.Namespace) -> int:
         require_extra("matplotlib", "train", "--save-maps (the ROC curves)")
     resolve_source(args.dataset, "--dataset", repo_type="dataset")  # fail fast, before the heavy imports
     resolve_source(args.model, "--model")
-    from ..engine.evaluation import run_evaluation
+    from ..engine.evaluation import evaluate
 
-    return run_job(run_evaluation, args)
+    return run_job(lambda namespace: evaluate(**job_arguments(namespace)), args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

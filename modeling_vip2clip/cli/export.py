@@ -1,5 +1,5 @@
 """`vip2clip export --model M --format onnx|openvino --out DIR [--int8 --calibration-dataset D]`: the command
-line of `deploy.export.export_model` (what the folder holds and why: that module's docstring)."""
+line of `deploy.export.export` (what the folder holds and why: that module's docstring)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,11 @@ import logging
 from typing import Sequence
 
 from ..data.options import add_schema_arguments, schema_options
-from ..deploy.export import DEFAULT_OPSET, export_model
-from ..deploy.exported_runtime import INFO_FILE, is_exported_folder
-from ..errors import UsageError
+from ..deploy.export import DEFAULT_OPSET, export
+from ..deploy.exported_runtime import INFO_FILE
 from .boundary import run_main
 
-__all__ = ["DESCRIPTION", "add_arguments", "run", "main"]
+__all__ = ["DESCRIPTION", "add_arguments", "job_arguments", "run", "main"]
 
 DESCRIPTION = "export a model to ONNX or OpenVINO (optionally INT8) for torch-free deployment"
 
@@ -41,28 +40,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def _run(args: argparse.Namespace) -> int:
-    if args.int8 and args.format != "openvino":
-        raise UsageError("--int8 needs --format openvino (the quantised graph is OpenVINO's)")
-    if args.int8 and args.calibration_dataset is None:
-        raise UsageError("--int8 needs --calibration-dataset D (a saved dataset, an image folder or a glob of images "
-                         "like the ones the model will see)")
-    if args.calibration_size < 1:
-        raise UsageError(f"--calibration-size {args.calibration_size} must be at least 1")
-    if args.calibration_dataset is not None and not args.int8:
-        raise UsageError("--calibration-dataset is only used with --int8; add --int8 or drop it")
-    if is_exported_folder(args.model):
-        raise UsageError(f"--model {args.model} is already an exported folder; export the torch model folder")
-    from ..weights.loader import load_model_and_processor
+def job_arguments(args: argparse.Namespace) -> dict:
+    """The keyword arguments of `deploy.export.export` from this command's namespace."""
+    return {"model": args.model, "out_dir": args.out, "format": args.format, "int8": args.int8,
+            "calibration_images": args.calibration_dataset, "calibration_size": args.calibration_size,
+            "calibration_options": {"split": args.calibration_split, **schema_options(args)},
+            "opset": args.opset, "overwrite": args.overwrite}
 
+
+def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    model, processor = load_model_and_processor(args.model, device="cpu")
-    out = export_model(
-        model, processor, args.out, format=args.format, int8=args.int8,
-        calibration_images=args.calibration_dataset, calibration_size=args.calibration_size, opset=args.opset,
-        calibration_options={"split": args.calibration_split, **schema_options(args)},
-        source=args.model, overwrite=args.overwrite,
-    )
+    out = export(**job_arguments(args))
     info = json.loads((out / INFO_FILE).read_text(encoding="utf-8"))
     summary = f"exported {args.model} to {out} ({info['format']}, {info['precision']}, {info['export_seconds']} s)"
     if "int8" in info:
@@ -71,10 +59,6 @@ def _run(args: argparse.Namespace) -> int:
                     f"{accuracy['map_pearson_min']}, max |Δscore| {accuracy['score_abs_diff_max']}")
     print(summary)
     return 0
-
-
-def run(args: argparse.Namespace) -> int:
-    return _run(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,8 +5,16 @@ from __future__ import annotations
 import argparse
 from typing import Any, Callable
 
-__all__ = ["positive_int", "non_negative_int", "probability", "positive_float", "add_common_arguments",
-           "add_debug_argument"]
+__all__ = ["positive_int", "non_negative_int", "probability", "positive_float", "MIXED_PRECISION_HELP",
+           "add_common_arguments", "add_debug_argument", "job_keywords"]
+
+#: What `--mixed-precision` means in predict, evaluate and calibrate (`weights.loader.precision_dtype`): the CLIP
+#: towers' weights, not autocast. `vip2clip train` keeps Accelerate's autocast (it needs fp32 master weights).
+MIXED_PRECISION_HELP = (
+    "no (default): fp32, like the reference; bf16 / fp16: the frozen CLIP towers are loaded in that precision "
+    "(from_pretrained(dtype=...)) while the ICA/FGP heads and the scoring stay fp32, as the demo's --dtype does; "
+    "bf16 is about 2x faster on CPUs with native bf16, scores within ~0.003 of fp32 (benchmarks/README.md)."
+)
 
 
 def _number_type(kind: type, name: str, check: Callable[[Any], bool]) -> Callable[[str], Any]:
@@ -37,6 +45,7 @@ def add_common_arguments(
     output_help: str = "where the results go",
     num_workers: int = 2,
     mixed_precision: bool = True,
+    mixed_precision_help: str = MIXED_PRECISION_HELP,
 ) -> argparse.ArgumentParser:
     """The options every data-processing entry point has: --batch-size, --num-workers, --output-dir,
     --mixed-precision, --no-progress and --debug, validated at parse time."""
@@ -49,7 +58,7 @@ def add_common_arguments(
         group.add_argument("--output-dir", default=output_dir, help=f"{output_help} (default: {output_dir}).")
     if mixed_precision:
         group.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no",
-                           help="autocast precision of the forward pass (default: no, fp32 like the reference).")
+                           help=mixed_precision_help)
     group.add_argument("--no-progress", action="store_true", help="hide the progress bars.")
     add_debug_argument(group)
     return parser
@@ -58,3 +67,13 @@ def add_common_arguments(
 def add_debug_argument(parser) -> None:
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback of an error (also VIP2CLIP_DEBUG=1).")
+
+
+def job_keywords(args: argparse.Namespace, names, **values) -> dict[str, Any]:
+    """The keyword arguments of a job's Python entry point from a command's namespace: each of `names` that the
+    namespace has, `progress` from `--no-progress`, then `values` (renamed or converted options)."""
+    keywords = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    if hasattr(args, "no_progress"):
+        keywords["progress"] = not args.no_progress
+    keywords.update(values)
+    return keywords

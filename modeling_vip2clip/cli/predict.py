@@ -44,9 +44,9 @@ import sys
 from typing import Sequence
 
 from ..data.options import add_schema_arguments
-from .options import add_common_arguments, probability
+from .options import add_common_arguments, job_keywords, probability
 
-__all__ = ["DESCRIPTION", "add_arguments", "build_parser", "run", "main"]
+__all__ = ["DESCRIPTION", "add_arguments", "build_parser", "job_arguments", "run", "main"]
 
 DESCRIPTION = ("Score images for anomalies with a ViP2-CLIP model: files, folders, globs, @lists or a dataset, "
                "streamed, resumable and multi-process; a CSV of (path, score, verdict, overlay) and an overlay (and "
@@ -95,6 +95,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return add_arguments(argparse.ArgumentParser(prog=prog or "vip2clip predict", description=DESCRIPTION))
 
 
+def job_arguments(args: argparse.Namespace) -> dict:
+    """The keyword arguments of `engine.prediction.predict` from this command's namespace."""
+    from ..engine.prediction import PredictOptions
+    from dataclasses import fields
+
+    return job_keywords(args, [f.name for f in fields(PredictOptions)], overlays=not args.no_overlays)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..errors import require_extra
     from ..console import setup_logging
@@ -103,10 +111,10 @@ def run(args: argparse.Namespace) -> int:
     if args.dataset:
         require_extra("datasets", "train", "--dataset")
     setup_logging()
-    from ..engine.prediction import run_prediction
+    from ..engine.prediction import predict
 
     try:
-        result = run_prediction(args)
+        result = predict(**job_arguments(args))
     finally:
         teardown_distributed()
     if "csv" not in result:  # not the main process of a distributed run
@@ -114,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     rate = result["scored"] / result["seconds"] if result["seconds"] > 0 else 0.0
     print(f"scored {result['scored']} images in {result['seconds']:.1f} s ({rate:.2f} images/s), skipped "
           f"{result['skipped']}; {result['csv']} holds {result['rows']} images, {result['anomalous']} anomalous at "
-          f"threshold {result['threshold']:g}", file=sys.stdout)
+          f"threshold {result['threshold']:g} ({result['threshold_source']})", file=sys.stdout)
     return 0 if result["rows"] else 1
 
 

@@ -1,7 +1,7 @@
 """Train the ViP²-CLIP heads (ICA + FGP) on an auxiliary anomaly dataset with 🤗 Accelerate: `vip2clip train`,
 or `accelerate launch -m modeling_vip2clip.cli.train` for several GPUs / machines. The method and its defaults are in
 docs/method.md §1 and §6; usage, outputs, resuming and distributed launches are in docs/training.md; the loop itself
-is `modeling_vip2clip.engine.training`."""
+is `modeling_vip2clip.engine.training.train` (`modeling_vip2clip.train` from Python)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import argparse
 from typing import Sequence
 
 from ..data.options import add_schema_arguments
-from .options import add_common_arguments, positive_float, positive_int
+from .options import add_common_arguments, job_keywords, positive_float, positive_int
 
-__all__ = ["DESCRIPTION", "add_arguments", "build_parser", "run", "main"]
+__all__ = ["DESCRIPTION", "add_arguments", "build_parser", "job_arguments", "run", "main"]
 
 DESCRIPTION = ("Train the ViP2-CLIP prompt heads (ICA, FGP) on an auxiliary anomaly dataset with Accelerate. Run it "
                "directly, or under `accelerate launch -m modeling_vip2clip.cli.train` for several GPUs / machines.")
@@ -68,7 +68,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
     add_schema_arguments(parser)
     add_common_arguments(parser, batch_size=8, output_dir="vip2clip-train",
-                         output_help="where checkpoints, logs and the final model go")
+                         output_help="where checkpoints, logs and the final model go",
+                         mixed_precision_help="Accelerate's autocast of the training forward: no (default, fp32 like "
+                         "the reference), bf16 or fp16; the weights stay fp32 (unlike predict / evaluate / calibrate, "
+                         "where it is the frozen towers' weight precision: training needs fp32 master weights).")
     run = parser.add_argument_group("checkpoints and logs")
     run.add_argument(
         "--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
@@ -100,6 +103,15 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return add_arguments(argparse.ArgumentParser(prog=prog or "vip2clip train", description=DESCRIPTION))
 
 
+def job_arguments(args: argparse.Namespace) -> dict:
+    """The keyword arguments of `engine.training.train` from this command's namespace."""
+    from dataclasses import fields
+
+    from ..engine.training import TrainOptions
+
+    return job_keywords(args, [f.name for f in fields(TrainOptions)])
+
+
 def run(args: argparse.Namespace) -> int:
     """`vip2clip train` once the arguments are parsed: logging, training, teardown."""
     from ..errors import require_extra
@@ -111,9 +123,9 @@ def run(args: argparse.Namespace) -> int:
     # Fail fast on a wrong source, before torch, transformers and Accelerate are even imported.
     resolve_source(args.clip or args.model, "--clip" if args.clip else "--model")
     resolve_source(args.dataset, "--dataset", repo_type="dataset")
-    from ..engine.training import run_training
+    from ..engine.training import train
 
-    return run_job(run_training, args)
+    return run_job(lambda namespace: train(**job_arguments(namespace)), args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""Export a ViP²-CLIP model for deployment: `vip2clip export --model M --format onnx|openvino --out DIR`.
+"""Export a ViP²-CLIP model for deployment: `vip2clip export --model M --format onnx|openvino --out DIR`, or from
+Python `export(model, out, format="onnx", ...)` (`modeling_vip2clip.export`).
 
     vip2clip export --model runs/mvtec/model --format onnx --out M-onnx
     vip2clip export --model runs/mvtec/model --format openvino --out M-ov-int8 \\
@@ -23,7 +24,6 @@ The folder written: the model (`model.onnx` [+ `model.onnx_data` over 2 GB] or `
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import os
 import platform
@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import UsageError, require_extra
+from ..files import atomic_write_json, atomic_write_text
 from ..resolve import looks_like_path
 from .exported_runtime import (
     INFO_FILE,
@@ -53,7 +54,7 @@ logger = logging.getLogger("modeling_vip2clip.deploy.export")
 __all__ = [
     "DEFAULT_OPSET",
     "INT8_IGNORED_PATTERNS",
-    "export_model",
+    "export",
     "load_calibration_images",
     "accuracy_figures",
     "quantize_int8",
@@ -286,10 +287,11 @@ def _readme(info: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def export_model(
+def export(
     model,
-    processor,
     out_dir: Any,
+    *,
+    processor=None,
     format: str = "onnx",
     int8: bool = False,
     calibration_images: Any = None,
@@ -304,7 +306,8 @@ def export_model(
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Export `model` (a float32 `ViP2CLIPModel` on CPU) and its processor to `out_dir`; returns the folder.
+    """Export `model` (a model folder or Hub id, loaded in float32 on CPU; or a loaded float32 `ViP2CLIPModel` on
+    CPU with its `processor`) to `out_dir`; returns the folder.
 
     Args:
         format: "onnx" (ONNX Runtime) or "openvino" (OpenVINO IR, f32 weights).
@@ -315,11 +318,16 @@ def export_model(
         calibration_options: for a dataset, the keywords of `data.load_anomaly_dataset` (`split`, the columns and
             `normal_labels` of `data.schema_options`): it is opened like every command opens a dataset.
         opset: ONNX opset of the traced graph.
+        source: recorded in export_info.json (default: the folder / Hub id given as `model`).
         external_data: ONNX weights in a separate file; `None` = only when over protobuf's 2 GB.
         int8_ignored_patterns: NNCF node-name patterns kept in floating point (default `INT8_IGNORED_PATTERNS`).
         int8_advanced_parameters: keyword arguments of `nncf.AdvancedQuantizationParameters` (e.g.
             `{"smooth_quant_alpha": 0.5}`), for experiments.
     """
+    if calibration_size < 1:
+        raise UsageError(f"--calibration-size {calibration_size} must be at least 1")
+    if calibration_images is not None and not int8:
+        raise UsageError("--calibration-dataset is only used with --int8; add --int8 or drop it")
     import torch
 
     if format not in ("onnx", "openvino"):
@@ -340,8 +348,19 @@ def export_model(
             images = load_calibration_images(calibration_images, calibration_size + accuracy_images,
                                              **(calibration_options or {}))
         else:
-            calibration_source = f"{len(calibration_images)} images passed to export_model"
+            calibration_source = f"{len(calibration_images)} images passed to export"
             images = list(calibration_images)
+    if isinstance(model, (str, os.PathLike)):
+        if is_exported_folder(str(model)):
+            raise UsageError(f"--model {model} is already an exported folder; export the torch model folder")
+        from ..weights.loader import job_model_and_processor
+
+        source = str(model) if source is None else source
+        model, processor = job_model_and_processor(str(model), processor, device="cpu")
+    elif processor is None:
+        from ..weights.loader import job_model_and_processor
+
+        model, processor = job_model_and_processor(model)
     parameter = next(model.parameters())
     if parameter.dtype != torch.float32 or parameter.device.type != "cpu":
         raise UsageError(f"the model is {parameter.dtype} on {parameter.device}; export a float32 model on CPU "
@@ -415,8 +434,6 @@ def export_model(
     model.config.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     shutil.copyfile(Path(__file__).with_name("exported_runtime.py"), out_dir / RUNTIME_FILE)
-    with open(out_dir / INFO_FILE, "w", encoding="utf-8") as handle:
-        json.dump(info, handle, indent=2)
-        handle.write("\n")
-    (out_dir / "README.md").write_text(_readme(info), encoding="utf-8")
+    atomic_write_json(out_dir / INFO_FILE, info)
+    atomic_write_text(out_dir / "README.md", _readme(info))
     return out_dir

@@ -1,4 +1,5 @@
 """`vip2clip calibrate --model M --dataset D [--categories ...] --out M2`: thresholds that travel with the model.
+From Python: `calibrate(model, dataset, out, *, categories=None, ...)` (`modeling_vip2clip.calibrate`).
 
     vip2clip calibrate --model runs/mvtec/model --dataset my_labelled_set --out runs/mvtec/model-calibrated
     vip2clip predict --model runs/mvtec/model-calibrated /data/line3/      # uses the calibrated thresholds
@@ -23,24 +24,52 @@ beside M2 and renamed into place. The pattern is anomalib's post-processor: thre
 Zero-shot means that the model was never *trained* on the target domain; nothing here trains either. Calibrating
 the two thresholds on a few labelled target images is the user's explicit choice (a handful of normal and
 anomalous images, with masks for the pixel threshold, is enough to place a threshold); without it the model
-keeps the uncalibrated default of 0.5. Memory: the anomaly maps of the images that enter the pixel threshold are
+keeps the uncalibrated default of 0.5. Under `accelerate launch` the images are sharded over the processes
+(`distributed.process_state`, as in predict) and their scores gathered on every process; the main one writes M2.
+Memory: the anomaly maps of the images that enter the pixel threshold are
 kept (S² float32 each, ~1 MB at 518 px), so calibrate on hundreds of images, not on a whole production line.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import logging
+import os
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Sequence
 
 from ..errors import UsageError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["calibrate"]
+__all__ = ["CalibrateOptions", "calibrate"]
+
+
+@dataclass
+class CalibrateOptions:
+    """The options of :func:`calibrate` (each one a `vip2clip calibrate` flag of the same name; `progress` is the
+    negation of `--no-progress`)."""
+
+    model: Any
+    dataset: str
+    out: str | os.PathLike
+    overwrite: bool = False
+    split: str = "test"
+    categories: Sequence[str] | None = None
+    dataset_name: str | None = None
+    streaming: bool = False
+    image_column: str = "image"
+    label_column: str = "label"
+    mask_column: str = "mask"
+    category_column: str = "category"
+    normal_label: Sequence[str] | None = None
+    device: str | None = None
+    batch_size: int = 8
+    num_workers: int = 2
+    mixed_precision: str = "no"
+    progress: bool = True
 
 
 def _dataset_name(args) -> str:
@@ -62,9 +91,13 @@ def _check_out(args, model_source: str) -> Path:
     return out
 
 
-def calibrate(args: argparse.Namespace, model=None, processor=None) -> dict:
-    """Score the dataset, compute the thresholds and write `--out`; returns the calibration info (with the
-    thresholds under `image_threshold` / `pixel_threshold`)."""
+def calibrate(model, dataset: str, out: str | os.PathLike, *, processor=None, **options) -> dict:
+    """Score the labelled `dataset` (a saved/converted folder, raw benchmark folder, parquet folder or Hub id) with
+    `model` (a model folder or Hub id, or a loaded model with its `processor`), compute the F1-max thresholds and
+    write the calibrated copy of the model to `out`. `options` are :class:`CalibrateOptions` (the flags of
+    `vip2clip calibrate`). Returns the calibration info with the thresholds under `image_threshold` /
+    `pixel_threshold` (on every process of a distributed run; the main one writes `out`)."""
+    args = CalibrateOptions(model=model, dataset=dataset, out=out, **options)
     import numpy as np
     import torch
     from tqdm.auto import tqdm
@@ -72,37 +105,37 @@ def calibrate(args: argparse.Namespace, model=None, processor=None) -> dict:
     from ..post_processing.metrics import f1_max_threshold, pixel_f1_max_threshold
     from ..data import load_anomaly_dataset, schema_options
     from ..data.transforms import RowImages, SampleTransform, StreamImages, dataset_rows, make_loader
+    from ..distributed import process_state
     from ..weights.folder import save_model_folder
-    from ..weights.loader import load_model_and_processor
+    from ..weights.loader import job_model_and_processor, load_model_and_processor, model_name, precision_dtype
     from ..resolve import resolve_source
 
-    source = resolve_source(args.model, "--model")
+    from_path = isinstance(model, (str, os.PathLike))
+    source = resolve_source(str(model), "--model") if from_path else ""
     out = _check_out(args, source)
     dataset = load_anomaly_dataset(args.dataset, args.split, args.categories, streaming=args.streaming,
                                    **schema_options(args))
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if model is None:
-        model, processor = load_model_and_processor(args.model, device=device)
-    model = model.to(device).eval()
+    procs = process_state()
+    device = torch.device(args.device or procs.device)  # Accelerate's: this process's GPU, else the CPU
+    model, processor = job_model_and_processor(model, processor, device=device, mixed_precision=args.mixed_precision)
     prepare = SampleTransform(processor, with_masks=True)
     if args.streaming:
-        scored, total = StreamImages(dataset, set(), 0, 1, prepare), None
+        scored, total = StreamImages(dataset, set(), procs.process_index, procs.num_processes, prepare), None
     else:
         ids, keys = dataset_rows(dataset)
-        scored, total = RowImages(dataset, range(len(ids)), ids, keys, prepare), len(ids)
+        mine = list(range(len(ids)))[procs.process_index::procs.num_processes]
+        scored, total = RowImages(dataset, mine, [ids[i] for i in mine], [keys[i] for i in mine], prepare), len(mine)
     loader = make_loader(scored, args.batch_size, args.num_workers, pin_memory=device.type == "cuda")
-    autocast = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
 
     labels, scores, categories, skipped = [], [], [], []
     pixel_maps, pixel_masks = [], []
     with_mask = 0
     for batch in tqdm(loader, total=None if total is None else math.ceil(total / args.batch_size), unit="batch",
-                      desc="calibrating", disable=args.no_progress):
+                      desc="calibrating", disable=not args.progress or not procs.is_main_process):
         skipped.extend(batch["bad"])
         if not batch["items"]:
             continue
-        precision = contextlib.nullcontext() if autocast is None else torch.autocast(device.type, dtype=autocast)
-        with torch.inference_mode(), precision:
+        with torch.inference_mode():
             output = model(pixel_values=batch["pixel_values"].to(device))
         for item, score, anomaly_map, mask in zip(batch["items"], output.anomaly_score.float().cpu().tolist(),
                                                   output.anomaly_map.float().cpu(), batch["masks"]):
@@ -119,8 +152,16 @@ def calibrate(args: argparse.Namespace, model=None, processor=None) -> dict:
                 pixel_maps.append(anomaly_map.numpy())
                 pixel_masks.append(mask.numpy())
                 with_mask += int(item["label"] == 1)
-    for item_id, reason in skipped:
-        print(f"skipped {item_id}: {reason}", file=sys.stderr)
+    if procs.num_processes > 1:  # every process gets every shard's results (and raises the same errors)
+        from accelerate.utils import gather_object
+
+        shards = gather_object([(labels, scores, categories, skipped, pixel_maps, pixel_masks, with_mask)])
+        labels, scores, categories, skipped = ([x for shard in shards for x in shard[i]] for i in range(4))
+        pixel_maps, pixel_masks = ([x for shard in shards for x in shard[i]] for i in (4, 5))
+        with_mask = sum(shard[6] for shard in shards)
+    if procs.is_main_process:
+        for item_id, reason in skipped:
+            print(f"skipped {item_id}: {reason}", file=sys.stderr)
 
     labels_array = np.asarray(labels, dtype=np.int64)
     num_normal, num_anomalous = int((labels_array == 0).sum()), int((labels_array == 1).sum())
@@ -151,13 +192,18 @@ def calibrate(args: argparse.Namespace, model=None, processor=None) -> dict:
         "image_f1_max": float(image_f1),
         "pixel_f1_max": None if pixel_f1 is None else float(pixel_f1),
         "method": "F1-max thresholds (modeling_vip2clip.post_processing.metrics.f1_max_threshold / pixel_f1_max_threshold)",
-        "calibrated_from": str(args.model),
+        "calibrated_from": model_name(args.model),
     }
+    if procs.is_main_process and from_path and precision_dtype(args.mixed_precision) is not None:
+        # Scored with reduced-precision towers; the copy keeps the model's own fp32 weights and config.
+        model, _ = load_model_and_processor(source)
     config = model.config
     config.image_threshold = float(image_threshold)
     config.pixel_threshold = None if pixel_threshold is None else float(pixel_threshold)
     config.calibration = info
-    # M's weights byte for byte (a local M), the config rewritten, staged beside --out and renamed into place.
-    save_model_folder(model, processor, out, source_folder=source)
+    if procs.is_main_process:
+        # M's weights byte for byte (a local M), the config rewritten, staged beside --out and renamed into place.
+        save_model_folder(model, processor, out, source_folder=source)
+    procs.wait_for_everyone()
     return {**info, "image_threshold": config.image_threshold, "pixel_threshold": config.pixel_threshold}
 

@@ -17,7 +17,6 @@ from typing import Any
 
 from ..errors import UsageError
 from ..files import atomic_write_json
-from ..console import test_pause
 
 __all__ = [
     "TRAINER_STATE",
@@ -136,7 +135,6 @@ def save_checkpoint(accelerator, checkpoint_root: Path, epoch: int, trainer_stat
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_write_json(tmp / TRAINER_STATE, trainer_state)  # written last: marks the folder complete
-        test_pause("VIP2CLIP_TEST_PAUSE_IN_CHECKPOINT", epoch)  # test-only, no-op unless set
         if final.exists():  # re-training over an old run (--overwrite-output-dir)
             old = checkpoint_root / f"epoch_{epoch}.old"
             os.replace(final, old)

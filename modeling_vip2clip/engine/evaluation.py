@@ -1,13 +1,13 @@
 """The evaluation loop (docs/method.md §1, §7): score a benchmark with a model, shard it over Accelerate's processes,
 keep every batch in the resumable store, then compute per-category metrics and write the report.
 
-`run_evaluation(args)` takes the options of `vip2clip evaluate` (`modeling_vip2clip.cli.evaluate`, whose docstring
-describes `results.json`).
+`evaluate(model, dataset, output_dir, *, categories=None, save_maps=False, resume=False, k_shot=0, ...)` is the job
+behind `vip2clip evaluate` (`modeling_vip2clip.cli.evaluate`, whose docstring describes `results.json`), also
+callable from Python (`modeling_vip2clip.evaluate`).
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import os
@@ -16,21 +16,50 @@ import shutil
 import sys
 import warnings
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from .results_store import PARTIAL_DIR, PartialResults
 from ..errors import UsageError
-from ..files import atomic_write_json, atomic_write_text
+from ..files import atomic_save, atomic_write_json, atomic_write_text
 from ..distributed import check_distributed_setup
-from ..console import test_pause
 
 logger = logging.getLogger("modeling_vip2clip.cli.evaluate")
 
-__all__ = ["compute_results", "run_evaluation"]
+__all__ = ["EvaluateOptions", "compute_results", "evaluate"]
+
+
+@dataclass
+class EvaluateOptions:
+    """The options of :func:`evaluate` (each one a `vip2clip evaluate` flag of the same name; `progress` is the
+    negation of `--no-progress`)."""
+
+    model: Any
+    dataset: str
+    output_dir: str | os.PathLike = "vip2clip-eval"
+    split: str = "test"
+    categories: Sequence[str] | None = None
+    dataset_name: str | None = None
+    save_maps: bool = False
+    pro_mode: str = "exact"
+    resume: bool = False
+    max_batches: int | None = None
+    k_shot: int = 0
+    shot_seeds: Sequence[int] = (0,)
+    reference_split: str = "train"
+    image_column: str = "image"
+    label_column: str = "label"
+    mask_column: str = "mask"
+    category_column: str = "category"
+    normal_label: Sequence[str] | None = None
+    batch_size: int = 8
+    num_workers: int = 2
+    mixed_precision: str = "no"
+    progress: bool = True
 
 
 def _collate_keep_bad(rows: list[dict]) -> dict:
@@ -84,9 +113,7 @@ def _save_overlays(output_dir: Path, raw_dataset, processor, batch: dict, maps: 
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / f"{_safe_name(Path(batch['image_path'][position]).with_suffix('').as_posix())}.png"
         # Atomic: in a distributed run the samples Accelerate repeats to even out the last batch are written twice.
-        tmp = target.with_name(f".{target.stem}.{os.getpid()}.tmp.png")
-        overlay.save(tmp)
-        os.replace(tmp, target)
+        atomic_save(target, lambda handle: overlay.save(handle, format="PNG"))
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation
@@ -179,9 +206,9 @@ def _score_pass(args, accelerator, model, processor, dataset, partial: PartialRe
                                          collate_fn=_collate_keep_bad, num_workers=args.num_workers)
     loader = accelerator.prepare(loader)
     run_number = partial.next_run_number()
-    progress = tqdm(loader, desc="evaluating", disable=args.no_progress or not accelerator.is_local_main_process)
+    progress = tqdm(loader, desc="evaluating", disable=not args.progress or not accelerator.is_local_main_process)
     for batch_number, batch in enumerate(progress, start=1):
-        with torch.no_grad(), accelerator.autocast():
+        with torch.no_grad():  # --mixed-precision: the towers' weights (weights.loader.precision_dtype), no autocast
             scores, maps = _forward(model, batch["pixel_values"], batch["category"], banks)
         scores, maps = scores.float(), maps.float()
         # A NaN/inf output (e.g. an image whose pixels break the model) is reported, not fed to the metrics.
@@ -208,7 +235,6 @@ def _score_pass(args, accelerator, model, processor, dataset, partial: PartialRe
                 {"category": [s[0] for s in strings], "image_path": [s[1] for s in strings],
                  "error": [s[2] for s in strings]},
             )
-            test_pause("VIP2CLIP_TEST_PAUSE_AFTER_BATCH", batch_number)  # test-only, no-op unless set
         if args.max_batches is not None and batch_number >= args.max_batches:
             if batch_number < len(loader):
                 accelerator.wait_for_everyone()
@@ -232,14 +258,20 @@ def _mean_and_std(runs: list[dict[str, dict[str, float]]]) -> tuple[dict, dict]:
     return mean, std
 
 
-def run_evaluation(args: argparse.Namespace, model=None, processor=None) -> dict[str, Any] | None:
-    """Evaluate with the options of `vip2clip evaluate`. Returns the results dict (as written to results.json),
-    or None when `--max-batches` stopped the run early (the partial results stay for `--resume`).
+def evaluate(model, dataset: str, output_dir: str | os.PathLike = "vip2clip-eval", *, processor=None,
+             **options) -> dict[str, Any] | None:
+    """Evaluate `model` (a model folder or Hub id, or a loaded model with its `processor`) on `dataset` (a raw
+    benchmark folder, a converted/saved folder, parquet files or a Hub id), writing `results.json` / `results.md`
+    (and with `save_maps=True` the overlays and ROC curves) to `output_dir`. `options` are
+    :class:`EvaluateOptions` (the flags of `vip2clip evaluate`). Returns the results dict (as written to
+    results.json) on the main process, None on the others or when `max_batches` stopped the run early (the partial
+    results stay for `resume=True`).
 
-    With `--k-shot K` every seed of `--shot-seeds` is one pass with per-category reference banks of K normal
-    images drawn from `--reference-split` (`references.draw_references`); `per_category` / `mean` are then the
+    With `k_shot=K` every seed of `shot_seeds` is one pass with per-category reference banks of K normal
+    images drawn from `reference_split` (`references.draw_references`); `per_category` / `mean` are then the
     means over the seeds, with their standard deviations beside them, and each seed's own results are kept.
     """
+    args = EvaluateOptions(model=model, dataset=dataset, output_dir=output_dir, **options)
     from accelerate import Accelerator
 
     from ..data import load_anomaly_dataset, schema_options
@@ -247,7 +279,7 @@ def run_evaluation(args: argparse.Namespace, model=None, processor=None) -> dict
     from ..post_processing.metrics import METRIC_KEYS
     from .references import build_category_banks, draw_references
     from .report import format_markdown_table, plot_roc_curves
-    from ..weights.loader import load_model_and_processor
+    from ..weights.loader import job_model_and_processor, model_name
     from ..resolve import resolve_source
 
     if args.batch_size < 1:
@@ -259,17 +291,14 @@ def run_evaluation(args: argparse.Namespace, model=None, processor=None) -> dict
         raise UsageError(f"--reference-split {reference_split}: the references must come from another split than "
                          f"the evaluated --split {args.split}; pass e.g. --reference-split train.")
     dataset_source = resolve_source(args.dataset, "--dataset", repo_type="dataset")
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    # Accelerate's mixed precision is autocast; --mixed-precision here means the towers' weights (one meaning in
+    # predict, evaluate and calibrate: cli.options.MIXED_PRECISION_HELP).
+    accelerator = Accelerator()
     logger.setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
     check_distributed_setup(accelerator)
     output_dir = Path(args.output_dir)
-    if model is None:
-        model, processor = load_model_and_processor(args.model)
-    elif processor is None:
-        from ..processing_vip2clip import ViP2CLIPProcessor
-
-        processor = ViP2CLIPProcessor.for_model(model.config)
-    model = model.to(accelerator.device).eval()
+    model, processor = job_model_and_processor(model, processor, device=accelerator.device,
+                                               mixed_precision=args.mixed_precision)
 
     dataset, report = load_anomaly_dataset(dataset_source, split=args.split, categories=args.categories,
                                            return_report=True, **schema_options(args))
@@ -280,7 +309,7 @@ def run_evaluation(args: argparse.Namespace, model=None, processor=None) -> dict
     if num_samples == 0:
         raise UsageError(f"--dataset {args.dataset} (--split {args.split}): no samples; check the split and "
                          "--categories names.")
-    meta = {"model": str(args.model), "dataset": dataset_fingerprint(dataset), "num_samples": num_samples,
+    meta = {"model": model_name(args.model), "dataset": dataset_fingerprint(dataset), "num_samples": num_samples,
             "split": args.split, "image_size": model.config.image_size}
 
     passes = []  # (seed or None, partial store, meta, banks, references as image paths)
@@ -324,7 +353,7 @@ def run_evaluation(args: argparse.Namespace, model=None, processor=None) -> dict
         results = {
             "dataset": _dataset_name(args),
             "split": args.split,
-            "model": str(args.model),
+            "model": model_name(args.model),
             "pro_mode": args.pro_mode,
             "k_shot": k_shot,
             "num_samples": num_samples,

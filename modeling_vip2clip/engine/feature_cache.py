@@ -38,6 +38,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..files import atomic_write_text
+
 logger = logging.getLogger("modeling_vip2clip.engine.feature_cache")
 
 __all__ = [
@@ -146,9 +148,7 @@ class FeatureCache:
             return None
 
     def _write_index(self, index: dict[str, Any]) -> None:
-        tmp = self.index_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, self.index_path)
+        atomic_write_text(self.index_path, json.dumps(index, indent=2, sort_keys=True) + "\n")
 
     def is_valid(self, key: dict[str, Any]) -> bool:
         """True when the folder holds a complete cache built with exactly this key."""

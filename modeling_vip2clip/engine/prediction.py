@@ -1,4 +1,6 @@
-"""The batch-prediction loop behind `vip2clip predict` (`modeling_vip2clip.cli.predict` is its command line).
+"""The batch-prediction job behind `vip2clip predict` (`modeling_vip2clip.cli.predict` is its command line):
+`predict(model, inputs, output_dir, *, threshold=None, save_maps="none", resume=False, ...)`, also callable from
+Python (`modeling_vip2clip.predict`).
 
 Streaming: the inputs (a list of file names, or the rows of a `datasets` dataset) go through a
 `torch.utils.data.DataLoader` whose workers decode and preprocess; the main process runs the model and hands the
@@ -12,7 +14,8 @@ write, is ignored and cut off), skips the inputs already there and appends the r
 and resumed holds every input exactly once. Unreadable inputs are retried by a resumed run and listed again in
 `skipped.csv` if they still fail.
 
-Distributed (`accelerate launch`): the remaining inputs are sharded over the processes (`inputs[rank::world]`);
+Distributed (`accelerate launch`): the processes are Accelerate's (`distributed.process_state`, as in calibrate);
+the remaining inputs are sharded over them (`inputs[rank::world]`);
 process r writes `predictions.part-<r>.csv` (and `skipped.part-<r>.csv`), and at the end the main process appends
 the parts' rows to `predictions.csv` (skipping any input already there, so an interrupted merge is harmless) and
 deletes them. A resumed run reads the parts like the main CSV, whatever its number of processes.
@@ -20,7 +23,6 @@ deletes them. A resumed run reads the parts like the main CSV, whatever its numb
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import os
@@ -28,7 +30,9 @@ import sys
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 
@@ -36,71 +40,82 @@ from ..data.images import collect_inputs
 from ..data.transforms import FileImages, RowImages, SampleTransform, StreamImages, dataset_rows, make_loader
 from .prediction_files import PredictionFiles
 from .results_csv import PREDICTIONS_CSV, SKIPPED_CSV, CsvLog, done_ids, merge_parts, part_files, read_csv_rows
-from ..errors import UsageError, require_extra
-from ..distributed import check_distributed_setup
-from ..console import test_pause
+from ..errors import UsageError
+from ..distributed import process_state
 
 logger = logging.getLogger("modeling_vip2clip.cli.predict")
 
 __all__ = [
     "PREDICTIONS_CSV",
     "SKIPPED_CSV",
+    "PredictOptions",
     "read_csv_rows",
-    "run_prediction",
+    "predict",
 ]
 
 
 
-# ---------------------------------------------------------------------------------------------------- processes
+@dataclass
+class PredictOptions:
+    """The options of :func:`predict` (each one a `vip2clip predict` flag of the same name; `overlays` and `progress`
+    are the negations of `--no-overlays` / `--no-progress`)."""
 
-
-class _Processes:
-    """This process's place in an `accelerate launch` job (Accelerate's `PartialState`), or alone."""
-
-    def __init__(self):
-        self.state = None
-        self.rank, self.world, self.device = 0, 1, None
-        if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-            require_extra("accelerate", "train", "a multi-process `vip2clip predict` (accelerate launch)")
-            from accelerate import PartialState
-            from accelerate.utils import parse_flag_from_env
-
-            # As Accelerator does: ACCELERATE_USE_CPU=true runs the processes on CPUs (gloo).
-            self.state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-            check_distributed_setup(self.state)
-            self.rank, self.world, self.device = self.state.process_index, self.state.num_processes, self.state.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.state is not None:
-            self.state.wait_for_everyone()
-
-
-_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    model: Any
+    inputs: Sequence[str] = ()
+    output_dir: str | os.PathLike = "vip2clip-predictions"
+    dataset: str | None = None
+    split: str = "test"
+    categories: Sequence[str] | None = None
+    streaming: bool = False
+    image_column: str = "image"
+    label_column: str = "label"
+    mask_column: str = "mask"
+    category_column: str = "category"
+    normal_label: Sequence[str] | None = None
+    threshold: float | None = None
+    pixel_threshold: float | None = None
+    device: str | None = None
+    overlays: bool = True
+    save_maps: str = "none"
+    save_masks: bool = False
+    resume: bool = False
+    references: str | None = None
+    batch_size: int = 8
+    num_workers: int = 2
+    mixed_precision: str = "no"
+    progress: bool = True
 
 
 # ---------------------------------------------------------------------------------------------------- the loop
 
 
-def run_prediction(args: argparse.Namespace, model=None, processor=None) -> dict:
-    """Score the inputs of `args` (the options of `vip2clip predict`). Returns, on the main process,
-    `{"csv", "rows", "anomalous", "scored", "skipped", "seconds", "threshold"}` (this run's counts and scoring
-    time, model loading excluded; `rows` and `anomalous` over the whole CSV); on the other processes of a distributed run, `{"rank": r}`."""
+def predict(model, inputs: Sequence[str] = (), output_dir: str | os.PathLike = "vip2clip-predictions", *,
+            processor=None, **options) -> dict:
+    """Score `inputs` (image files, folders, glob patterns, `@LIST` files) or `dataset=` (a saved/converted folder,
+    raw benchmark folder, parquet folder or Hub id) with `model` (a model folder or Hub id, or a loaded model with
+    its `processor`), writing `predictions.csv`, `skipped.csv` and the overlays / maps / masks to `output_dir`.
+
+    `options` are :class:`PredictOptions` (the flags of `vip2clip predict`: `threshold`, `pixel_threshold`,
+    `save_maps="png"|"npy"`, `save_masks`, `resume`, `references`, `batch_size`, `mixed_precision`, ...).
+    Returns, on the main process, `{"csv", "rows", "anomalous", "scored", "skipped", "skipped_rows", "seconds",
+    "threshold", "threshold_source", "pixel_threshold", "pixel_threshold_source"}` (this run's counts and scoring
+    time, model loading excluded; `rows` and `anomalous` over the whole CSV; the sources say where each threshold
+    came from: "option", "calibrated" or "default", `ViP2CLIPConfig.resolve_threshold`); on the other processes
+    of a distributed run, `{"rank": r}`.
+    """
+    args = PredictOptions(model=model, inputs=list(inputs or []), output_dir=output_dir, **options)
     from tqdm.auto import tqdm
 
-    from ..weights.loader import load_model_and_processor
+    from ..weights.loader import job_model_and_processor
     from ..resolve import resolve_source
 
-    inputs = list(getattr(args, "inputs", None) or [])
+    inputs = list(args.inputs)
     if bool(inputs) == bool(args.dataset):
         raise UsageError("give either INPUT files/folders/globs or --dataset ID_OR_PATH (not both, not neither); "
                          "e.g. `vip2clip predict --model M photos/` or `--dataset org/name --split test`.")
-    if model is None:
-        resolve_source(args.model, "--model")  # fail fast, before any data is opened
-    procs = _Processes()
+    if isinstance(model, (str, os.PathLike)):
+        resolve_source(str(model), "--model")  # fail fast, before any data is opened
+    procs = process_state()
     output_dir = Path(args.output_dir)
 
     problems: list[tuple[str, str]] = []
@@ -115,14 +130,8 @@ def run_prediction(args: argparse.Namespace, model=None, processor=None) -> dict
         if not args.streaming:
             ids, keys = dataset_rows(dataset)
 
-    device = torch.device(args.device or procs.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if model is None:
-        model, processor = load_model_and_processor(args.model, device=device, dtype=_DTYPES[args.mixed_precision])
-    elif processor is None:
-        from ..processing_vip2clip import ViP2CLIPProcessor
-
-        processor = ViP2CLIPProcessor.for_model(model.config)
-    model = model.to(device).eval()
+    device = torch.device(args.device or procs.device)  # Accelerate's: this process's GPU, else the CPU
+    model, processor = job_model_and_processor(model, processor, device=device, mixed_precision=args.mixed_precision)
     # The dtype the model's first layer takes (an exported ONNX / OpenVINO model takes float32).
     input_dtype = model.clip.vision_model.embeddings.patch_embedding.weight.dtype if hasattr(model, "clip") else torch.float32
     reference_bank = None
@@ -132,58 +141,56 @@ def run_prediction(args: argparse.Namespace, model=None, processor=None) -> dict
         reference_bank = load_reference_bank(model, processor, args.references, batch_size=args.batch_size).to(device)
     extra = {} if reference_bank is None else {"reference_bank": reference_bank}
     config = model.config
-    threshold = args.threshold if args.threshold is not None else (
-        config.image_threshold if getattr(config, "image_threshold", None) is not None else 0.5)
-    pixel_threshold = args.pixel_threshold if args.pixel_threshold is not None else (
-        config.pixel_threshold if getattr(config, "pixel_threshold", None) is not None else 0.5)
-    outputs = PredictionFiles(output_dir, processor, overlays=not args.no_overlays, maps=args.save_maps,
+    threshold, threshold_source = config.resolve_threshold("image", args.threshold)
+    pixel_threshold, pixel_threshold_source = config.resolve_threshold("pixel", args.pixel_threshold)
+    outputs = PredictionFiles(output_dir, processor, overlays=args.overlays, maps=args.save_maps,
                        masks=args.save_masks, pixel_threshold=pixel_threshold)
     header = outputs.header()
 
     # Every process reads what is done before the main process touches any file.
     done = done_ids(output_dir, header) if args.resume and output_dir.is_dir() else set()
-    procs.barrier()
-    if procs.is_main:
+    procs.wait_for_everyone()
+    if procs.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         stale = [*part_files(output_dir, "skipped"), output_dir / SKIPPED_CSV]  # rebuilt: skipped inputs are retried
         if not args.resume:
             stale += [output_dir / PREDICTIONS_CSV, *part_files(output_dir, "predictions")]
         for path in stale:
             path.unlink(missing_ok=True)
-    procs.barrier()
-    suffix = "" if procs.world == 1 else f".part-{procs.rank:05d}"
+    procs.wait_for_everyone()
+    suffix = "" if procs.num_processes == 1 else f".part-{procs.process_index:05d}"
     predictions = CsvLog(output_dir / (PREDICTIONS_CSV.replace(".csv", f"{suffix}.csv")), header)
     skipped = CsvLog(output_dir / (SKIPPED_CSV.replace(".csv", f"{suffix}.csv")), ["path", "reason"])
-    if procs.is_main and problems:
+    if procs.is_main_process and problems:
         skipped.write(problems)
         for path, reason in problems:
             print(f"skipped {path}: {reason}", file=sys.stderr)
 
     prepare = SampleTransform(processor, with_masks=False, keep_image=outputs.overlays)
     if args.dataset and args.streaming:
-        dataset, total = StreamImages(dataset, done, procs.rank, procs.world, prepare), None
+        dataset, total = StreamImages(dataset, done, procs.process_index, procs.num_processes, prepare), None
     else:
         remaining = [index for index, item_id in enumerate(ids) if item_id not in done]
-        mine = remaining[procs.rank::procs.world]
+        mine = remaining[procs.process_index::procs.num_processes]
         if inputs:
             dataset = FileImages([items[i] for i in mine], prepare)
         else:
             dataset = RowImages(dataset, mine, [ids[i] for i in mine], [keys[i] for i in mine], prepare)
         total = len(mine)
-        if done and procs.is_main:
+        if done and procs.is_main_process:
             logger.info("resuming: %d inputs already in %s, %d to go", len(ids) - len(remaining), output_dir, len(remaining))
     # Not pinned: pinning would also copy the full-size originals kept for the overlays.
     loader = make_loader(dataset, args.batch_size, args.num_workers)
     started = time.perf_counter()  # the scoring time (images/s), model loading excluded
 
-    progress = tqdm(total=total, unit="img", desc="predicting" if procs.world == 1 else f"predicting (process 0 of {procs.world})",
-                    disable=args.no_progress or not procs.is_main, dynamic_ncols=True)
+    progress = tqdm(total=total, unit="img", desc="predicting" if procs.num_processes == 1 else f"predicting (process 0 of {procs.num_processes})",
+                    disable=not args.progress or not procs.is_main_process, dynamic_ncols=True)
     # Threads suffice: PNG encoding and numpy release the GIL. PNGs use zlib level 1 (the maps' overlays hardly
     # compress better at 6, which costs several times the time).
     writers = min(8, max(2, (os.cpu_count() or 2) // 2))
     pool = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="vip2clip-outputs") if outputs.needs_files else None
     pending: deque = deque()
-    counts = {"scored": 0, "skipped": 0, "batches": 0}
+    counts = {"scored": 0, "skipped": 0}
 
     def write_oldest() -> None:
         rows_, bad, count = pending.popleft()
@@ -192,9 +199,7 @@ def run_prediction(args: argparse.Namespace, model=None, processor=None) -> dict
         skipped.write(bad)
         counts["scored"] += len(finished)
         counts["skipped"] += len(bad)
-        counts["batches"] += 1
         progress.update(count)
-        test_pause("VIP2CLIP_TEST_PAUSE_AFTER_BATCH", counts["batches"])  # test-only, no-op unless set
 
     try:
         for batch in loader:
@@ -229,9 +234,9 @@ def run_prediction(args: argparse.Namespace, model=None, processor=None) -> dict
         skipped.close()
     seconds = time.perf_counter() - started
 
-    procs.barrier()
-    if not procs.is_main:
-        return {"rank": procs.rank}
+    procs.wait_for_everyone()
+    if not procs.is_main_process:
+        return {"rank": procs.process_index}
     merge_parts(output_dir, "predictions", header)
     merge_parts(output_dir, "skipped", ["path", "reason"])
     _, final_rows = read_csv_rows(output_dir / PREDICTIONS_CSV)
@@ -248,4 +253,7 @@ def run_prediction(args: argparse.Namespace, model=None, processor=None) -> dict
         "skipped_rows": skipped_rows,
         "seconds": seconds,
         "threshold": threshold,
+        "threshold_source": threshold_source,
+        "pixel_threshold": pixel_threshold,
+        "pixel_threshold_source": pixel_threshold_source,
     }

@@ -1,17 +1,19 @@
 """The training loop of the ViP²-CLIP heads (ICA + FGP) under 🤗 Accelerate (docs/method.md §6, docs/training.md).
 
-`run_training(args)` takes the options of `vip2clip train` (`modeling_vip2clip.cli.train`); the pieces it relies on
+`train(dataset, output_dir, *, clip=... | model=..., epochs=10, ...)` is the job behind `vip2clip train`
+(`modeling_vip2clip.cli.train`), also callable from Python (`modeling_vip2clip.train`); the pieces it relies on
 live under their own names: checkpoints in `checkpointing`, the backbone-feature cache and its pre-pass in
 `feature_cache`, the model loader in `weights.loader`.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
+import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -30,12 +32,51 @@ from ..distributed import check_distributed_setup
 from ..weights.folder import save_model_folder
 from ..weights.loader import load_model_and_processor
 from ..resolve import resolve_source
-from ..console import test_pause
 
 logger = logging.getLogger("modeling_vip2clip.cli.train")
 
-__all__ = ["NonFiniteLossError", "EpochShuffleSampler", "PAPER_MODEL_OPTIONS", "model_options_from_args",
-           "load_training_model", "run_training"]
+__all__ = ["NonFiniteLossError", "EpochShuffleSampler", "PAPER_MODEL_OPTIONS", "TrainOptions", "model_options_from_args",
+           "load_training_model", "train"]
+
+
+@dataclass
+class TrainOptions:
+    """The options of :func:`train` (each one a `vip2clip train` flag of the same name; `progress` is the negation
+    of `--no-progress`). `clip` or `model` (not both) says where the run starts; `image_size` ... `top_k` apply
+    with `clip` (None: the paper's, `PAPER_MODEL_OPTIONS`). `mixed_precision` is Accelerate's autocast of the
+    training forward (the fp32 master weights stay fp32), unlike the weight precision of predict / evaluate /
+    calibrate."""
+
+    dataset: str | None = None
+    output_dir: str | os.PathLike = "vip2clip-train"
+    clip: str | None = None
+    model: str | None = None
+    image_size: int | None = None
+    feature_layers: Sequence[int] | None = None
+    n_ctx: int | None = None
+    n_cls: int | None = None
+    top_k: int | None = None
+    split: str = "test"
+    categories: Sequence[str] | None = None
+    epochs: int = 10
+    lr: float = 1e-3
+    fgp_lr_scale: float = 0.01
+    gradient_accumulation_steps: int = 1
+    seed: int = 111
+    image_column: str = "image"
+    label_column: str = "label"
+    mask_column: str = "mask"
+    category_column: str = "category"
+    normal_label: Sequence[str] | None = None
+    batch_size: int = 8
+    num_workers: int = 2
+    mixed_precision: str = "no"
+    progress: bool = True
+    resume: str | None = None
+    overwrite_output_dir: bool = False
+    cache_features: str | None = None
+    cache_dtype: str = "float32"
+    report_to: str = "tensorboard"
 
 
 class NonFiniteLossError(UsageError):
@@ -142,23 +183,38 @@ def _tracker_config(args) -> dict[str, Any]:
     return config
 
 
-def run_training(
-    args: argparse.Namespace,
-    model: nn.Module | None = None,
+def train(
+    dataset: str | None = None,
+    output_dir: str | os.PathLike = "vip2clip-train",
+    *,
+    clip: str | None = None,
+    model: Any = None,
     processor: Any | None = None,
     train_dataset: Any | None = None,
+    **options,
 ) -> dict[str, Any]:
-    """Train with the options of :func:`build_parser`; returns a summary dict.
+    """Train the ICA/FGP heads on `dataset` (a raw benchmark folder, a converted/saved folder, parquet files or a
+    Hub id), starting from `clip` (a transformers CLIP id or folder: heads initialised at random, seeded) or
+    `model` (a ViP2-CLIP model folder / Hub id, or a loaded model with its `processor`); checkpoints, logs and the
+    final model go to `output_dir`. `options` are :class:`TrainOptions` (the flags of `vip2clip train`).
 
-    `model`/`processor` replace the ones `--clip`/`--model` would load (benchmarks, tests); `train_dataset`
-    replaces the torch dataset built from `--dataset` (any map-style dataset yielding the rows of
-    `modeling_vip2clip.data.TorchAnomalyDataset`; the feature cache needs the `--dataset` one).
+    `train_dataset` replaces the torch dataset built from `dataset` (benchmarks, tests: any map-style dataset
+    yielding the rows of `modeling_vip2clip.data.TorchAnomalyDataset`; the feature cache needs `dataset`).
 
-    Summary: `history` (one entry per optimiser step of this invocation: epoch, step, loss, pixel_loss,
+    Returns: `history` (one entry per optimiser step of this invocation: epoch, step, loss, pixel_loss,
     image_loss), `epochs` (per epoch: mean losses and seconds, including those restored from a checkpoint),
     `global_step`, `prepass_seconds`, `model_dir`, `resumed_from`, `skipped` (the unusable samples met: index,
-    image_path, reason).
+    image_path, reason) and `model` (the trained model).
     """
+    given = None if model is None or isinstance(model, (str, os.PathLike)) else model
+    args = TrainOptions(dataset=dataset, output_dir=output_dir, clip=clip,
+                        model=None if model is None or given is not None else str(model), **options)
+    model = given
+    if model is None and bool(args.clip) == bool(args.model):
+        raise UsageError("train: give either clip= (--clip, a CLIP checkpoint to start from) or model= (--model, a "
+                         "ViP2-CLIP model to fine-tune), not both, not neither.")
+    if train_dataset is None and args.dataset is None:
+        raise UsageError("train: give the training data, dataset= (--dataset ID_OR_PATH).")
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
@@ -234,7 +290,7 @@ def run_training(
         cache, prepass_seconds = build_feature_cache(
             accelerator, model, processor, dataset, train_dataset, directory, batch_size=args.batch_size,
             num_workers=args.num_workers, cache_dtype=args.cache_dtype, collate_fn=SkipBadCollate(),
-            dataset_fp=dataset_fp, show_progress=not args.no_progress,
+            dataset_fp=dataset_fp, show_progress=args.progress,
         )
         loader_dataset = CachedFeatureDataset(cache, image_paths=dataset["image_path"])
         collate = collate_cached
@@ -295,7 +351,7 @@ def run_training(
             batches = 0
             progress = tqdm(
                 loader, desc=f"epoch {epoch + 1}/{args.epochs}",
-                disable=args.no_progress or not accelerator.is_local_main_process,
+                disable=not args.progress or not accelerator.is_local_main_process,
             )
             for batch_number, batch in enumerate(progress, start=1):
                 for item in batch.get("bad_samples", ()):
@@ -353,7 +409,6 @@ def run_training(
                     if log_with:
                         accelerator.log({k: record[k] for k in ("loss", "pixel_loss", "image_loss")}, step=global_step)
                     progress.set_postfix(loss=f"{record['loss']:.4f}", step=global_step)
-                    test_pause("VIP2CLIP_TEST_PAUSE_AFTER_STEP", global_step)  # test-only, no-op unless set
             seconds = time.perf_counter() - epoch_started
             means = sums / max(batches, 1)
             if accelerator.num_processes > 1:
@@ -397,7 +452,8 @@ def run_training(
         final_model = accelerator.unwrap_model(step_module).model
         save_model_folder(final_model, processor, model_dir)
         atomic_write_json(output_dir / "train_summary.json", {
-            "args": vars(args), "epochs": epoch_log, "global_step": global_step,
+            "args": {**vars(args), "model": args.model or (None if given is None else type(given).__name__)},
+            "epochs": epoch_log, "global_step": global_step,
             "prepass_seconds": prepass_seconds, "resumed_from": str(resume_dir) if resume_dir else None,
             "num_processes": accelerator.num_processes, "model_dir": str(model_dir),
             "num_skipped": len(skipped_list), "skipped": skipped_list,

@@ -5,7 +5,21 @@ from __future__ import annotations
 from ..errors import UsageError
 from ..resolve import _hub_error_reason, resolve_source
 
-__all__ = ["load_model_and_processor"]
+__all__ = ["precision_dtype", "load_model_and_processor", "job_model_and_processor",
+           "model_name"]
+
+def precision_dtype(mixed_precision: str | None):
+    """`--mixed-precision` no / bf16 / fp16 → the dtype the CLIP towers are loaded in (None: fp32).
+
+    One meaning in predict, evaluate and calibrate (`cli.options.MIXED_PRECISION_HELP`): weights, not autocast —
+    the bf16 load is the CPU fast path (benchmarks/README.md) and what the demo's `--dtype bf16` does, so a command
+    and the demo give the same numbers; the heads stay fp32 (`ViP2CLIPModel._keep_in_fp32_modules_strict`)."""
+    import torch
+
+    choices = {None: None, "no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if mixed_precision not in choices:
+        raise UsageError(f"--mixed-precision {mixed_precision!r}: use no, bf16 or fp16.")
+    return choices[mixed_precision]
 
 
 def load_model_and_processor(source: str, device=None, dtype=None, flag: str = "--model"):
@@ -49,3 +63,40 @@ def load_model_and_processor(source: str, device=None, dtype=None, flag: str = "
                          f"the model takes {model.config.image_size}; re-save the processor with "
                          f"ViP2CLIPImageProcessor.for_model(model.config).save_pretrained(...).")
     return model, processor
+
+
+def job_model_and_processor(model, processor=None, *, device=None, mixed_precision: str | None = "no",
+                            flag: str = "--model"):
+    """The model and processor a job (predict, evaluate, calibrate, export) works with, from what its Python entry
+    point was given: a model folder or Hub id is loaded by :func:`load_model_and_processor` in the precision of
+    `mixed_precision` (:func:`precision_dtype`); a loaded model is used as it is (its processor: `processor`,
+    else `ViP2CLIPProcessor.for_model(model.config)`), in eval mode, on `device` when given."""
+    import os
+
+    if isinstance(model, (str, os.PathLike)):
+        loaded, loaded_processor = load_model_and_processor(str(model), device=device,
+                                                            dtype=precision_dtype(mixed_precision), flag=flag)
+        return loaded, processor if processor is not None else loaded_processor
+    if mixed_precision not in (None, "no"):
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "mixed_precision=%r applies when the job loads the model from a folder or Hub id; the model passed in is "
+            "used in its own precision (load it with from_pretrained(..., dtype=torch.bfloat16) for bf16).",
+            mixed_precision)
+    if processor is None:
+        from ..processing_vip2clip import ViP2CLIPProcessor
+
+        processor = ViP2CLIPProcessor.for_model(model.config)
+    if device is not None:
+        model = model.to(device)
+    return model.eval(), processor
+
+
+def model_name(model) -> str:
+    """What a job records as its model: the folder / Hub id it was given, else the loaded model's `name_or_path`."""
+    import os
+
+    if isinstance(model, (str, os.PathLike)):
+        return str(model)
+    return str(getattr(model, "name_or_path", "") or type(model).__name__)
