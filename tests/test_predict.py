@@ -292,13 +292,13 @@ def test_memory_does_not_grow_with_the_number_of_images(tiny_model_dir, tmp_path
 # ---------------------------------------------------------------------------------------------------- kills
 
 
-# Each batch ends with two CSV writes (its predictions, its skipped inputs): pausing after call 2N of this pauses
-# right after batch N is on disk (tests/paused_run.py).
+# A fresh run writes the two CSVs' headers, then ends each batch with two CSV writes (its predictions, its skipped
+# inputs): pausing after call 2 + 2N of this pauses right after batch N is on disk (tests/paused_run.py).
 CSV_WRITE = "modeling_vip2clip.engine.results_csv:CsvLog.write"
 
 
 def _pause_after_batch(batch: int) -> dict:
-    return {"VIP2CLIP_TEST_PAUSE": f"{CSV_WRITE}@{2 * batch}:60"}
+    return {"VIP2CLIP_TEST_PAUSE": f"{CSV_WRITE}@{2 + 2 * batch}:60"}
 
 
 def _start(argv: list, log: Path, pause: dict | None = None) -> subprocess.Popen:
