@@ -78,8 +78,9 @@ def _resolve_hub_id(repo_id: str, flag: str, repo_type: str, need: str) -> str:
     offline = constants.HF_HUB_OFFLINE
     if offline:
         if not cached:
-            raise UsageError(f"{flag} {repo_id}: HF_HUB_OFFLINE=1 and this {repo_type} is not in the local cache; "
-                             "unset HF_HUB_OFFLINE to download it, or pass a local folder.")
+            raise UsageError(f"{flag} {repo_id}: {_no_folder(repo_id)}, and HF_HUB_OFFLINE=1 with this Hub "
+                             f"{repo_type} not in the local cache; check the path, or unset HF_HUB_OFFLINE to "
+                             "download it.")
         return _cached_copy(repo_id, repo_type)
     from huggingface_hub import HfApi
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
