@@ -48,7 +48,10 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError("--calibration-dataset is only used with --int8; add --int8 or drop it")
     if is_exported_folder(args.model):
         raise UsageError(f"--model {args.model} is already an exported folder; export the torch model folder")
+    from ..run_folder import check_apart
     from ..weights.loader import load_model_and_processor
+
+    check_apart(args.out, [args.model], "--out")  # before loading: --out X --model X fails in a second
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     model, processor = load_model_and_processor(args.model, device="cpu")

@@ -126,10 +126,10 @@ def load_calibration_images(source: Any, count: int, seed: int = 0) -> list:
             dataset = load_anomaly_dataset(path, split="all", progress=False)
         dataset = without_decoding(dataset)  # decode only the rows drawn
         rows = sorted(rng.sample(range(len(dataset)), min(count, len(dataset))))
-        images = []
-        for value in dataset.select(rows)["image"]:
-            images.append(_open_image(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]))
-        return images
+        values = dataset.select(rows)["image"]
+        return _readable(source, [(value.get("path") or f"row {row}",
+                                   io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
+                                  for row, value in zip(rows, values)])
     extensions = _image_extensions()
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
@@ -143,7 +143,23 @@ def load_calibration_images(source: Any, count: int, seed: int = 0) -> list:
     if not files:
         raise UsageError(f"--calibration-dataset {source}: no image files found; point it at a folder of images")
     files = sorted(rng.sample(files, min(count, len(files))))
-    return [_open_image(file) for file in files]
+    return _readable(source, [(str(file), file) for file in files])
+
+
+def _readable(source: Any, named: list) -> list:
+    """The images of `named` ((name, file) pairs) that decode; the others are reported by name and skipped (one
+    unreadable calibration image never ends an export), none readable is a usage error."""
+    images, skipped = [], []
+    for name, file in named:
+        try:
+            images.append(_open_image(file))
+        except (OSError, ValueError, SyntaxError) as error:  # PIL's decode errors (truncated, not an image, bomb)
+            skipped.append(name)
+            logger.warning("skipped calibration image %s: %s", name, " ".join(str(error).split())[:160])
+    if not images:
+        raise UsageError(f"--calibration-dataset {source}: none of its {len(named)} images could be read (e.g. "
+                         f"{skipped[0] if skipped else '?'}); point it at readable images")
+    return images
 
 
 # ---------------------------------------------------------------------------------------------- export steps
@@ -353,16 +369,40 @@ def export_model(
     if parameter.dtype != torch.float32 or parameter.device.type != "cpu":
         raise UsageError(f"the model is {parameter.dtype} on {parameter.device}; export a float32 model on CPU "
                          "(load it with dtype=torch.float32, device='cpu')")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise UsageError(f"--out {out_dir} exists and is not empty; pass --overwrite or choose a new folder")
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     image_size = int(model.config.image_size)
     if int(processor.image_size) != image_size:
         raise UsageError(f"the processor's image_size {processor.image_size} differs from the model's {image_size}")
+    from ..run_folder import claim_output_folder, model_identity, move_into_place, staging_folder
 
+    # Owned output folder (run_folder.py): never the model's folder; --overwrite removes only what an export wrote;
+    # everything is staged inside it and renamed into place, so a failed export leaves nothing that blocks a rerun.
+    manifest = {"written_by": "vip2clip export",
+                "model": model_identity(source) if source is not None else {"source": type(model).__name__},
+                "inputs": {"calibration": str(calibration_images) if isinstance(calibration_images, (str, os.PathLike))
+                           else None},
+                "options": {"format": format, "int8": int8, "opset": opset, "calibration_size": calibration_size}}
+    folder = claim_output_folder(out_dir, manifest, overwrite=overwrite, model_dirs=[source], flag="--out",
+                                 can_resume=False, writes=(ONNX_FILE, ONNX_DATA_FILE, OPENVINO_FILE, "openvino_model.bin",
+                                                           "config.json", "preprocessor_config.json", INFO_FILE,
+                                                           "README.md", RUNTIME_FILE))
+    final_dir = folder.path
+    out_dir = staging_folder(folder)
+    try:
+        _export_into(model, processor, out_dir, format, int8, calibration_images, calibration_size, opset, source,
+                     external_data, int8_ignored_patterns, int8_advanced_parameters, accuracy_images, progress,
+                     image_size)
+        move_into_place(folder, out_dir)
+        folder.finish()
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        folder.release()
+    return final_dir
+
+
+def _export_into(model, processor, out_dir: Path, format, int8, calibration_images, calibration_size, opset, source,
+                 external_data, int8_ignored_patterns, int8_advanced_parameters, accuracy_images, progress,
+                 image_size) -> None:
+    """The export itself, written into `out_dir` (the staging folder)."""
     model.eval()
     fast_path = getattr(model, "cpu_onednn_vision", True)
     model.cpu_onednn_vision = False  # the mkldnn ops of the CPU fast path have no ONNX form
@@ -432,4 +472,3 @@ def export_model(
         json.dump(info, handle, indent=2)
         handle.write("\n")
     (out_dir / "README.md").write_text(_readme(info), encoding="utf-8")
-    return out_dir

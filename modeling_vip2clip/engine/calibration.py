@@ -51,21 +51,36 @@ def _dataset_name(args) -> str:
     return path.resolve().name if path.exists() else str(args.dataset)
 
 
-def _check_out(args, model_source: str) -> Path:
-    out = Path(args.out).expanduser()
-    if out.exists() and Path(model_source).exists() and out.resolve() == Path(model_source).resolve():
-        raise UsageError(f"--out {args.out}: is the --model folder itself; pass another folder (the original stays "
-                         "uncalibrated).")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {args.out}: is a file; pass a folder.")
-    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
-        raise UsageError(f"--out {args.out}: exists and is not empty; pass --overwrite to replace it, or another folder.")
-    return out
+def _claim_out(args, model_source: str):
+    """`--out`, claimed (run_folder.py): never the model folder, inside it or around it; a folder with files
+    only with --overwrite, which then removes only what vip2clip wrote there."""
+    from ..run_folder import claim_output_folder, model_identity
+
+    manifest = {"written_by": "vip2clip calibrate", "model": model_identity(model_source),
+                "inputs": {"dataset": str(args.dataset), "split": args.split, "categories": args.categories},
+                "options": {}}
+    # Without a manifest (a folder from an older version), --overwrite removes only model-folder names.
+    writes = ["config.json", "model*.safetensors*", "preprocessor_config.json", "*_vip2clip.py", "README.md"]
+    if Path(model_source).is_dir():
+        writes += [entry.name for entry in Path(model_source).iterdir()]
+    return claim_output_folder(args.out, manifest, overwrite=args.overwrite, writes=writes,
+                               model_dirs=[model_source, args.model], flag="--out", can_resume=False)
 
 
 def calibrate(args: argparse.Namespace, model=None, processor=None) -> dict:
     """Score the dataset, compute the thresholds and write `--out`; returns the calibration info (with the
     thresholds under `image_threshold` / `pixel_threshold`)."""
+    from ..resolve import resolve_source
+
+    source = resolve_source(args.model, "--model")
+    folder = _claim_out(args, source)
+    try:
+        return _calibrate(args, source, folder, model, processor)
+    finally:
+        folder.release()
+
+
+def _calibrate(args, source: str, folder, model, processor) -> dict:
     import numpy as np
     import torch
     from tqdm.auto import tqdm
@@ -74,10 +89,7 @@ def calibrate(args: argparse.Namespace, model=None, processor=None) -> dict:
     from ..data.dataset_parts import open_dataset_parts
     from ..data.streams import Prepare, RowImages, StreamImages, dataset_rows, make_loader
     from ..weights.loader import load_model_and_processor
-    from ..resolve import resolve_source
 
-    source = resolve_source(args.model, "--model")
-    out = _check_out(args, source)
     parts = open_dataset_parts(
         args.dataset, args.split, image_column=args.image_column, label_column=args.label_column,
         mask_column=args.mask_column, category_column=args.category_column, categories=args.categories,
@@ -164,27 +176,27 @@ def calibrate(args: argparse.Namespace, model=None, processor=None) -> dict:
     config.image_threshold = float(image_threshold)
     config.pixel_threshold = None if pixel_threshold is None else float(pixel_threshold)
     config.calibration = info
-    _write_model_folder(source, out, model, processor)
+    _write_model_folder(source, folder, model, processor)
     return {**info, "image_threshold": config.image_threshold, "pixel_threshold": config.pixel_threshold}
 
 
-def _write_model_folder(source: str, out: Path, model, processor) -> None:
-    """M's folder copied to a temporary folder beside `out`, its config rewritten, renamed into place (a model
-    loaded from the Hub without a local copy is saved with save_pretrained instead)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+def _write_model_folder(source: str, folder, model, processor) -> None:
+    """M's folder copied to a staging folder inside `--out`, its config rewritten, each entry renamed into place
+    (a model loaded from the Hub without a local copy is saved with save_pretrained instead)."""
+    from ..run_folder import LOCK_FILE, MANIFEST_FILE, move_into_place, staging_folder
+
+    staged = staging_folder(folder)
     try:
+        tmp = staged / "model"
         if Path(source).is_dir():
-            shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(".cache", ".git"))
+            shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(".cache", ".git", ".staging-*", MANIFEST_FILE,
+                                                                       LOCK_FILE))
             model.config.save_pretrained(tmp)  # config.json only: the weights stay byte for byte
         else:
             model.save_pretrained(tmp)
         if not (tmp / "preprocessor_config.json").is_file():
             processor.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        move_into_place(folder, tmp)
+        folder.finish()
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
