@@ -233,6 +233,28 @@ def _mean_and_std(runs: list[dict[str, dict[str, float]]]) -> tuple[dict, dict]:
 
 
 def run_evaluation(args: argparse.Namespace, model=None, processor=None) -> dict[str, Any] | None:
+    # ---- owned output folder (run_folder.py, docs/reliability.md): manifest + lock, on the main process only ----
+    from ..run_folder import claim_output_folder, model_identity
+
+    folder = None
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        manifest = {"written_by": "vip2clip evaluate", "model": model_identity(args.model) if model is None else
+                    {"source": type(model).__name__},
+                    "inputs": {"dataset": str(args.dataset), "split": args.split, "categories": args.categories},
+                    "options": {key: getattr(args, key, None) for key in (
+                        "k_shot", "shot_seeds", "reference_split", "mixed_precision", "pro_mode")}}
+        folder = claim_output_folder(args.output_dir, manifest, resume=args.resume,
+                                     overwrite=getattr(args, "overwrite", False), model_dirs=[args.model],
+                                     writes=("results.md", "results.json", "roc_curves.png", "maps", PARTIAL_DIR))
+    try:
+        return _run_evaluation(args, model, processor)
+    finally:
+        if folder is not None:
+            folder.release()
+    # ---- end of the owned output folder block ----
+
+
+def _run_evaluation(args: argparse.Namespace, model=None, processor=None) -> dict[str, Any] | None:
     """Evaluate with the options of `vip2clip evaluate`. Returns the results dict (as written to results.json),
     or None when `--max-batches` stopped the run early (the partial results stay for `--resume`).
 

@@ -87,6 +87,31 @@ _DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def run_prediction(args: argparse.Namespace, model=None, processor=None) -> dict:
+    # ---- owned output folder (run_folder.py, docs/reliability.md): manifest + lock, on the main process only ----
+    from ..run_folder import claim_output_folder, model_identity
+
+    folder = None
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        inputs = [item if item.startswith("@") or not os.path.exists(item) else os.path.abspath(item)
+                  for item in (getattr(args, "inputs", None) or [])]
+        manifest = {"written_by": "vip2clip predict", "model": model_identity(args.model) if model is None else
+                    {"source": type(model).__name__},
+                    "inputs": inputs or {"dataset": args.dataset, "split": args.split, "categories": args.categories},
+                    "options": {key: getattr(args, key, None) for key in (
+                        "threshold", "pixel_threshold", "no_overlays", "save_maps", "save_masks", "references",
+                        "mixed_precision")}}
+        folder = claim_output_folder(args.output_dir, manifest, resume=args.resume,
+                                     overwrite=getattr(args, "overwrite", False), model_dirs=[args.model],
+                                     writes=("predictions*.csv", "skipped*.csv", "overlays", "maps", "masks"))
+    try:
+        return _run_prediction(args, model, processor)
+    finally:
+        if folder is not None:
+            folder.release()
+    # ---- end of the owned output folder block ----
+
+
+def _run_prediction(args: argparse.Namespace, model=None, processor=None) -> dict:
     """Score the inputs of `args` (the options of `vip2clip predict`). Returns, on the main process,
     `{"csv", "rows", "anomalous", "scored", "skipped", "seconds", "threshold"}` (this run's counts and scoring
     time, model loading excluded; `rows` and `anomalous` over the whole CSV); on the other processes of a distributed run, `{"rank": r}`."""
@@ -108,6 +133,9 @@ def run_prediction(args: argparse.Namespace, model=None, processor=None) -> dict
     problems: list[tuple[str, str]] = []
     if inputs:
         items, problems = collect_inputs(inputs)
+        if not items:  # before the model is loaded: nothing to score is a usage error, not an empty CSV
+            raise UsageError("no image to score: " + "; ".join(f"{path}: {reason}" for path, reason in problems[:5])
+                             + "; pass image files, folders holding images, or glob patterns that match some.")
         ids = [path for path, _ in items]
     else:
         parts = open_dataset_parts(

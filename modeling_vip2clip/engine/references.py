@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import UsageError
+from ..errors import UsageError, explain
 
 logger = logging.getLogger("modeling_vip2clip.engine.references")
 
@@ -95,7 +95,12 @@ def load_reference_bank(model, processor, source: str, batch_size: int = 8):
         try:
             return ViP2CLIPReferenceBank.load(source, model=model)
         except ValueError as error:
-            raise UsageError(f"--references {source}: {error}") from error
+            raise UsageError(f"--references {source}: {error}") from None
+        except Exception as error:  # noqa: BLE001 - a truncated / foreign file is one line naming it
+            known = explain(error, path=source, what="--references: cannot read the bank")
+            if known is None:
+                raise
+            raise known from None
     files = _image_files(str(source))
     if not files:
         raise UsageError(f"--references {source}: no image files there; pass a folder or a glob of normal "
