@@ -198,7 +198,7 @@ class ViP2CLIPConfig(PretrainedConfig):
         # Finite floats and sane sizes, checked before any tensor is allocated: a hand-edited `NaN` would only
         # fail at the first forward, a hidden_size of 10**7 would allocate gigabytes before the weights are read.
         for name in ("temperature", "blur_sigma", "blur_truncate", "init_std", "focal_gamma", "loss_smooth",
-                     "dice_smooth", "mask_threshold", "image_threshold", "pixel_threshold"):
+                     "dice_smooth", "mask_threshold"):  # the two thresholds: their [0, 1] check below
             value = getattr(self, name)
             if value is not None and (not isinstance(value, (int, float)) or value != value or value in (
                     float("inf"), float("-inf"))):

@@ -11,7 +11,7 @@ that changes the results differs, `overwrite` that removes only what the package
         folder.release()
 
 The manifest (`MANIFEST_FILE`, JSON) says what wrote the folder (command, package version, time), the model's
-identity (its source and the SHA-256 of its config and weight files), the inputs' identity and the options that
+identity (its source and fingerprints of its config and weight files), the inputs' identity and the options that
 change the results, and every top-level entry the package wrote there (`writes`). The lock (`LOCK_FILE`, an
 `flock` held for the run) refuses a second run into the same folder; the kernel drops it when the holder dies,
 so a killed run never blocks the next one. Staging folders of a killed run (`.staging-*`, export's `.traced`) are
@@ -36,7 +36,7 @@ from .errors import FolderInUseError, OutputFolderError, sentence
 from .files import apply_umask, atomic_write_json
 
 __all__ = ["MANIFEST_FILE", "LOCK_FILE", "OutputFolder", "claim_output_folder", "check_apart", "model_identity",
-           "file_sha256", "staging_folder", "move_into_place"]
+           "file_fingerprint", "staging_folder", "move_into_place"]
 
 logger = logging.getLogger("modeling_vip2clip")
 
@@ -47,30 +47,39 @@ _WEIGHT_FILES = ("model.safetensors", "model.onnx", "model.onnx_data", "openvino
                  "pytorch_model.bin")
 
 
+_WHOLE = 8 << 20  # files up to 8 MiB are hashed whole; larger ones by size, head and tail
+
+
 @functools.lru_cache(maxsize=256)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
+def _fingerprint(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256(str(size).encode())
     with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
+        if size <= _WHOLE:
+            digest.update(handle.read())
+        else:  # a weight file: its header (names, shapes, offsets) and first and last MiB of values
+            digest.update(handle.read(1 << 20))
+            handle.seek(size - (1 << 20))
+            digest.update(handle.read())
     return digest.hexdigest()
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file (memoised per path, size and modification time: a model is hashed once per process)."""
+def file_fingerprint(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's size and bytes (whole up to 8 MiB, else its first and last MiB: a 1.7 GB model is
+    told apart in milliseconds, not seconds; memoised per path, size and modification time)."""
     stat = os.stat(path)
-    return _sha256(os.fspath(path), stat.st_size, stat.st_mtime_ns)
+    return _fingerprint(os.fspath(path), stat.st_size, stat.st_mtime_ns)
 
 
 def model_identity(source: str | os.PathLike) -> dict:
-    """What identifies a model for a resume: the SHA-256 of its `config.json` and weight files when it is a local
+    """What identifies a model for a resume: fingerprints of its `config.json` and weight files when it is a local
     folder (so the same model under another path matches, and an edited one does not); else the Hub id."""
     folder = Path(source)
     identity: dict[str, Any] = {"source": str(source)}
     if folder.is_dir():
         files = ["config.json", *_WEIGHT_FILES]
         files += sorted(p.name for p in folder.glob("model-*.safetensors"))
-        identity["sha256"] = {name: file_sha256(folder / name) for name in files if (folder / name).is_file()}
+        identity["fingerprints"] = {name: file_fingerprint(folder / name) for name in files
+                                    if (folder / name).is_file()}
     return identity
 
 
@@ -172,7 +181,8 @@ def _differences(previous: dict, current: dict) -> list[str]:
     if previous.get("written_by") != current.get("written_by"):
         found.append(f"it was written by {previous.get('written_by')!r}, not {current.get('written_by')!r}")
     old_model, new_model = previous.get("model") or {}, current.get("model") or {}
-    if (old_model.get("sha256") or old_model.get("source")) != (new_model.get("sha256") or new_model.get("source")):
+    if (old_model.get("fingerprints") or old_model.get("source")) != (
+            new_model.get("fingerprints") or new_model.get("source")):
         found.append(f"another model (was {old_model.get('source')}, now {new_model.get('source')})")
     if previous.get("inputs") != current.get("inputs"):
         found.append("other inputs")

@@ -32,7 +32,6 @@ import argparse
 import contextlib
 import logging
 import math
-import os
 import shutil
 import sys
 from pathlib import Path
