@@ -554,9 +554,16 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path, caplog, dam
     if damage == "truncated weights":
         data = (newest / "model.safetensors").read_bytes()
         (newest / "model.safetensors").write_bytes(data[:-10])
-    elif damage == "corrupt optimizer":
+    elif damage == "corrupt optimizer":  # one flipped bit in a tensor's stored bytes: only its CRC tells
+        import zipfile
+
+        with zipfile.ZipFile(newest / "optimizer.bin") as archive:
+            member = next(info for info in archive.infolist() if "/data/" in info.filename)
         data = bytearray((newest / "optimizer.bin").read_bytes())
-        data[len(data) // 3] ^= 0xFF
+        header = member.header_offset  # local header: 30 bytes, then the name and the extra field
+        start = header + 30 + int.from_bytes(data[header + 26:header + 28], "little") + int.from_bytes(
+            data[header + 28:header + 30], "little")
+        data[start] ^= 0x01
         (newest / "optimizer.bin").write_bytes(bytes(data))
     else:
         (newest / "trainer_state.json").write_text('{"epoch": ')
