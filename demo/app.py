@@ -692,7 +692,14 @@ def configure_logging() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`_serve` inside the package's error boundary (docs/reliability.md): one `error:` line for expected faults."""
+    from modeling_vip2clip.cli.boundary import guarded
+
     args = build_parser().parse_args(argv)
+    return guarded(lambda: _serve(args), debug=bool(args.debug) or None)
+
+
+def _serve(args) -> int:
     configure_logging()
     enable_memory_release()
     if args.model:
@@ -708,6 +715,9 @@ def main(argv: list[str] | None = None) -> int:
             args.authors, args.dtype, clip=args.clip, url=args.authors_url, git_blob_sha1=args.authors_git_blob_sha1,
             image_size=args.image_size, feature_layers=args.feature_layers, top_k=args.top_k,
         )
+    from modeling_vip2clip.gradio_cache import make_gradio_cache_writes_atomic
+
+    make_gradio_cache_writes_atomic()  # identical concurrent results must not rewrite a file being served
     app = AnomalyDemo(loaded)
     demo = build_demo(app)
     theme = gr.themes.Default(

@@ -285,6 +285,13 @@ def upload(folder: str | PathLike, repo_id: str, private: bool = False, token: s
 
 # ---------------------------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> int:
+    """`_main` inside the package's error boundary (docs/reliability.md): one `error:` line for expected faults."""
+    from modeling_vip2clip.cli.boundary import guarded
+
+    return guarded(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="trained or converted model folder (save_pretrained output)")
     parser.add_argument("--repo-id", default=None,

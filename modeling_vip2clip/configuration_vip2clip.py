@@ -35,6 +35,12 @@ _VIT_L14_AT_518 = {
 }
 
 
+# Upper bounds far above any CLIP backbone (ViT-bigG: hidden 1664, 48 layers; inputs of a few thousand pixels).
+_SIZE_LIMITS = {"hidden_size": 16384, "intermediate_size": 65536, "num_hidden_layers": 256,
+                "num_attention_heads": 512, "image_size": 8192, "patch_size": 1024, "max_position_embeddings": 65536,
+                "vocab_size": 1048576, "projection_dim": 16384}
+
+
 @strict
 class ViP2CLIPConfig(PretrainedConfig):
     r"""Configuration of [`ViP2CLIPModel`]: a frozen CLIP plus the ViP-Prompt heads (ICA, FGP) and UTPA scoring.
@@ -208,6 +214,20 @@ class ViP2CLIPConfig(PretrainedConfig):
                 f"The prompt needs {self.prompt_length} positions (n_ctx + n_cls + 3) but the text encoder has "
                 f"{text.max_position_embeddings}; lower n_ctx or n_cls."
             )
+        # Finite floats and sane sizes, checked before any tensor is allocated: a hand-edited `NaN` would only
+        # fail at the first forward, a hidden_size of 10**7 would allocate gigabytes before the weights are read.
+        for name in ("temperature", "blur_sigma", "blur_truncate", "init_std", "focal_gamma", "loss_smooth",
+                     "dice_smooth", "mask_threshold"):  # the two thresholds: their [0, 1] check below
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, float)) or value != value or value in (
+                    float("inf"), float("-inf"))):
+                raise ValueError(f"{name}={value!r} is not a finite number.")
+        for tower, sub in (("vision_config", vision), ("text_config", text)):
+            for name, limit in _SIZE_LIMITS.items():
+                value = getattr(sub, name, None)
+                if value is not None and (not isinstance(value, int) or not 1 <= value <= limit):
+                    raise ValueError(f"clip_config.{tower}.{name}={value!r} is outside 1..{limit}; the config is "
+                                     "damaged or not a CLIP backbone's.")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}.")
         if self.blur_sigma < 0 or self.blur_truncate <= 0:

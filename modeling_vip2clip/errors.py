@@ -1,14 +1,35 @@
 """The package's bottom layer of errors: every module may import this one, and it imports nothing of the package.
 
-A mistake the user can fix raises :class:`UsageError` (or a subclass); the command line's error boundary
-(`cli/boundary.py`) prints it as one line, ``error: <what is wrong with which value>; <the fix>``, and exits 2.
+A fault the user can fix raises :class:`UsageError` (or a subclass below); its message is one sentence,
+``<what> (<path or value>): <why>; <fix>``. The command line's error boundary (`cli/boundary.py`) prints it as
+``error: <that sentence>`` and exits 2; the Python API raises the typed exception itself, with that sentence as
+its first line and no chain of library tracebacks behind it (``raise ... from None`` where the cause adds nothing).
+
+:func:`explain` turns the expected faults that arrive as *library* exceptions — `OSError` and its kinds, a
+truncated safetensors file, a refused pickle, an invalid config, JSON/CSV/UTF-8 decode errors, a missing optional
+package, an ONNX / OpenVINO file that does not load — into those typed errors; it is the one table of them, used
+by the boundary and by the loaders that know which file they were reading. Documented in docs/reliability.md.
 """
 
 from __future__ import annotations
 
+import errno
 import importlib.util
+import os
 
-__all__ = ["UsageError", "require_extra"]
+__all__ = [
+    "UsageError",
+    "MissingExtraError",
+    "BadFileError",
+    "InvalidConfigError",
+    "FileSystemError",
+    "OutputFolderError",
+    "FolderInUseError",
+    "EXTRAS",
+    "require_extra",
+    "sentence",
+    "explain",
+]
 
 
 class UsageError(Exception):
@@ -18,8 +39,127 @@ class UsageError(Exception):
     """
 
 
-def require_extra(module: str, extra: str, why: str) -> None:
+class MissingExtraError(UsageError):
+    """An optional dependency of the command is not installed (the message names the extra to install)."""
+
+
+class BadFileError(UsageError):
+    """A file the package reads is corrupt, truncated, of another kind, or refused (a pickle with code in it)."""
+
+
+class InvalidConfigError(BadFileError, ValueError):
+    """A model configuration holds a value the model cannot be built with (non-finite, out of range, huge)."""
+
+
+class FileSystemError(UsageError):
+    """The file system refused (missing, not a folder, read-only, full, permission, a folder where a file goes)."""
+
+
+class OutputFolderError(UsageError):
+    """An output folder cannot be used as asked: results of another run in it, a resume that does not match, or
+    an output inside the model folder it reads."""
+
+
+class FolderInUseError(OutputFolderError):
+    """Another run holds the output folder's lock."""
+
+
+# Optional dependencies → the extra that installs them (pyproject.toml's [project.optional-dependencies]).
+EXTRAS = {
+    "datasets": "train", "accelerate": "train", "sklearn": "train", "tensorboard": "train",
+    "matplotlib": "train", "scipy": "train", "gradio": "demo", "onnx": "onnx", "onnxruntime": "onnx",
+    "openvino": "openvino", "nncf": "openvino",
+}
+
+
+def require_extra(module: str, extra: str | None = None, why: str = "this command") -> None:
     """Fail at the start of a command, not after its work, when an optional dependency is missing."""
     if importlib.util.find_spec(module) is None:
-        raise UsageError(f"{why} needs the Python package {module!r}, which is not installed; install it with "
-                         f"pip install \"vip2clip[{extra}]\"")
+        raise MissingExtraError(_missing(module, extra or EXTRAS.get(module), why))
+
+
+def _missing(module: str, extra: str | None, why: str) -> str:
+    install = f'pip install "vip2clip[{extra}]"' if extra else "pip install --force-reinstall vip2clip"
+    return f"{why} needs the Python package {module!r}, which is not installed; install it with {install}"
+
+
+def sentence(what: str, where: object | None, why: str, fix: str) -> str:
+    """The one shape of every message: ``<what> (<where>): <why>; <fix>`` (``where`` left out when unknown)."""
+    place = f" ({os.fspath(where) if isinstance(where, os.PathLike) else where})" if where not in (None, "") else ""
+    return f"{what}{place}: {str(why).rstrip('. ')}; {fix}"
+
+
+_OS_ERRORS = {
+    errno.ENOENT: ("cannot find", "no such file or folder", "check the path"),
+    errno.ENOTDIR: ("cannot use", "a part of this path is a file, not a folder", "pass a folder"),
+    errno.EISDIR: ("cannot use", "this is a folder where a file is expected", "pass a file, or remove the folder"),
+    errno.EROFS: ("cannot write", "the file system is read-only", "choose a writable folder"),
+    errno.ENOSPC: ("cannot write", "no space left on the device",
+                   "free some space or write elsewhere, then run the same command again"),
+    errno.EDQUOT: ("cannot write", "the disk quota is exhausted",
+                   "free some space or write elsewhere, then run the same command again"),
+    errno.EACCES: ("cannot access", "permission denied", "check its permissions or choose another folder"),
+    errno.EPERM: ("cannot access", "operation not permitted", "check its permissions or choose another folder"),
+    errno.EEXIST: ("cannot create", "it already exists", "remove it or choose another name"),
+    errno.ENAMETOOLONG: ("cannot use", "the file name is too long for the file system", "choose a shorter path"),
+}
+
+# Library exceptions identified by their module and class name, so that this bottom module imports no library.
+_CORRUPT_MODULES = ("safetensors", "onnx", "onnxruntime", "openvino", "google.protobuf", "nncf")
+_CORRUPT_NAMES = {"SafetensorError", "HeaderTooLarge", "InvalidProtobuf", "InvalidGraph", "NoSuchFile", "Fail",
+                  "ValidationError", "DecodeError", "BadZipFile", "UnidentifiedImageError", "DecompressionBombError"}
+
+
+def _one_line(text: object, limit: int = 300) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def explain(error: BaseException, path: object | None = None, what: str | None = None) -> UsageError | None:
+    """The typed error (one sentence, see the module docstring) for an expected fault raised by a library, or
+    `None` when `error` is not one (a bug: the boundary then says so). `path`: the file being read or written,
+    when the caller knows it better than the exception; `what`: e.g. ``"cannot load the model"``."""
+    if isinstance(error, UsageError):
+        return error
+    kind = type(error)
+    module, name = kind.__module__ or "", kind.__name__
+    if isinstance(error, ModuleNotFoundError) and error.name:
+        top = error.name.split(".")[0]
+        return MissingExtraError(_missing(top, EXTRAS.get(top), what or "this command"))
+    if name == "StrictDataclassClassValidationError" or (name == "StrictDataclassFieldValidationError"):
+        inner = error.__cause__ or error
+        why = _one_line(f"{inner}" if inner is not error else str(error).split(":", 1)[-1])
+        return InvalidConfigError(sentence(what or "invalid model configuration", path, why,
+                                           "fix the value in config.json, or re-save the model"))
+    if isinstance(error, OSError) and not module.startswith(_CORRUPT_MODULES) and name not in _CORRUPT_NAMES:
+        where = path or error.filename
+        code = error.errno
+        if code is None and "requested and" in str(error) and "written" in str(error):
+            code = errno.ENOSPC  # numpy / torch short writes: "25600 requested and 20416 written"
+        verb, why, fix = _OS_ERRORS.get(code, ("cannot use", _one_line(error.strerror or error),
+                                               "check the path and the file system"))
+        if error.filename2:
+            where = f"{where} -> {error.filename2}"
+        return FileSystemError(sentence(what or verb, where, why, fix))
+    if module.startswith(_CORRUPT_MODULES) or name in _CORRUPT_NAMES:
+        return BadFileError(sentence(what or "cannot read the file", path, f"corrupt, truncated or not this kind of "
+                                     f"file ({_one_line(error, 160)})", "re-download, re-save or re-export it"))
+    if name == "UnpicklingError":
+        return BadFileError(sentence(what or "refused to load the file", path,
+                                     "it is a pickle holding Python objects beyond plain tensors, which could run code "
+                                     f"({_one_line(error, 120)})",
+                                     "load only files from a source you trust, converted to safetensors"))
+    if name == "JSONDecodeError":
+        return BadFileError(sentence(what or "cannot read the file", path,
+                                     f"not valid JSON (line {error.lineno}, column {error.colno})",
+                                     "fix or re-create the file"))
+    if isinstance(error, UnicodeDecodeError):
+        return BadFileError(sentence(what or "cannot read the file", path,
+                                     f"not valid UTF-8 text (byte {error.start})", "fix or re-create the file"))
+    if module in ("_csv", "csv") and name == "Error":
+        return BadFileError(sentence(what or "cannot read the CSV file", path, f"not valid CSV ({_one_line(error)})",
+                                     "fix it, or remove it and run again"))
+    if isinstance(error, MemoryError) or name == "OutOfMemoryError":
+        return UsageError(sentence(what or "out of memory", path, _one_line(error, 160) or "the allocation failed",
+                                   "lower --batch-size, use a smaller model, or free memory"))
+    return None

@@ -11,7 +11,25 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["atomic_write_text", "atomic_write_json", "atomic_save", "staged_folder"]
+__all__ = ["atomic_write_text", "atomic_write_json", "atomic_save", "staged_folder", "user_mode", "apply_umask"]
+
+
+def user_mode(directory: bool = False) -> int:
+    """The mode a file (0o666) or folder (0o777) gets under the process's umask, as `open` / `mkdir` give it."""
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
+def apply_umask(path: str | os.PathLike) -> None:
+    """Give `path` (and, for a folder, everything in it) the user's umask modes: temporary files renamed into
+    place (mkstemp, safetensors' writer) are 0600, which a shared server or a Space cannot read."""
+    path = Path(path)
+    file_mode, folder_mode = user_mode(), user_mode(directory=True)
+    items = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for item in items:
+        if not item.is_symlink():
+            os.chmod(item, folder_mode if item.is_dir() else file_mode)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -25,6 +43,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             stream.write(text)
             stream.flush()
             os.fsync(stream.fileno())
+        os.chmod(tmp, user_mode())  # mkstemp creates 0600; the file gets what `open` would have given it
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -67,6 +86,7 @@ def staged_folder(path: str | os.PathLike) -> Iterator[Path]:
     os.mkdir(staging)
     try:
         yield staging
+        apply_umask(staging)  # safetensors' and mkstemp's files are 0600: give them the user's umask modes
         if path.exists():
             previous = path.with_name(f".{path.name}.{token}.old")
             os.replace(path, previous)

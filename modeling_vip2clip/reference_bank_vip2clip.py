@@ -106,6 +106,9 @@ class ViP2CLIPReferenceBank:
                 f"patch_embeds hold {patch_embeds.shape[1]} patches per layer, expected {num_images} images x "
                 f"{grid}x{grid} patches."
             )
+        if not bool(torch.isfinite(patch_embeds).all()):
+            raise ValueError("the bank's patch features hold NaN or infinite values (a damaged file or a bank built "
+                             "from a model that produced them); rebuild it from normal images.")
         self.patch_embeds = patch_embeds.detach().float()  # (n, N, D)
         self.image_size, self.patch_size, self.feature_layers = int(image_size), int(patch_size), feature_layers
         self.backbone_fingerprint = backbone_fingerprint.detach().float().cpu()

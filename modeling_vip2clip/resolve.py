@@ -46,6 +46,9 @@ def resolve_source(value: str, flag: str, repo_type: str = "model", need: str = 
         if not path.exists():
             raise UsageError(f"{flag} {value}: no such file or folder; check the path (or pass a Hub id such as "
                              "org/name).")
+        if repo_type == "model" and need and path.is_file():
+            raise UsageError(f"{flag} {value}: a file, not a model folder; pass the folder that holds it "
+                             f"({path.parent}) — a model is a folder with {need} and model.safetensors.")
         if repo_type == "model" and need and path.is_dir() and not (path / need).is_file():
             raise UsageError(f"{flag} {value}: not a model folder (no {need} in it); pass a folder written by "
                              "save_pretrained / `vip2clip train` / `vip2clip download-authors`, or a Hub id.")
@@ -75,8 +78,9 @@ def _resolve_hub_id(repo_id: str, flag: str, repo_type: str, need: str) -> str:
     offline = constants.HF_HUB_OFFLINE
     if offline:
         if not cached:
-            raise UsageError(f"{flag} {repo_id}: HF_HUB_OFFLINE=1 and this {repo_type} is not in the local cache; "
-                             "unset HF_HUB_OFFLINE to download it, or pass a local folder.")
+            raise UsageError(f"{flag} {repo_id}: {_no_folder(repo_id)}, and HF_HUB_OFFLINE=1 with this Hub "
+                             f"{repo_type} not in the local cache; check the path, or unset HF_HUB_OFFLINE to "
+                             "download it.")
         return _cached_copy(repo_id, repo_type)
     from huggingface_hub import HfApi
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
@@ -89,16 +93,21 @@ def _resolve_hub_id(repo_id: str, flag: str, repo_type: str, need: str) -> str:
         raise UsageError(f"{flag} {repo_id}: a gated repository; accept its terms on the Hub and log in with "
                          "`hf auth login`.") from None
     except RepositoryNotFoundError:
-        raise UsageError(f"{flag} {repo_id}: no such {repo_type} on the Hub (or it is private); check the id, "
-                         "log in with `hf auth login`, or pass a local folder.") from None
+        raise UsageError(f"{flag} {repo_id}: {_no_folder(repo_id)}, and no such {repo_type} on the Hub (or it is "
+                         "private); check the path or the id, or log in with `hf auth login`.") from None
     except Exception as error:  # noqa: BLE001 - network trouble of any kind: the cache is the way out
         if cached:
             logger.warning("the Hub is unreachable (%s): using the cached copy of %s", _hub_error_reason(error), repo_id)
             return _cached_copy(repo_id, repo_type)
-        raise UsageError(f"{flag} {repo_id}: cannot reach the Hub ({_hub_error_reason(error)}) and it is not in "
-                         "the local cache; connect to the network, pass a local folder, or set HF_HUB_OFFLINE=1 "
-                         "once a copy is cached.") from None
+        raise UsageError(f"{flag} {repo_id}: {_no_folder(repo_id)}, and as a Hub id it cannot be reached "
+                         f"({_hub_error_reason(error)}) nor found in the local cache; check the path, or connect to "
+                         "the network to download it.") from None
     return repo_id
+
+
+def _no_folder(value: str) -> str:
+    """Said first when a value that could be a folder or a Hub id is neither: most often a mistyped path."""
+    return f"no folder named {value!r} in {os.getcwd()}"
 
 
 def _cached_copy(repo_id: str, repo_type: str) -> str:

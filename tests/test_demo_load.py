@@ -1,5 +1,6 @@
 """The demo under load (issue #7): the real server on a tiny model, 50 requests from 5 concurrent gradio_client
-clients mixing good and bad files; every request answered, the server healthy and its memory back afterwards.
+clients mixing good and bad files, then 20 identical requests from 5 clients (issue 19); every request answered,
+the server healthy and its memory back afterwards.
 
 Localhost only (127.0.0.1). The load itself lives in benchmarks/load_demo.py (also a script printing the figures).
 """
@@ -43,7 +44,7 @@ def model_dir(load_demo, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)
 def test_demo_under_load(load_demo, model_dir, tmp_path):
     inputs = load_demo.make_inputs(tmp_path / "inputs")
     assert {i.name for i in inputs if not i.good} == {"corrupt.png", "empty.png", "notes.png", "huge.png"}
@@ -89,6 +90,15 @@ def test_demo_under_load(load_demo, model_dir, tmp_path):
         assert report.rss_after_mib <= 1.10 * report.rss_before_mib, report
         # uploads were cached in this test's temp dir (GRADIO_TEMP_DIR), not the user's
         assert any(path.name == "notes.png" for path in server.temp_dir.rglob("*"))
+
+        # 5 clients sending the *same* image at once (issue 19): identical results share Gradio's content-hash
+        # cache path, which was rewritten while being served (h11 "Too little data for declared Content-Length");
+        # modeling_vip2clip.gradio_cache makes those writes write-once, renamed into place.
+        same = next(item for item in inputs if item.good)
+        identical = load_demo.run_load(server.url, [same], requests=20, clients=CLIENTS, timeout=PER_REQUEST_TIMEOUT_S,
+                                       download_dir=tmp_path / "identical")
+        assert [r.outcome for r in identical] == ["ok"] * 20, [r for r in identical if r.outcome != "ok"][:3]
+        assert server.alive() and "Traceback" not in server.output(), server.output()[-3000:]
     finally:
         server.stop()
     assert not server.alive()

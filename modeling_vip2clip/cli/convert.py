@@ -118,6 +118,9 @@ def _save(dataset, out: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Convert ``args.root`` and save it to ``args.out``; user errors raise :class:`UsageError`."""
+    from ..errors import require_extra
+
+    require_extra("datasets", "train", "vip2clip convert")  # before any work: the `demo` extra alone lacks it
     root, out, layout = _check_paths(args)
     from ..data import convert, detect_layout, unrecognised_layout_message  # after the checks
 

@@ -68,6 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--resume", action="store_true",
         help="reuse the per-batch results in OUTPUT_DIR/partial from an interrupted run and evaluate only the rest.",
     )
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the results of an earlier run in --output-dir (only the files vip2clip wrote).")
     parser.add_argument(
         "--max-batches", type=positive_int, default=None, metavar="N",
         help="stop after N batches per process, keeping the partial results for --resume (default: no limit).",

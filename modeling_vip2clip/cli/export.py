@@ -49,6 +49,9 @@ def job_arguments(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..run_folder import check_apart
+
+    check_apart(args.out, [args.model], "--out")  # before loading: --out X --model X fails in a second
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = export(**job_arguments(args))
     info = json.loads((out / INFO_FILE).read_text(encoding="utf-8"))

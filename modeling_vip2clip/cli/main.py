@@ -59,16 +59,21 @@ def build_parser(command: str) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .boundary import run_main
+    from .boundary import guarded, run_main
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
         _top_parser().parse_args(argv)  # --help, --version, or argparse's error naming the valid commands
         return 2
     command = argv[0]
-    args = build_parser(command).parse_args(argv[1:])
-    run = importlib.import_module(COMMANDS[command][0]).run
-    return run_main(run, args)
+    # Importing the command's module is inside the boundary too (a missing extra there is one line, not a traceback).
+    loaded: list = []
+    status = guarded(lambda: loaded.append((build_parser(command), importlib.import_module(COMMANDS[command][0]).run)),
+                     debug="--debug" in argv)
+    if status:
+        return status
+    parser, run = loaded[0]
+    return run_main(run, parser.parse_args(argv[1:]))
 
 
 if __name__ == "__main__":

@@ -82,6 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--save-masks", action="store_true", help="also write each binary defect mask (PNG) at the pixel threshold.")
     parser.add_argument("--resume", action="store_true",
                         help="keep OUTPUT_DIR/predictions.csv and score only the inputs not in it yet.")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the results of an earlier run in OUTPUT_DIR (only the files vip2clip wrote).")
     parser.add_argument("--references", default=None, metavar="DIR_GLOB_OR_BANK",
                         help="few-shot: a folder or glob of normal reference images, or a bank saved with "
                         "ViP2CLIPReferenceBank.save (.safetensors); the maps and scores are then fused with each "

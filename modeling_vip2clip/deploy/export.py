@@ -100,13 +100,13 @@ def load_calibration_images(source: Any, count: int, seed: int = 0, *, split: st
     folder (recursive) or glob pattern (`data.collect_inputs`); all when there are fewer."""
     path = Path(str(source))
     rng = random.Random(seed)
-    from ..data.images import collect_inputs, read_image
+    from ..data.images import collect_inputs
 
     if not path.is_dir() and glob.has_magic(str(source)) or path.is_dir() and not _is_dataset_folder(path):
         files = [file for file, _ in collect_inputs([str(source)])[0]]
         if not files:
             raise UsageError(f"--calibration-dataset {source}: no image files found; point it at a folder of images")
-        return [read_image(file) for file in sorted(rng.sample(files, min(count, len(files))))]
+        return _readable(source, [(file, file) for file in sorted(rng.sample(files, min(count, len(files))))])
     if not path.exists() and looks_like_path(str(source)):
         raise UsageError(f"--calibration-dataset {source}: no such folder or pattern; pass a saved dataset folder "
                          "(vip2clip convert), an image folder or a quoted glob such as 'images/**/*.png'")
@@ -118,7 +118,25 @@ def load_calibration_images(source: Any, count: int, seed: int = 0, *, split: st
     dataset = without_decoding(dataset)  # decode only the rows drawn
     rows = sorted(rng.sample(range(len(dataset)), min(count, len(dataset))))
     drawn = dataset.select(rows)
-    return [read_image(value, what=str(where)) for value, where in zip(drawn["image"], drawn["image_path"])]
+    return _readable(source, [(str(where), value) for value, where in zip(drawn["image"], drawn["image_path"])])
+
+
+def _readable(source: Any, named: list) -> list:
+    """The images of `named` ((name, value) pairs) that decode; the others are reported by name and skipped (one
+    unreadable calibration image never ends an export); none readable is a usage error."""
+    from ..data.images import read_image
+
+    images, skipped = [], []
+    for name, value in named:
+        try:
+            images.append(read_image(value, what=name))
+        except Exception as error:  # noqa: BLE001 - the reader's errors (truncated, not an image, bomb) are reported
+            skipped.append(name)
+            logger.warning("skipped calibration image %s: %s", name, " ".join(str(error).split())[:160])
+    if not images:
+        raise UsageError(f"--calibration-dataset {source}: none of its {len(named)} images could be read (e.g. "
+                         f"{skipped[0] if skipped else '?'}); point it at readable images")
+    return images
 
 
 def _is_dataset_folder(path: Path) -> bool:
@@ -340,6 +358,7 @@ def export(
     require_extra("onnx", "onnx", "exporting to ONNX")
     if format == "openvino":
         require_extra("openvino", "openvino", "exporting to OpenVINO")
+    images, calibration_source = [], None
     if int8:
         require_extra("nncf", "openvino", "INT8 quantisation")
         # Read before the (slow) export, so that a dataset that cannot be used fails at once.
@@ -365,16 +384,40 @@ def export(
     if parameter.dtype != torch.float32 or parameter.device.type != "cpu":
         raise UsageError(f"the model is {parameter.dtype} on {parameter.device}; export a float32 model on CPU "
                          "(load it with dtype=torch.float32, device='cpu')")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise UsageError(f"--out {out_dir} exists and is not empty; pass --overwrite or choose a new folder")
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     image_size = int(model.config.image_size)
     if int(processor.image_size) != image_size:
         raise UsageError(f"the processor's image_size {processor.image_size} differs from the model's {image_size}")
+    from ..run_folder import claim_output_folder, model_identity, move_into_place, staging_folder
 
+    # Owned output folder (run_folder.py): never the model's folder; --overwrite removes only what an export wrote;
+    # everything is staged inside it and renamed into place, so a failed export leaves nothing that blocks a rerun.
+    manifest = {"written_by": "vip2clip export",
+                "model": model_identity(source) if source is not None else {"source": type(model).__name__},
+                "inputs": {"calibration": str(calibration_images) if isinstance(calibration_images, (str, os.PathLike))
+                           else None},
+                "options": {"format": format, "int8": int8, "opset": opset, "calibration_size": calibration_size}}
+    folder = claim_output_folder(out_dir, manifest, overwrite=overwrite, model_dirs=[source], flag="--out",
+                                 can_resume=False, writes=(ONNX_FILE, ONNX_DATA_FILE, OPENVINO_FILE, "openvino_model.bin",
+                                                           "config.json", "preprocessor_config.json", INFO_FILE,
+                                                           "README.md", RUNTIME_FILE))
+    final_dir = folder.path
+    out_dir = staging_folder(folder)
+    try:
+        _export_into(model, processor, out_dir, format, int8, images, calibration_source, calibration_size, opset, source,
+                     external_data, int8_ignored_patterns, int8_advanced_parameters, accuracy_images, progress,
+                     image_size)
+        move_into_place(folder, out_dir)
+        folder.finish()
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        folder.release()
+    return final_dir
+
+
+def _export_into(model, processor, out_dir: Path, format, int8, images, calibration_source, calibration_size, opset, source,
+                 external_data, int8_ignored_patterns, int8_advanced_parameters, accuracy_images, progress,
+                 image_size) -> None:
+    """The export itself, written into `out_dir` (the staging folder)."""
     model.eval()
     fast_path = getattr(model, "cpu_onednn_vision", True)
     model.cpu_onednn_vision = False  # the mkldnn ops of the CPU fast path have no ONNX form

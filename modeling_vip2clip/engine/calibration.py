@@ -33,8 +33,9 @@ kept (S² float32 each, ~1 MB at 518 px), so calibrate on hundreds of images, no
 from __future__ import annotations
 
 import logging
-import os
 import math
+import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,16 +80,21 @@ def _dataset_name(args) -> str:
     return path.resolve().name if path.exists() else str(args.dataset)
 
 
-def _check_out(args, model_source: str) -> Path:
-    out = Path(args.out).expanduser()
-    if out.exists() and Path(model_source).exists() and out.resolve() == Path(model_source).resolve():
-        raise UsageError(f"--out {args.out}: is the --model folder itself; pass another folder (the original stays "
-                         "uncalibrated).")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {args.out}: is a file; pass a folder.")
-    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
-        raise UsageError(f"--out {args.out}: exists and is not empty; pass --overwrite to replace it, or another folder.")
-    return out
+def _claim_out(args, model_source: str):
+    """`--out`, claimed (run_folder.py): never the model folder, inside it or around it; a folder with files
+    only with --overwrite, which then removes only what vip2clip wrote there."""
+    from ..run_folder import claim_output_folder, model_identity
+    from ..weights.loader import model_name
+
+    manifest = {"written_by": "vip2clip calibrate", "model": model_identity(model_source or model_name(args.model)),
+                "inputs": {"dataset": str(args.dataset), "split": args.split, "categories": args.categories},
+                "options": {}}
+    # Without a manifest (a folder from an older version), --overwrite removes only model-folder names.
+    writes = ["config.json", "model*.safetensors*", "preprocessor_config.json", "*_vip2clip.py", "README.md"]
+    if model_source and Path(model_source).is_dir():
+        writes += [entry.name for entry in Path(model_source).iterdir()]
+    return claim_output_folder(args.out, manifest, overwrite=args.overwrite, writes=writes,
+                               model_dirs=[model_source], flag="--out", can_resume=False)
 
 
 def calibrate(model, dataset: str, out: str | os.PathLike, *, processor=None, **options) -> dict:
@@ -96,8 +102,22 @@ def calibrate(model, dataset: str, out: str | os.PathLike, *, processor=None, **
     `model` (a model folder or Hub id, or a loaded model with its `processor`), compute the F1-max thresholds and
     write the calibrated copy of the model to `out`. `options` are :class:`CalibrateOptions` (the flags of
     `vip2clip calibrate`). Returns the calibration info with the thresholds under `image_threshold` /
-    `pixel_threshold` (on every process of a distributed run; the main one writes `out`)."""
+    `pixel_threshold` (on every process of a distributed run; the main one claims and writes `out`)."""
+    from ..distributed import process_state
+    from ..resolve import resolve_source
+
     args = CalibrateOptions(model=model, dataset=dataset, out=out, **options)
+    source = resolve_source(str(model), "--model") if isinstance(model, (str, os.PathLike)) else ""
+    procs = process_state()
+    folder = _claim_out(args, source) if procs.is_main_process else None
+    try:
+        return _calibrate(args, source, folder, procs, model, processor)
+    finally:
+        if folder is not None:
+            folder.release()
+
+
+def _calibrate(args, source: str, folder, procs, model, processor) -> dict:
     import numpy as np
     import torch
     from tqdm.auto import tqdm
@@ -105,17 +125,10 @@ def calibrate(model, dataset: str, out: str | os.PathLike, *, processor=None, **
     from ..post_processing.metrics import f1_max_threshold, pixel_f1_max_threshold
     from ..data import load_anomaly_dataset, schema_options
     from ..data.transforms import RowImages, SampleTransform, StreamImages, dataset_rows, make_loader
-    from ..distributed import process_state
-    from ..weights.folder import save_model_folder
     from ..weights.loader import job_model_and_processor, load_model_and_processor, model_name, precision_dtype
-    from ..resolve import resolve_source
 
-    from_path = isinstance(model, (str, os.PathLike))
-    source = resolve_source(str(model), "--model") if from_path else ""
-    out = _check_out(args, source)
     dataset = load_anomaly_dataset(args.dataset, args.split, args.categories, streaming=args.streaming,
                                    **schema_options(args))
-    procs = process_state()
     device = torch.device(args.device or procs.device)  # Accelerate's: this process's GPU, else the CPU
     model, processor = job_model_and_processor(model, processor, device=device, mixed_precision=args.mixed_precision)
     prepare = SampleTransform(processor, with_masks=True)
@@ -194,16 +207,31 @@ def calibrate(model, dataset: str, out: str | os.PathLike, *, processor=None, **
         "method": "F1-max thresholds (modeling_vip2clip.post_processing.metrics.f1_max_threshold / pixel_f1_max_threshold)",
         "calibrated_from": model_name(args.model),
     }
-    if procs.is_main_process and from_path and precision_dtype(args.mixed_precision) is not None:
+    if procs.is_main_process and source and precision_dtype(args.mixed_precision) is not None:
         # Scored with reduced-precision towers; the copy keeps the model's own fp32 weights and config.
         model, _ = load_model_and_processor(source)
     config = model.config
     config.image_threshold = float(image_threshold)
     config.pixel_threshold = None if pixel_threshold is None else float(pixel_threshold)
     config.calibration = info
-    if procs.is_main_process:
-        # M's weights byte for byte (a local M), the config rewritten, staged beside --out and renamed into place.
-        save_model_folder(model, processor, out, source_folder=source)
+    if folder is not None:
+        _write_model_folder(source, folder, model, processor)
     procs.wait_for_everyone()
     return {**info, "image_threshold": config.image_threshold, "pixel_threshold": config.pixel_threshold}
 
+
+def _write_model_folder(source: str, folder, model, processor) -> None:
+    """The calibrated model written by the one model-folder writer (`weights.folder.save_model_folder`: M's weights
+    byte for byte when M is a local folder, the config rewritten, a complete Hub folder) into a staging folder
+    inside the claimed `--out`, then each entry renamed into place (run_folder.py)."""
+    from ..run_folder import move_into_place, staging_folder
+    from ..weights.folder import save_model_folder
+
+    staged = staging_folder(folder)
+    try:
+        tmp = staged / "model"
+        save_model_folder(model, processor, tmp, source_folder=source if source and Path(source).is_dir() else None)
+        move_into_place(folder, tmp)
+        folder.finish()
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)

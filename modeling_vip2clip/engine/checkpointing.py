@@ -24,6 +24,7 @@ __all__ = [
     "drop_backbone_weights",
     "check_checkpoint_keys",
     "find_latest_checkpoint",
+    "checkpoint_problem",
     "read_trainer_state",
     "save_checkpoint",
     "prepare_checkpoint_root",
@@ -74,8 +75,48 @@ def check_checkpoint_keys(models: list, input_dir: str) -> None:
             )
 
 
-def find_latest_checkpoint(checkpoint_root: str | os.PathLike) -> Path | None:
-    """Newest complete `epoch_N` folder (a `.tmp` one, or one without trainer_state.json, is never picked)."""
+def checkpoint_problem(checkpoint: str | os.PathLike) -> str | None:
+    """Why a complete-looking `epoch_N` folder cannot be resumed (a truncated or corrupt file in it), or None.
+
+    Reads headers and checksums only, never unpickles: `trainer_state.json` parses, every safetensors header
+    covers its file, every torch zip archive (`optimizer.bin`, ...) passes its CRC check, every pickle ends with
+    its STOP opcode."""
+    import zipfile
+
+    folder = Path(checkpoint)
+    try:
+        json.loads((folder / TRAINER_STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        return f"{TRAINER_STATE} cannot be read ({' '.join(str(error).split())[:120]})"
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(path), framework="pt"):
+                    pass
+            elif zipfile.is_zipfile(path):
+                with zipfile.ZipFile(path) as archive:
+                    bad = archive.testzip()
+                if bad is not None:
+                    return f"{path.name} is corrupt (member {bad})"
+            elif path.suffix in (".pkl", ".bin", ".pt", ".pth"):
+                with open(path, "rb") as handle:
+                    if handle.seek(0, os.SEEK_END) == 0:
+                        return f"{path.name} is empty"
+                    handle.seek(-1, os.SEEK_END)
+                    if handle.read(1) != b".":
+                        return f"{path.name} is truncated"
+        except Exception as error:  # noqa: BLE001 - any reading failure makes the checkpoint unusable
+            return f"{path.name} cannot be read ({' '.join(str(error).split())[:120]})"
+    return None
+
+
+def find_latest_checkpoint(checkpoint_root: str | os.PathLike, intact: bool = False, log=None) -> Path | None:
+    """Newest complete `epoch_N` folder (a `.tmp` one, or one without trainer_state.json, is never picked).
+
+    With `intact`, damaged ones (:func:`checkpoint_problem`) are passed over, each reported through `log`, so
+    `--resume` falls back to the newest checkpoint that can be read and says which."""
     root = Path(checkpoint_root)
     if not root.is_dir():
         return None
@@ -84,14 +125,25 @@ def find_latest_checkpoint(checkpoint_root: str | os.PathLike) -> Path | None:
         match = CHECKPOINT_PATTERN.match(entry.name)
         if match and entry.is_dir() and (entry / TRAINER_STATE).is_file():
             found.append((int(match.group(1)), entry))
-    return max(found)[1] if found else None
+    skipped = []
+    for _, entry in sorted(found, reverse=True):
+        problem = checkpoint_problem(entry) if intact else None
+        if problem is None:
+            if skipped and log is not None:
+                log.warning("--resume: falling back to %s (the newer %s cannot be used)", entry, ", ".join(skipped))
+            return entry
+        skipped.append(entry.name)
+        if log is not None:
+            log.warning("--resume: checkpoint %s is damaged: %s", entry, problem)
+    return None
 
 
 def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
     return json.loads((Path(checkpoint) / TRAINER_STATE).read_text(encoding="utf-8"))
 
 
-def prepare_checkpoint_root(checkpoint_root: Path, resume: str | None, overwrite: bool) -> tuple[Path | None, bool]:
+def prepare_checkpoint_root(checkpoint_root: Path, resume: str | None, overwrite: bool,
+                            log=None) -> tuple[Path | None, bool]:
     """Decide where a run starts: `(checkpoint to resume or None, whether old checkpoints must be deleted)`.
 
     `resume` is None (fresh run), "latest" (newest complete checkpoint, or from scratch when there is none) or a
@@ -99,10 +151,20 @@ def prepare_checkpoint_root(checkpoint_root: Path, resume: str | None, overwrite
     """
     resume_dir: Path | None = None
     if resume:
-        resume_dir = find_latest_checkpoint(checkpoint_root) if resume == "latest" else Path(resume)
+        if resume == "latest":
+            resume_dir = find_latest_checkpoint(checkpoint_root, intact=True, log=log)
+            if resume_dir is None and find_latest_checkpoint(checkpoint_root) is not None:
+                raise UsageError(f"--resume: every checkpoint in {checkpoint_root} is damaged (listed above); pass "
+                                 "--overwrite-output-dir to start over.")
+        else:
+            resume_dir = Path(resume)
         if resume_dir is not None and not (resume_dir / TRAINER_STATE).is_file():
             raise UsageError(f"--resume {resume_dir}: not a complete checkpoint (no {TRAINER_STATE}); pass a "
                              "checkpoints/epoch_N folder, or --resume alone for the newest one.")
+        problem = checkpoint_problem(resume_dir) if resume_dir is not None and resume != "latest" else None
+        if problem:
+            raise UsageError(f"--resume {resume_dir}: the checkpoint is damaged ({problem}); pass an older "
+                             "checkpoints/epoch_N folder, or --resume alone for the newest intact one.")
     start_over = resume_dir is None and find_latest_checkpoint(checkpoint_root) is not None
     if start_over and not overwrite:
         raise UsageError(f"{checkpoint_root} already holds checkpoints; pass --resume to continue that run or "

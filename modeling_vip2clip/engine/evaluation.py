@@ -47,6 +47,7 @@ class EvaluateOptions:
     save_maps: bool = False
     pro_mode: str = "exact"
     resume: bool = False
+    overwrite: bool = False
     max_batches: int | None = None
     k_shot: int = 0
     shot_seeds: Sequence[int] = (0,)
@@ -272,6 +273,29 @@ def evaluate(model, dataset: str, output_dir: str | os.PathLike = "vip2clip-eval
     means over the seeds, with their standard deviations beside them, and each seed's own results are kept.
     """
     args = EvaluateOptions(model=model, dataset=dataset, output_dir=output_dir, **options)
+    from ..run_folder import claim_output_folder, model_identity
+    from ..weights.loader import model_name
+
+    # ---- owned output folder (run_folder.py, docs/reliability.md): manifest + lock, on the main process only ----
+    folder = None
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        from_path = isinstance(model, (str, os.PathLike))
+        manifest = {"written_by": "vip2clip evaluate",
+                    "model": model_identity(str(model)) if from_path else {"source": model_name(model)},
+                    "inputs": {"dataset": str(args.dataset), "split": args.split, "categories": args.categories},
+                    "options": {key: getattr(args, key, None) for key in (
+                        "k_shot", "shot_seeds", "reference_split", "mixed_precision", "pro_mode")}}
+        folder = claim_output_folder(args.output_dir, manifest, resume=args.resume, overwrite=args.overwrite,
+                                     model_dirs=[str(model)] if from_path else [],
+                                     writes=("results.md", "results.json", "roc_curves.png", "maps", PARTIAL_DIR))
+    try:
+        return _evaluate(args, model, processor)
+    finally:
+        if folder is not None:
+            folder.release()
+
+
+def _evaluate(args: EvaluateOptions, model, processor) -> dict[str, Any] | None:
     from accelerate import Accelerator
 
     from ..data import load_anomaly_dataset, schema_options

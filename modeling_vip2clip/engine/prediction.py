@@ -79,6 +79,7 @@ class PredictOptions:
     save_maps: str = "none"
     save_masks: bool = False
     resume: bool = False
+    overwrite: bool = False
     references: str | None = None
     batch_size: int = 8
     num_workers: int = 2
@@ -104,6 +105,32 @@ def predict(model, inputs: Sequence[str] = (), output_dir: str | os.PathLike = "
     of a distributed run, `{"rank": r}`.
     """
     args = PredictOptions(model=model, inputs=list(inputs or []), output_dir=output_dir, **options)
+    from ..run_folder import claim_output_folder, model_identity
+    from ..weights.loader import model_name
+
+    # ---- owned output folder (run_folder.py, docs/reliability.md): manifest + lock, on the main process only ----
+    folder = None
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        inputs = [item if item.startswith("@") or not os.path.exists(item) else os.path.abspath(item)
+                  for item in args.inputs]
+        from_path = isinstance(model, (str, os.PathLike))
+        manifest = {"written_by": "vip2clip predict",
+                    "model": model_identity(str(model)) if from_path else {"source": model_name(model)},
+                    "inputs": inputs or {"dataset": args.dataset, "split": args.split, "categories": args.categories},
+                    "options": {key: getattr(args, key, None) for key in (
+                        "threshold", "pixel_threshold", "overlays", "save_maps", "save_masks", "references",
+                        "mixed_precision")}}
+        folder = claim_output_folder(args.output_dir, manifest, resume=args.resume, overwrite=args.overwrite,
+                                     model_dirs=[str(model)] if from_path else [],
+                                     writes=("predictions*.csv", "skipped*.csv", "overlays", "maps", "masks"))
+    try:
+        return _predict(args, model, processor)
+    finally:
+        if folder is not None:
+            folder.release()
+
+
+def _predict(args: PredictOptions, model, processor) -> dict:
     from tqdm.auto import tqdm
 
     from ..weights.loader import job_model_and_processor
@@ -121,6 +148,9 @@ def predict(model, inputs: Sequence[str] = (), output_dir: str | os.PathLike = "
     problems: list[tuple[str, str]] = []
     if inputs:
         items, problems = collect_inputs(inputs)
+        if not items:  # before the model is loaded: nothing to score is a usage error, not an empty CSV
+            raise UsageError("no image to score: " + "; ".join(f"{path}: {reason}" for path, reason in problems[:5])
+                             + "; pass image files, folders holding images, or glob patterns that match some.")
         ids = [path for path, _ in items]
     else:
         from ..data import load_anomaly_dataset, schema_options

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import UsageError
+from ..errors import UsageError, explain
 
 logger = logging.getLogger("modeling_vip2clip.engine.references")
 
@@ -80,7 +80,12 @@ def load_reference_bank(model, processor, source: str, batch_size: int = 8):
         try:
             return ViP2CLIPReferenceBank.load(source, model=model)
         except ValueError as error:
-            raise UsageError(f"--references {source}: {error}") from error
+            raise UsageError(f"--references {source}: {error}") from None
+        except Exception as error:  # noqa: BLE001 - a truncated / foreign file is one line naming it
+            known = explain(error, path=source, what="--references: cannot read the bank")
+            if known is None:
+                raise
+            raise known from None
     from ..data.images import collect_inputs, read_image
 
     files = [path for path, _ in collect_inputs([str(Path(source).expanduser())])[0]]

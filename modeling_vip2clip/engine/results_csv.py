@@ -1,5 +1,10 @@
-"""The CSV files of a prediction run (`predictions.csv`, `skipped.csv` and their per-process parts): append-only,
-fsynced per batch, a torn last line cut off on resume, parts merged without duplicates."""
+r"""The CSV files of a prediction run (`predictions.csv`, `skipped.csv` and their per-process parts): append-only,
+fsynced per batch, a torn last line cut off on resume, parts merged without duplicates.
+
+File names of any bytes: the CSVs are always valid UTF-8. A name whose bytes are not UTF-8 (Python holds them as
+surrogate escapes) is written with each such byte as `\xHH` (Python's `backslashreplace`), e.g. the Latin-1 name
+`caf\xe9.png`; :func:`path_from_csv` turns the text back into the name on disk (`\x80`–`\xff` are never
+produced by a UTF-8 name, so the rule is unambiguous unless a name spells such an escape literally)."""
 
 from __future__ import annotations
 
@@ -11,11 +16,34 @@ from typing import Any, Iterable, Sequence
 
 from ..errors import UsageError
 
-__all__ = ["PREDICTIONS_CSV", "SKIPPED_CSV", "CsvLog", "read_csv_rows", "done_ids", "merge_parts", "part_files"]
+__all__ = ["PREDICTIONS_CSV", "SKIPPED_CSV", "CsvLog", "read_csv_rows", "done_ids", "merge_parts", "part_files",
+           "csv_text", "path_from_csv"]
 
 PREDICTIONS_CSV = "predictions.csv"
 SKIPPED_CSV = "skipped.csv"
 _PART = re.compile(r"^(predictions|skipped)\.part-(\d+)\.csv$")
+
+
+_ESCAPED_BYTE = re.compile(r"\\x([89a-f][0-9a-f])")
+
+
+def csv_text(value: Any) -> Any:
+    r"""A field as written to the CSV: strings as valid UTF-8, undecodable file-name bytes as `\xHH`."""
+    if not isinstance(value, str):
+        return value
+    try:
+        raw = value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # lone surrogates that are not escaped bytes
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def path_from_csv(text: str) -> str:
+    r"""The file name a CSV field stands for (:func:`csv_text` undone): `\xHH` escapes back to their bytes."""
+    if "\\x" not in text:
+        return text
+    raw = _ESCAPED_BYTE.sub(lambda m: chr(0xDC00 + int(m.group(1), 16)), text)
+    return raw.encode("utf-8", "surrogateescape").decode("utf-8", "surrogateescape")
 
 
 def _cut_torn_tail(path: Path) -> None:
@@ -76,7 +104,7 @@ class CsvLog:
     def write(self, rows: Sequence[Sequence[Any]]) -> None:
         if not rows:
             return
-        self.writer.writerows(rows)
+        self.writer.writerows([[csv_text(field) for field in row] for row in rows])
         self.handle.flush()
         os.fsync(self.handle.fileno())
 
@@ -97,7 +125,7 @@ def done_ids(output_dir: Path, header: list[str]) -> set[str]:
             raise UsageError(f"--resume: {path} has the columns {','.join(existing)} but this run writes "
                              f"{','.join(header)}; resume with the same --save-maps / --save-masks, or use another "
                              "--output-dir.")
-        done.update(row[0] for row in rows if row)
+        done.update(path_from_csv(row[0]) for row in rows if row)
     return done
 
 

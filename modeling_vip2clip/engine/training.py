@@ -244,7 +244,8 @@ def train(
     check_distributed_setup(accelerator)
 
     # ---- where to start from (checked by every process, so all of them stop on an error)
-    resume_dir, start_over = prepare_checkpoint_root(checkpoint_root, args.resume, args.overwrite_output_dir)
+    resume_dir, start_over = prepare_checkpoint_root(checkpoint_root, args.resume, args.overwrite_output_dir,
+                                                   log=logger)
     if args.resume and resume_dir is None:
         logger.warning("--resume: no complete checkpoint in %s, starting from scratch.", checkpoint_root)
     accelerator.wait_for_everyone()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from ..errors import UsageError
-from ..resolve import _hub_error_reason, resolve_source
+from pathlib import Path
+
+from ..errors import BadFileError, InvalidConfigError, UsageError, explain, sentence
+from ..resolve import resolve_source
 
 __all__ = ["precision_dtype", "load_model_and_processor", "job_model_and_processor",
            "model_name"]
@@ -34,22 +36,29 @@ def load_model_and_processor(source: str, device=None, dtype=None, flag: str = "
       whose input size differs from the model's is refused (the folder mixes two models).
     """
     resolved = resolve_source(source, flag)  # before the heavy imports: a bad value fails in a second
-    from ..deploy.exported_runtime import is_exported_folder
+    from ..deploy.exported_runtime import INFO_FILE, is_exported_folder
 
+    folder = Path(resolved) if Path(resolved).is_dir() else None
     if is_exported_folder(resolved):  # `vip2clip export` output: ONNX Runtime / OpenVINO behind the same interface
         from ..deploy.exported_model import load_exported
 
-        return load_exported(resolved, device=device, dtype=dtype)
+        try:
+            return load_exported(resolved, device=device, dtype=dtype)
+        except Exception as error:  # noqa: BLE001 - a damaged model.onnx / openvino_model.* is the user's to fix
+            raise _as_load_error(error, folder, source, flag, "the exported model") from None
+    if folder is not None and (folder / INFO_FILE).is_file():  # an export whose model file is gone
+        raise BadFileError(sentence(f"{flag} {source}", folder, f"an exported folder ({INFO_FILE}) without its "
+                                    "model file (model.onnx / openvino_model.xml)", "export the model again"))
     import torch
 
     from ..modeling_vip2clip import ViP2CLIPModel
     from ..processing_vip2clip import ViP2CLIPImageProcessor
 
+    config = _load_config(resolved, folder, source, flag)
     try:
-        model = ViP2CLIPModel.from_pretrained(resolved, dtype=dtype or torch.float32)
-    except (OSError, ValueError) as error:
-        raise UsageError(f"{flag} {source}: cannot be loaded as a ViP2-CLIP model ({_hub_error_reason(error)}); "
-                         "re-save or re-convert it.") from error
+        model = ViP2CLIPModel.from_pretrained(resolved, config=config, dtype=dtype or torch.float32)
+    except Exception as error:  # noqa: BLE001 - turned into one line when expected, re-raised when a bug
+        raise _as_load_error(error, folder, source, flag, "the weights") from None
     model.eval()
     if device is not None:
         model.to(device)
@@ -100,3 +109,67 @@ def model_name(model) -> str:
     if isinstance(model, (str, os.PathLike)):
         return str(model)
     return str(getattr(model, "name_or_path", "") or type(model).__name__)
+
+
+def _as_load_error(error: BaseException, folder, source: str, flag: str, part: str) -> BaseException:
+    """The typed one-line error for a model folder that does not load (naming the folder), or `error` itself when
+    it is not an expected fault (a bug: the boundary says so)."""
+    if isinstance(error, UsageError):
+        return error
+    known = explain(error, path=folder or source, what=f"{flag} {source}: cannot load {part}")
+    if known is not None:
+        return known
+    if isinstance(error, (OSError, ValueError, RuntimeError)):  # transformers' own refusals (missing/mismatched)
+        text = " ".join(str(error).split())[:240]
+        return BadFileError(sentence(f"{flag} {source}: cannot load {part}", folder or source, text,
+                                     "re-save or re-convert the model folder"))
+    return error
+
+
+def _load_config(resolved: str, folder, source: str, flag: str):
+    """The folder's `ViP2CLIPConfig`, validated (finite values, sane sizes) and compared with the weight file's
+    tensor shapes *before* the model is built: a hand-edited config fails in a second with its value named,
+    never after allocating gigabytes."""
+    from ..configuration_vip2clip import ViP2CLIPConfig
+
+    where = folder / "config.json" if folder is not None else source
+    try:
+        config = ViP2CLIPConfig.from_pretrained(resolved)
+    except Exception as error:  # noqa: BLE001
+        known = explain(error, path=where, what=f"{flag} {source}: invalid config.json")
+        if known is None and isinstance(error, (OSError, ValueError, TypeError, KeyError)):
+            known = BadFileError(sentence(f"{flag} {source}: invalid config.json", where,
+                                          " ".join(str(error).split())[:240], "fix or re-save the model folder"))
+        if known is None:
+            raise
+        raise known from None
+    weights = folder / "model.safetensors" if folder is not None else None
+    if weights is not None and weights.is_file():
+        _check_shapes(config, weights, source, flag)
+    return config
+
+
+def _check_shapes(config, weights: Path, source: str, flag: str) -> None:
+    """Every tensor of the weight file has the shape the config implies (the model built on the meta device:
+    no memory)."""
+    import torch
+    from safetensors import safe_open
+
+    from ..modeling_vip2clip import ViP2CLIPModel
+
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            stored = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    except Exception as error:  # noqa: BLE001
+        known = explain(error, path=weights, what=f"{flag} {source}: cannot read the weights")
+        if known is None:
+            raise
+        raise known from None
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in ViP2CLIPModel(config).state_dict().items()}
+    for name, shape in stored.items():
+        if name in expected and expected[name] != shape:
+            raise InvalidConfigError(sentence(f"{flag} {source}: config.json does not fit the weights", weights,
+                                              f"{name} is {list(shape)} in the file but the config implies "
+                                              f"{list(expected[name])}", "restore the config.json saved with these "
+                                              "weights"))
