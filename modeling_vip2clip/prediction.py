@@ -519,14 +519,24 @@ class _Outputs:
         return ["path", "score", "verdict", "overlay"] + (["map"] if self.maps != "none" else []) + (
             ["mask"] if self.masks else [])
 
-    def write(self, item: dict, anomaly_map: torch.Tensor, row: list[str]) -> list[str]:
-        """Write the files of one image (map `(S, S)` float32) and complete its CSV row with their paths."""
+    def full_size_map(self, item: dict, anomaly_map: torch.Tensor) -> np.ndarray | None:
+        """The map at the image's own size, for --save-maps / --save-masks; None when neither is asked.
+
+        Called in the main thread: a torch op in a writer thread would start an OpenMP team of its own that
+        competes with the model's threads."""
+        if self.maps == "none" and not self.masks:
+            return None
+        return self.processor.post_process_anomaly_maps(anomaly_map[None], target_sizes=[item["size"]])[0].numpy()
+
+    def write(self, item: dict, anomaly_map: torch.Tensor, row: list[str], full: np.ndarray | None = None) -> list[str]:
+        """Write the files of one image (map `(S, S)` float32, `full`: `full_size_map`) and complete its CSV row
+        with their paths. Runs in writer threads: numpy and PIL only (the overlay is numpy, see
+        `ViP2CLIPProcessor.overlay`)."""
         from PIL import Image
 
         key = item["key"]
-        full = None
-        if self.maps != "none" or self.masks:
-            full = self.processor.post_process_anomaly_maps(anomaly_map[None], target_sizes=[item["size"]])[0].numpy()
+        if full is None:
+            full = self.full_size_map(item, anomaly_map)
         overlay = ""
         if self.overlays:
             overlay = f"overlays/{key}.png"
@@ -711,7 +721,8 @@ def run_prediction(args: argparse.Namespace, model=None, processor=None) -> dict
                     if pool is None:
                         entries.append([*row, ""])
                     else:
-                        entries.append(pool.submit(outputs.write, item, anomaly_map, row))
+                        entries.append(pool.submit(outputs.write, item, anomaly_map, row,
+                                                   outputs.full_size_map(item, anomaly_map)))
             for path, reason in bad:
                 progress.write(f"skipped {path}: {reason}", file=sys.stderr)
             pending.append((entries, bad, len(batch["items"]) + len(batch["bad"])))
