@@ -450,6 +450,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, metavar="DIR", help="folder to write the exported model to.")
     parser.add_argument("--int8", action="store_true",
                         help="OpenVINO only: INT8 post-training quantisation with NNCF (needs --calibration-dataset).")
+    parser.add_argument("--two-graphs", action="store_true",
+                        help="with --int8: the INT8 tower and the f32 heads as two OpenVINO graphs, the tower's float "
+                        "ops in bf16 where the CPU has it (export_two_graphs.py; the fastest recipe that keeps the maps).")
     parser.add_argument("--calibration-dataset", metavar="D", default=None,
                         help="calibration images for --int8: a saved dataset folder (vip2clip convert), an image "
                         "folder or a quoted glob.")
@@ -477,7 +480,17 @@ def _run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     model, processor = load_model_and_processor(args.model, device="cpu")
-    out = export_model(
+    if args.two_graphs:
+        if not (args.int8 and args.format == "openvino"):
+            raise UsageError("--two-graphs needs --format openvino --int8")
+        from .export_two_graphs import export_openvino_two_graphs
+
+        out = export_openvino_two_graphs(model, processor, args.out, args.calibration_dataset,
+                                         calibration_size=args.calibration_size, opset=args.opset, source=args.model,
+                                         overwrite=args.overwrite)
+    else:
+        out = None
+    out = out or export_model(
         model, processor, args.out, format=args.format, int8=args.int8,
         calibration_images=args.calibration_dataset, calibration_size=args.calibration_size, opset=args.opset,
         source=args.model, overwrite=args.overwrite,

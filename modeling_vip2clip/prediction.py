@@ -589,6 +589,17 @@ class _Processes:
 _DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def default_num_workers(device: torch.device, cores: int | None = None) -> int:
+    """DataLoader workers when --num-workers is not given. On a CPU the model uses every core and takes seconds
+    per image while decoding and preprocessing a photo takes tens of milliseconds: one worker keeps up, and more
+    only take cores and memory from the model. A GPU scores hundreds of images a second, so decoding needs
+    several cores: up to 8, leaving one for the main process (benchmarks/README.md, "Batch prediction")."""
+    cores = cores or os.cpu_count() or 1
+    if device.type == "cpu":
+        return 1
+    return max(1, min(8, cores - 1))
+
+
 # ---------------------------------------------------------------------------------------------------- the loop
 
 
@@ -681,7 +692,8 @@ def run_prediction(args: argparse.Namespace, model=None, processor=None) -> dict
         if done and procs.is_main:
             logger.info("resuming: %d inputs already in %s, %d to go", len(ids) - len(remaining), output_dir, len(remaining))
     # Not pinned: pinning would also copy the full-size originals kept for the overlays.
-    loader = make_loader(dataset, args.batch_size, args.num_workers)
+    workers = args.num_workers if args.num_workers is not None else default_num_workers(device)
+    loader = make_loader(dataset, args.batch_size, workers)
     started = time.perf_counter()  # the scoring time (images/s), model loading excluded
 
     progress = tqdm(total=total, unit="img", desc="predicting" if procs.world == 1 else f"predicting (process 0 of {procs.world})",

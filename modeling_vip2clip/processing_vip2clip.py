@@ -43,8 +43,9 @@ def jet_colormap(values: np.ndarray) -> np.ndarray:
 
 
 # jet as a lookup table: the overlay colours a map with one gather instead of float64 piecewise arithmetic. 1024
-# levels: jet changes by at most 4·255/1023 < 1 colour level between neighbouring entries.
-_JET_LEVELS = 1024
+# + 1 levels: jet changes by at most 4·255/1024 < 1 colour level between neighbouring entries, and the quarters
+# (0, 0.25, 0.5, …) fall exactly on entries.
+_JET_LEVELS = 1025
 _JET_TABLE = None
 
 
