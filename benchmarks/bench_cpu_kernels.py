@@ -53,6 +53,20 @@ def _gemm_rates(dtype: torch.dtype, tokens: int, width: int, ffn: int, repeats: 
     return rates
 
 
+def _profile(model, pixel_values, top: int = 12) -> dict:
+    """torch.profiler over one forward of the package's default path: the ops' shares of self CPU time, so that
+    the time not spent in GEMMs (attention, LayerNorm, GELU, copies) is named."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as profiler:
+        model(pixel_values=pixel_values)
+    events = [event for event in profiler.key_averages() if event.self_cpu_time_total > 0]
+    total = sum(event.self_cpu_time_total for event in events)
+    events.sort(key=lambda event: event.self_cpu_time_total, reverse=True)
+    return {"total_self_s": round(total / 1e6, 3),
+            "share": {event.key: round(event.self_cpu_time_total / total, 4) for event in events[:top]}}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -60,6 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model-dir", type=Path, default=None, help="saved random model to reuse (made if absent)")
     parser.add_argument("--bf16-once", action="store_true",
                         help="also time one bf16 forward on transformers' layers (minutes where bf16 is emulated)")
+    parser.add_argument("--profile", action="store_true", help="also profile one forward of the default path")
     parser.add_argument("--variants", nargs="+", default=["fast", "fast_prepacked", "plain"])
     args = parser.parse_args(argv)
 
@@ -109,6 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     result["mfu_vs_best_fp32"] = {name: round(flops / value / 1e9 / rates_fp32["best"], 3)
                                   for name, value in result["s_per_image_min"].items()}
+    if args.profile:
+        result["profile_default_path"] = _profile(model, pixel_values)
     if args.bf16_once:
         bf16 = ViP2CLIPModel.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
         with torch.inference_mode():

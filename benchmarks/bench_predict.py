@@ -171,16 +171,41 @@ def _worker_rate(spec: dict) -> dict:
     run_prediction(_predict_args(spec["model_dir"], files[:batch], work / "warmup", batch, spec["workers"],
                                  spec["dtype"], spec["device"], overlays), model=model, processor=processor)
     timed_model = _TimedModel(model)
-    result = run_prediction(_predict_args(spec["model_dir"], files, work / "e2e", batch, spec["workers"], spec["dtype"],
-                                          spec["device"], overlays), model=timed_model, processor=processor)
-    after_rate = model_only(model_files)
-    e2e = result["rows"] / result["seconds"]
-    model_rate = (before_rate + after_rate) / 2
+    rounds = max(1, int(spec.get("rounds") or 1))
+    if rounds == 1:
+        result = run_prediction(_predict_args(spec["model_dir"], files, work / "e2e", batch, spec["workers"],
+                                              spec["dtype"], spec["device"], overlays), model=timed_model,
+                                processor=processor)
+        after_rate = model_only(model_files)
+        e2e = result["rows"] / result["seconds"]
+        model_rate = (before_rate + after_rate) / 2
+    else:
+        # Alternation: `rounds` × (the model alone on its images, then predict on the next share of the files), so
+        # that the machine's drift hits both alike; rates from the summed times.
+        e2e_seconds = e2e_rows = model_seconds = model_images = 0.0
+        model_seconds, model_images = len(model_files) / before_rate, len(model_files)
+        share = -(-len(files) // rounds)
+        for index in range(rounds):
+            chunk = files[index * share:(index + 1) * share]
+            if not chunk:
+                break
+            part = run_prediction(_predict_args(spec["model_dir"], chunk, work / f"e2e_{index}", batch, spec["workers"],
+                                                spec["dtype"], spec["device"], overlays), model=timed_model,
+                                  processor=processor)
+            e2e_seconds += part["seconds"]
+            e2e_rows += part["rows"]
+            rate = model_only(model_files)
+            model_seconds += len(model_files) / rate
+            model_images += len(model_files)
+        result = {"rows": int(e2e_rows), "seconds": e2e_seconds}
+        e2e = e2e_rows / e2e_seconds
+        model_rate = model_images / model_seconds
+        after_rate = rate
     split["model"] = round(1 / model_rate, 4)
     return {
         "part": "rate", "model": spec["label"], "dtype": spec["dtype"], "device": spec["device"], "batch": batch,
         "workers": spec["workers"] if spec["workers"] is not None else "default", "overlays": overlays, "images": len(files), "image_size": "640x480",
-        "model_only_images": len(model_files),
+        "model_only_images": len(model_files), "rounds": rounds,
         "model_only_images_per_s": [round(before_rate, 4), round(after_rate, 4)],
         "e2e_images_per_s": round(e2e, 4), "e2e_vs_model_only": round(e2e / model_rate, 3),
         "e2e_seconds": round(result["seconds"], 2), "e2e_model_forward_seconds": round(timed_model.seconds, 2),
@@ -219,6 +244,8 @@ def main() -> None:
     parser.add_argument("--model-only-images", type=int, default=None,
                         help="images of each model-only pass (default: all of the e2e run's).")
     parser.add_argument("--model-dir", default=None, help="reuse this saved real-geometry random model.")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="alternate model-only and e2e this many times (e2e on 1/rounds of the files each time).")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--work-dir", default=None, help="keep models and images here (default: a temp dir).")
     parser.add_argument("--out", default=None, help="also append the JSON lines to this file.")
@@ -253,7 +280,7 @@ def main() -> None:
                                       "images": str(images), "count": args.real_images, "batch": args.batch_size,
                                       "workers": args.num_workers, "dtype": args.dtype, "device": args.device,
                                       "work": str(work / "run_real"), "overlays": not args.no_overlays,
-                                      "model_only_images": args.model_only_images}))
+                                      "model_only_images": args.model_only_images, "rounds": args.rounds}))
     if "rss" in args.parts:
         peaks = {}
         for count in (args.images, 5 * args.images):

@@ -489,12 +489,11 @@ def _run(args: argparse.Namespace) -> int:
                                          calibration_size=args.calibration_size, opset=args.opset, source=args.model,
                                          overwrite=args.overwrite)
     else:
-        out = None
-    out = out or export_model(
-        model, processor, args.out, format=args.format, int8=args.int8,
-        calibration_images=args.calibration_dataset, calibration_size=args.calibration_size, opset=args.opset,
-        source=args.model, overwrite=args.overwrite,
-    )
+        out = export_model(
+            model, processor, args.out, format=args.format, int8=args.int8,
+            calibration_images=args.calibration_dataset, calibration_size=args.calibration_size, opset=args.opset,
+            source=args.model, overwrite=args.overwrite,
+        )
     info = json.loads((out / INFO_FILE).read_text(encoding="utf-8"))
     summary = f"exported {args.model} to {out} ({info['format']}, {info['precision']}, {info['export_seconds']} s)"
     if "int8" in info:
