@@ -121,11 +121,11 @@ def machine_line(suite: Suite) -> dict:
                       card_dense_bf16_tflops=card_peak_tflops(properties.name))
     dtype = torch.bfloat16 if suite.device.startswith("cuda") else torch.float32
     size = 8192 if suite.device.startswith("cuda") else (1024 if suite.args.tiny else 4096)
-    record["measured_matmul_tflops"] = round(
-        common.matmul_rate_gflops(dtype, suite.device, size=size, repeats=3) / 1000, 2)
+    measured = common.matmul_rate_gflops(dtype, suite.device, size=size, repeats=3) / 1000
+    record["measured_matmul_tflops"] = round(measured, 4)
     record["measured_matmul_dtype"] = str(dtype).replace("torch.", "")
-    suite.peak_tflops = record.get("card_dense_bf16_tflops") or record["measured_matmul_tflops"]
-    suite.measured_tflops = record["measured_matmul_tflops"]
+    suite.peak_tflops = record.get("card_dense_bf16_tflops") or measured
+    suite.measured_tflops = measured
     suite.emit(record)
     return record
 
