@@ -67,12 +67,56 @@ def cpu_flags() -> list[str]:
     return []
 
 
+def cpu_description() -> dict:
+    """/proc/cpuinfo's identity of this CPU: model name, vendor, family/model/stepping, the ISA flags that decide
+    kernel choices (AVX2 / AVX-512 / VNNI / BF16 / AMX), and for AMD the Zen generation they imply. Machines of
+    this project change between sessions (Zen 3, 4 and 5 seen), so every benchmark line carries it."""
+    fields: dict = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if ":" not in line:
+                if fields:
+                    break  # the first processor's block is enough
+                continue
+            key, value = (part.strip() for part in line.split(":", 1))
+            fields.setdefault(key, value)
+    except OSError:
+        pass
+    flags = set(fields.get("flags", "").split())
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "avx512_fp16",
+              "amx_tile", "amx_bf16", "amx_int8")
+    description = {
+        "model_name": fields.get("model name", platform.processor() or platform.machine()),
+        "vendor": fields.get("vendor_id"),
+        "family": int(fields["cpu family"]) if fields.get("cpu family", "").isdigit() else None,
+        "model": int(fields["model"]) if fields.get("model", "").isdigit() else None,
+        "stepping": int(fields["stepping"]) if fields.get("stepping", "").isdigit() else None,
+        "flags": [flag for flag in wanted if flag in flags],
+    }
+    description["generation"] = _amd_generation(description) if description["vendor"] == "AuthenticAMD" else None
+    return description
+
+
+def _amd_generation(description: dict) -> str | None:
+    """Zen generation from AMD's family/model numbers (family 25 = 19h: Zen 3 at models 0x00-0x0f, 0x20-0x5f,
+    Zen 4 at 0x10-0x1f, 0x60-0x7f, 0xa0-0xaf; family 26 = 1Ah: Zen 5)."""
+    family, model = description["family"], description["model"]
+    if family == 23:
+        return "zen1/zen2"
+    if family == 25 and model is not None:
+        return "zen4" if (0x10 <= model <= 0x1F or 0x60 <= model <= 0x7F or 0xA0 <= model <= 0xAF) else "zen3"
+    if family == 26:
+        return "zen5"
+    return None
+
+
 def machine_info(device: str) -> dict:
     import transformers
 
     info = {
         "cpu": cpu_model(),
         "cpu_isa": cpu_flags(),
+        "cpu_id": cpu_description(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -178,6 +222,8 @@ def fast_path_in_use(model, device: str) -> bool | None:
 
     if not hasattr(model, "cpu_onednn_vision"):
         return None
+    if hasattr(model, "uses_cpu_fast_path"):  # the decision includes the per-CPU choice
+        return bool(model.uses_cpu_fast_path(device))
     package = type(model).__module__.rsplit(".", 1)[0]
     fast_path = importlib.import_module(f"{package}.cpu_fast_path_vip2clip")
     return bool(model.cpu_onednn_vision) and fast_path.cpu_fast_path_available(model.clip.vision_model, device)
@@ -322,10 +368,13 @@ def matmul_rates(dtype: torch.dtype, device: str = "cpu") -> dict:
     """The large-matmul rates of this dtype: torch.matmul, and on CPU also the oneDNN linear; `best` = max."""
     rates = {"torch_matmul": round(matmul_rate_gflops(dtype, device), 1)}
     if device == "cpu" and torch.backends.mkldnn.is_available():
-        rates["onednn_linear"] = round(matmul_rate_gflops(dtype, device, backend="onednn"), 1)
-        if hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
-            rates["onednn_prepacked"] = round(matmul_rate_gflops(dtype, device, backend="onednn_prepacked"), 1)
-    rates["best"] = max(rates.values())
+        try:
+            rates["onednn_linear"] = round(matmul_rate_gflops(dtype, device, backend="onednn"), 1)
+            if hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+                rates["onednn_prepacked"] = round(matmul_rate_gflops(dtype, device, backend="onednn_prepacked"), 1)
+        except RuntimeError:  # oneDNN has no kernel for this dtype on this CPU (bf16 without AVX-512/AMX)
+            rates["onednn_unsupported"] = True
+    rates["best"] = max(value for value in rates.values() if not isinstance(value, bool))
     rates["shape"] = "4096x4096x4096" if device == "cpu" else "8192x8192x8192"
     return rates
 

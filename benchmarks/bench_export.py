@@ -6,6 +6,8 @@ ViT-L/14@336 at 518 px with random weights (benchmarks/_common.py), one process,
 * `ort_fp32`: the ONNX export under ONNX Runtime (CPU provider);
 * `ov_f32`, `ov_bf16`: the OpenVINO export with the f32 / bf16 inference-precision hint;
 * `ov_int8` (`ov_int8_bf16`): the NNCF INT8 export, its floating-point ops in f32 (bf16).
+* `ov_int8_2g`: the two-graph INT8 export (`--two-graphs`, export_two_graphs.py): INT8 tower with its float ops
+  in bf16 where the CPU has native bf16 (else f32), heads in f32; `ov_int8_2g_f32`: the tower forced to f32.
 
 Each path is loaded and run on the evaluation images in turn (its warm-up; the peak RSS of that phase is
 `peak_rss_gib`, VmHWM reset before it, `rss_before_gib` what the process held already); then all loaded paths are
@@ -137,13 +139,16 @@ def load_path(name: str, load, eval_pixels: np.ndarray, reference=None) -> tuple
     return record, runner, outputs
 
 
-def time_paths(runners: dict, bench_pixels: np.ndarray, batch_sizes, repeats: int) -> dict:
+def time_paths(runners: dict, bench_pixels: np.ndarray, batch_sizes, repeats: int, batch1_once=()) -> dict:
     """Round-robin timing (every path once per round, `repeats` rounds), so that load from other processes on a
-    shared machine hits all paths alike; per path and batch: best and median s/image."""
-    times = {name: {batch: [] for batch in batch_sizes} for name in runners}
-    for _ in range(repeats):
+    shared machine hits all paths alike; per path and batch: best and median s/image. Paths in `batch1_once`
+    (minutes per image, e.g. bf16 where the CPU emulates it) run at batch 1 in the first round only."""
+    times = {name: {batch: [] for batch in (batch_sizes if name not in batch1_once else [1])} for name in runners}
+    for round_index in range(repeats):
         for name, runner in runners.items():
-            for batch in batch_sizes:
+            if name in batch1_once and round_index > 0:
+                continue
+            for batch in times[name]:
                 start = time.perf_counter()
                 runner(bench_pixels[:batch])
                 times[name][batch].append(time.perf_counter() - start)
@@ -192,6 +197,10 @@ def main(argv=None) -> int:
     parser.add_argument("--calibration-size", type=int, default=64)
     parser.add_argument("--eval-images", type=int, default=8)
     parser.add_argument("--output", default=None, help="append the JSON lines to this file too")
+    parser.add_argument("--batch1-once", nargs="*", default=[], metavar="PATH",
+                        help="paths timed at batch 1 in one round only (e.g. torch_bf16 where bf16 is emulated)")
+    parser.add_argument("--no-accuracy", nargs="*", default=[], metavar="PATH",
+                        help="paths loaded and warmed up on one image only, without accuracy figures")
     args = parser.parse_args(argv)
 
     work = Path(args.work_dir)
@@ -219,8 +228,12 @@ def main(argv=None) -> int:
     # exports (cached): traced once from the fp32 model
     onnx_folder, ov_folder = work / "onnx", work / "ov_f32"
     fp32 = ViP2CLIPModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+    needed = {"onnx": "ort_fp32" in args.paths,
+              "openvino": args.int8_experiments is not None or any(
+                  p in ("ov_f32", "ov_bf16") or (p.startswith("ov_int8") and not p.startswith("ov_int8_2g"))
+                  for p in args.paths)}
     for folder, fmt in ((onnx_folder, "onnx"), (ov_folder, "openvino")):
-        if not (folder / INFO_FILE).is_file():
+        if needed[fmt] and not (folder / INFO_FILE).is_file():
             started = time.perf_counter()
             export_module.export(fp32, folder, processor=processor, format=fmt, source="random ViT-L/14@518",
                                  overwrite=True)
@@ -234,15 +247,27 @@ def main(argv=None) -> int:
         np.savez(work / "reference.npz", scores=reference[0], maps=reference[1])
     cached = np.load(work / "reference.npz")
     reference = (cached["scores"], cached["maps"])
-    if "torch_fp32" not in args.paths:
-        runners.pop("torch_fp32", None)
-        del fp32
     gc.collect()
 
     calibration = None
     if args.int8_experiments is not None or any(p.startswith("ov_int8") for p in args.paths):
         calibration_images = synthetic_images(work / "synthetic_calibration", seed=1, count=args.calibration_size)
         calibration = [processor(images=[image])["pixel_values"].numpy() for image in calibration_images]
+    if any(p.startswith("ov_int8_2g") for p in args.paths):
+        from modeling_vip2clip.deploy.export_two_graphs import export_openvino_two_graphs
+
+        two_graph_folder = work / f"int8_2g_c{args.calibration_size}"
+        if not (two_graph_folder / INFO_FILE).is_file():  # a real export: it writes its accuracy figures
+            started = time.perf_counter()
+            export_openvino_two_graphs(fp32, processor, two_graph_folder, calibration_images + eval_images,
+                                       calibration_size=len(calibration_images), accuracy_images=len(eval_images),
+                                       source="random ViT-L/14@518", overwrite=True)
+            emit({"export": "openvino two graphs, INT8 tower", "seconds": round(time.perf_counter() - started, 1),
+                  "export_info": json.loads((two_graph_folder / INFO_FILE).read_text())})
+    if "torch_fp32" not in args.paths:
+        runners.pop("torch_fp32", None)
+        del fp32
+    gc.collect()
 
     if args.int8_experiments is not None:  # accuracy first (what decides), then batch-1 speed of each
         for variant in args.int8_experiments or sorted(INT8_VARIANTS):
@@ -264,7 +289,10 @@ def main(argv=None) -> int:
         "ov_f32": lambda: _exported_runner(ov_folder, "f32")[0],
         "ov_bf16": lambda: _exported_runner(ov_folder, "bf16")[0],
     }
-    if calibration is not None:
+    if any(p.startswith("ov_int8_2g") for p in args.paths):
+        loaders["ov_int8_2g"] = lambda: _exported_runner(two_graph_folder)[0]
+        loaders["ov_int8_2g_f32"] = lambda: _exported_runner(two_graph_folder, "f32")[0]
+    if calibration is not None and any(p in ("ov_int8", "ov_int8_bf16") for p in args.paths):
         int8_folder = _int8_folder(work, ov_folder, args.int8_variant, calibration)
         loaders["ov_int8"] = lambda: _exported_runner(int8_folder, "f32")[0]
         loaders["ov_int8_bf16"] = lambda: _exported_runner(int8_folder, "bf16")[0]
@@ -276,8 +304,10 @@ def main(argv=None) -> int:
                                                                             else "f32")
     for name in args.paths:
         if name != "torch_fp32":
-            records[name], runners[name], _ = load_path(name, loaders[name], eval_pixels, reference)
-    timings = time_paths(runners, bench_pixels, args.batch_sizes, args.repeats)
+            pixels = eval_pixels[:1] if name in args.no_accuracy else eval_pixels
+            records[name], runners[name], _ = load_path(name, loaders[name], pixels,
+                                                        None if name in args.no_accuracy else reference)
+    timings = time_paths(runners, bench_pixels, args.batch_sizes, args.repeats, set(args.batch1_once))
     for name in args.paths:
         record = {**records[name], "timings": timings[name], "loadavg_1m_at_end": round(os.getloadavg()[0], 2)}
         if name in ("ov_int8", "ov_int8_bf16"):

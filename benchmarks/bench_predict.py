@@ -51,21 +51,56 @@ def _make_images(folder: Path, count: int, seed: int = 0) -> Path:
 
 def _tiny_model(folder: Path) -> Path:
     if not (folder / "config.json").is_file():
-        from modeling_vip2clip.testing_utils import save_tiny_vip2clip
+        tests = str(common.ROOT / "tests")
+        if tests not in sys.path:
+            sys.path.insert(0, tests)
+        from tiny_clip import save_tiny_vip2clip
 
         save_tiny_vip2clip(folder)
     return folder
 
 
-def _predict_args(model, inputs: list[str], out: Path, batch: int, workers: int, device: str) -> dict:
+def _predict_args(model, inputs: list[str], out: Path, batch: int, workers: int | None, device: str,
+                  overlays: bool = True) -> dict:
     """`predict`'s keywords for these `vip2clip predict` flags, with the model already loaded in its dtype."""
     from modeling_vip2clip.cli.predict import build_parser, job_arguments
 
     keywords = job_arguments(build_parser().parse_args([
-        "--model", "unused", *inputs, "--output-dir", str(out), "--batch-size", str(batch), "--num-workers",
-        str(workers), "--device", device, "--no-progress",
+        "--model", "unused", *inputs, "--output-dir", str(out), "--batch-size", str(batch),
+        *([] if workers is None else ["--num-workers", str(workers)]), "--device", device, "--overwrite",
+        "--no-progress", *([] if overlays else ["--no-overlays"]),
     ]))
     return {**keywords, "model": model}
+
+
+def _stage_split(model, processor, files: list[str], device, input_dtype, batch: int, overlays: bool) -> dict:
+    """Seconds per image of each stage of `predict`, run one after the other on the same files in this process:
+    decode (PIL open + RGB), preprocess (the processor), postprocess (scores and maps to the CPU, the full-size
+    map where saved) and write (overlay + PNG at zlib level 1); `model` is timed in `_worker_rate`."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    timings = {}
+    start = time.perf_counter()
+    images = [Image.open(f).convert("RGB") for f in files]
+    timings["decode"] = (time.perf_counter() - start) / len(files)
+    start = time.perf_counter()
+    pixel_values = processor(images=images)["pixel_values"]
+    timings["preprocess"] = (time.perf_counter() - start) / len(files)
+    with torch.inference_mode():
+        output = model(pixel_values=pixel_values[:batch].to(device=device, dtype=input_dtype))
+    start = time.perf_counter()
+    maps = output.anomaly_map.float().cpu()
+    output.anomaly_score.float().cpu().tolist()
+    timings["postprocess"] = (time.perf_counter() - start) / len(maps)
+    start = time.perf_counter()
+    for image, anomaly_map in zip(images, maps):
+        if overlays:
+            processor.overlay(image, anomaly_map).save(io.BytesIO(), format="PNG", compress_level=1)
+    timings["write"] = (time.perf_counter() - start) / len(maps)
+    return {key: round(value, 4) for key, value in timings.items()}
 
 
 # ---------------------------------------------------------------------------------------------------- workers
@@ -88,7 +123,7 @@ def _worker_rate(spec: dict) -> dict:
 
     pixel_values = processor(images=[Image.open(f).convert("RGB") for f in files])["pixel_values"]
 
-    def model_only() -> float:
+    def model_only(timed) -> float:
         def one(chunk):
             with torch.inference_mode():
                 output = model(pixel_values=chunk.to(device=device, dtype=input_dtype))
@@ -98,25 +133,88 @@ def _worker_rate(spec: dict) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        for begin in range(0, len(files), batch):
-            one(pixel_values[begin:begin + batch])
-        return len(files) / (time.perf_counter() - start)
+        for begin in range(0, len(timed), batch):
+            one(timed[begin:begin + batch])
+        return len(timed) / (time.perf_counter() - start)
+
+    class _TimedModel:
+        """The model, with the seconds spent in its forwards inside `predict` summed: e2e wall time minus
+        this is what the loop costs beyond the model (waiting for data, CSV, waiting for the writers)."""
+
+        def __init__(self, inner):
+            self.inner, self.seconds = inner, 0.0
+
+        def __call__(self, *args, **kwargs):
+            start = time.perf_counter()
+            output = self.inner(*args, **kwargs)
+            output.anomaly_map.float().cpu()
+            self.seconds += time.perf_counter() - start
+            return output
+
+        def to(self, *args, **kwargs):
+            self.inner.to(*args, **kwargs)
+            return self
+
+        def eval(self):
+            self.inner.eval()
+            return self
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
 
     work = Path(spec["work"])
+    overlays = spec.get("overlays", True)
+    split = _stage_split(model, processor, files[:batch], device, input_dtype, batch, overlays)
     common.reset_peak_rss()
-    before = model_only()
-    predict(**_predict_args(model, files[:batch], work / "warmup", batch, spec["workers"], spec["device"]),
-            processor=processor)
-    result = predict(**_predict_args(model, files, work / "e2e", batch, spec["workers"], spec["device"]),
-                     processor=processor)
-    after = model_only()
-    e2e = result["rows"] / result["seconds"]
+    load_start = os.getloadavg()
+    # model-only on `model_only_images` files (default all) before and after e2e: brackets drift
+    model_files = pixel_values[: spec.get("model_only_images") or len(files)]
+    before_rate = model_only(model_files)
+    predict(**_predict_args(model, files[:batch], work / "warmup", batch, spec["workers"], spec["device"], overlays),
+                processor=processor)
+    timed_model = _TimedModel(model)
+    rounds = max(1, int(spec.get("rounds") or 1))
+    if rounds == 1:
+        result = predict(**_predict_args(timed_model, files, work / "e2e", batch, spec["workers"], spec["device"], overlays),
+                processor=processor)
+        after_rate = model_only(model_files)
+        e2e = result["rows"] / result["seconds"]
+        model_rate = (before_rate + after_rate) / 2
+    else:
+        # Alternation: `rounds` × (the model alone on its images, then predict on the next share of the files), so
+        # that the machine's drift hits both alike; rates from the summed times.
+        e2e_seconds = e2e_rows = model_seconds = model_images = 0.0
+        model_seconds, model_images = len(model_files) / before_rate, len(model_files)
+        share = -(-len(files) // rounds)
+        for index in range(rounds):
+            chunk = files[index * share:(index + 1) * share]
+            if not chunk:
+                break
+            part = predict(**_predict_args(timed_model, chunk, work / f"e2e_{index}", batch, spec["workers"], spec["device"], overlays),
+                processor=processor)
+            e2e_seconds += part["seconds"]
+            e2e_rows += part["rows"]
+            rate = model_only(model_files)
+            model_seconds += len(model_files) / rate
+            model_images += len(model_files)
+        result = {"rows": int(e2e_rows), "seconds": e2e_seconds}
+        e2e = e2e_rows / e2e_seconds
+        model_rate = model_images / model_seconds
+        after_rate = rate
+    split["model"] = round(1 / model_rate, 4)
     return {
         "part": "rate", "model": spec["label"], "dtype": spec["dtype"], "device": spec["device"], "batch": batch,
-        "workers": spec["workers"], "images": len(files), "image_size": "640x480",
-        "model_only_images_per_s": [round(before, 3), round(after, 3)],
-        "e2e_images_per_s": round(e2e, 3), "e2e_vs_model_only": round(e2e / ((before + after) / 2), 3),
+        "workers": spec["workers"] if spec["workers"] is not None else "default", "overlays": overlays, "images": len(files), "image_size": "640x480",
+        "model_only_images": len(model_files), "rounds": rounds,
+        "model_only_images_per_s": [round(before_rate, 4), round(after_rate, 4)],
+        "e2e_images_per_s": round(e2e, 4), "e2e_vs_model_only": round(e2e / model_rate, 3),
+        "e2e_seconds": round(result["seconds"], 2), "e2e_model_forward_seconds": round(timed_model.seconds, 2),
+        "e2e_model_share": round(timed_model.seconds / result["seconds"], 4),
+        "e2e_model_s_per_image": round(timed_model.seconds / result["rows"], 4),
+        "stage_seconds_per_image": split,
+        "fast_path": common.fast_path_in_use(model, spec["device"]),
         "peak_rss_gib": round(common.current_peak_rss_gib() or float("nan"), 3),
+        "loadavg_start": [round(v, 2) for v in load_start], "loadavg_end": [round(v, 2) for v in os.getloadavg()],
         "machine": common.machine_info(spec["device"]),
     }
 
@@ -125,7 +223,8 @@ def _worker_rss(spec: dict) -> dict:
     from modeling_vip2clip.cli.predict import main
 
     code = main(["--model", spec["model_dir"], spec["images"], "--output-dir", spec["out"], "--batch-size",
-                 str(spec["batch"]), "--num-workers", str(spec["workers"]), "--no-progress"])
+                 str(spec["batch"]), *([] if spec["workers"] is None else ["--num-workers", str(spec["workers"])]),
+                 "--no-progress"])
     return {"exit": code, "main_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
 
@@ -139,8 +238,14 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64, help="images of the tiny rate run and N of the rss run (5N too).")
     parser.add_argument("--real-images", type=int, default=8, help="images of the real-geometry rate run.")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--num-workers", type=int, default=None, help="default: predict's own default")
     parser.add_argument("--dtype", choices=sorted(common.DTYPES), default="bf16", help="dtype of the real model.")
+    parser.add_argument("--no-overlays", action="store_true", help="e2e without overlays (predict --no-overlays).")
+    parser.add_argument("--model-only-images", type=int, default=None,
+                        help="images of each model-only pass (default: all of the e2e run's).")
+    parser.add_argument("--model-dir", default=None, help="reuse this saved real-geometry random model.")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="alternate model-only and e2e this many times (e2e on 1/rounds of the files each time).")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--work-dir", default=None, help="keep models and images here (default: a temp dir).")
     parser.add_argument("--out", default=None, help="also append the JSON lines to this file.")
@@ -170,11 +275,12 @@ def main() -> None:
                                       "dtype": "fp32", "device": args.device, "work": str(work / "run_tiny")}))
     if "real" in args.parts:
         images = _make_images(work / "images", max(args.images, args.real_images))
-        real = str(common.save_random_model(work / "real_model"))
+        real = str(common.save_random_model(args.model_dir or work / "real_model"))
         emit(common.run_worker(HERE, {"kind": "rate", "label": "real ViT-L/14@518", "model_dir": real,
                                       "images": str(images), "count": args.real_images, "batch": args.batch_size,
                                       "workers": args.num_workers, "dtype": args.dtype, "device": args.device,
-                                      "work": str(work / "run_real")}))
+                                      "work": str(work / "run_real"), "overlays": not args.no_overlays,
+                                      "model_only_images": args.model_only_images, "rounds": args.rounds}))
     if "rss" in args.parts:
         peaks = {}
         for count in (args.images, 5 * args.images):

@@ -24,6 +24,7 @@ __all__ = [
     "onednn_linear_available",
     "cpu_fast_path_available",
     "prepacked_weights_wanted",
+    "fp32_fast_path_wins",
     "onednn_bf16_supported",
     "onednn_linear",
     "clip_layer_onednn",
@@ -70,6 +71,17 @@ def cpu_fast_path_available(vision_model: nn.Module, device: torch.device | str)
         and (vision_dtype == torch.float32 or onednn_bf16_supported())
         and vision_model.config._attn_implementation == "sdpa"
     )
+
+
+def fp32_fast_path_wins() -> bool:
+    """Whether the fp32 fast path beats transformers' layers (ATen → MKL) on this CPU, decided at run time.
+
+    Its edge is oneDNN's AVX-512 sgemm against MKL's AVX2 kernels on AMD (Zen 4, Zen 5). Where the CPU has only
+    AVX2 (Zen 3 and older, many laptops) both libraries run AVX2 kernels, MKL's are the faster on the tower's
+    shapes, and measured whole-model the fast path loses (benchmarks/README.md, "CPU kernels per machine"), so
+    fp32 keeps transformers' layers there. bf16 needs oneDNN's native bf16 (`onednn_bf16_supported`) anyway.
+    """
+    return torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "NO AVX", "AVX", "AVX2")
 
 
 def prepacked_weights_wanted(vision_model: nn.Module, choice: bool | None) -> bool:

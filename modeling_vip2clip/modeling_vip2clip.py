@@ -33,7 +33,13 @@ from transformers.masking_utils import create_causal_mask
 from transformers.utils import ModelOutput
 
 from .configuration_vip2clip import ViP2CLIPConfig
-from .cpu_fast_path_vip2clip import clip_layer_onednn, cpu_fast_path_available, onednn_linear, prepacked_weights_wanted
+from .cpu_fast_path_vip2clip import (
+    clip_layer_onednn,
+    cpu_fast_path_available,
+    fp32_fast_path_wins,
+    onednn_linear,
+    prepacked_weights_wanted,
+)
 from .reference_bank_vip2clip import ViP2CLIPReferenceBank
 
 __all__ = [
@@ -412,9 +418,11 @@ class ViP2CLIPModel(ViP2CLIPPreTrainedModel):
     The CLIP backbone is frozen (eval mode, no gradients); only `ica` and `fgp` are trainable.
 
     Attributes (runtime switches, not saved with the model):
-        cpu_onednn_vision (`bool`, defaults to `True`): run the frozen vision tower on the CPU fast path of
-            cpu_fast_path_vip2clip.py where it applies (CPU, fp32 or natively supported bf16, `sdpa` attention);
-            `False` keeps transformers' layers. Scores agree to fp32 rounding (tests/test_fast_path.py).
+        cpu_onednn_vision (`bool` or `None`, defaults to `None`): run the frozen vision tower on the CPU fast path
+            of cpu_fast_path_vip2clip.py where it applies (CPU, fp32 or natively supported bf16, `sdpa`
+            attention). `None` = where it is the faster on this CPU (`fp32_fast_path_wins` for fp32), `True` =
+            wherever it applies, `False` keeps transformers' layers. Scores agree to fp32 rounding
+            (tests/test_fast_path.py).
         cpu_prepacked_weights (`bool` or `None`, defaults to `None`): on that fast path, reorder the tower's
             linear weights once into oneDNN's blocked layout (bit-identical results, a second copy of those
             weights in memory). `None` = on for a bf16 tower, off for fp32; `True` / `False` force it.
@@ -430,7 +438,7 @@ class ViP2CLIPModel(ViP2CLIPPreTrainedModel):
         self.focal_loss = ViP2CLIPFocalLoss(config.focal_gamma, config.loss_smooth)
         self.dice_loss = ViP2CLIPDiceLoss(config.dice_smooth)
         self.clip.requires_grad_(False)
-        self.cpu_onednn_vision: bool = True
+        self.cpu_onednn_vision: bool | None = None
         self.cpu_prepacked_weights: bool | None = None
         self.post_init()
 
@@ -469,7 +477,7 @@ class ViP2CLIPModel(ViP2CLIPPreTrainedModel):
         """
         vision = self.clip.vision_model
         feature_layers = set(self.config.feature_layers)
-        fast = self.cpu_onednn_vision and cpu_fast_path_available(vision, pixel_values.device)
+        fast = self.uses_cpu_fast_path(pixel_values.device)
         if fast and pixel_values.shape[0] > 1:
             # On the fast path one image at a time keeps each layer's activations in cache: the same numbers (bit
             # for bit), faster and with less activation memory (benchmarks/README.md).
@@ -499,6 +507,15 @@ class ViP2CLIPModel(ViP2CLIPPreTrainedModel):
         image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
         patch_embeds = patch_embeds / patch_embeds.norm(dim=-1, keepdim=True)
         return image_embeds, patch_embeds
+
+    def uses_cpu_fast_path(self, device: torch.device | str) -> bool:
+        """Whether `encode_image` runs the vision tower on the CPU fast path for inputs on `device` (the
+        `cpu_onednn_vision` switch, the tower's dtype and this CPU)."""
+        vision = self.clip.vision_model
+        if self.cpu_onednn_vision is False or not cpu_fast_path_available(vision, device):
+            return False
+        fp32 = vision.embeddings.patch_embedding.weight.dtype == torch.float32
+        return bool(self.cpu_onednn_vision) or not fp32 or fp32_fast_path_wins()
 
     def _tap_order(self) -> list[int]:
         # `taps` is in depth order; return positions in config.feature_layers order.

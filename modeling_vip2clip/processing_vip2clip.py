@@ -44,6 +44,45 @@ def jet_colormap(values: np.ndarray) -> np.ndarray:
     return (np.stack([red, green, blue], axis=-1) * 255.0 + 0.5).astype(np.uint8)
 
 
+# jet as a lookup table: the overlay colours a map with one gather instead of float64 piecewise arithmetic. 1024
+# + 1 levels: jet changes by at most 4·255/1024 < 1 colour level between neighbouring entries, and the quarters
+# (0, 0.25, 0.5, …) fall exactly on entries.
+_JET_LEVELS = 1025
+_JET_TABLE = None
+
+
+def _jet_table() -> np.ndarray:
+    global _JET_TABLE
+    if _JET_TABLE is None:
+        _JET_TABLE = jet_colormap(np.linspace(0.0, 1.0, _JET_LEVELS)[None])[0].astype(np.float32)  # (levels, 3)
+    return _JET_TABLE
+
+
+def _bilinear_axis(source: int, target: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows (or columns) and weights of a bilinear resize `source` → `target` with align_corners=False, as
+    torch's `F.interpolate(mode="bilinear")` computes them (no antialiasing)."""
+    # float32 throughout, like torch's kernel, so that the weights round as its do
+    position = np.arange(target, dtype=np.float32) + np.float32(0.5)
+    position = np.maximum(position * np.float32(source / target) - np.float32(0.5), np.float32(0.0))
+    low = np.minimum(position.astype(np.int64), source - 1)
+    high = np.minimum(low + 1, source - 1)
+    return low, high, position - low.astype(np.float32)
+
+
+def resize_map_bilinear(anomaly_map: np.ndarray, height: int, width: int) -> np.ndarray:
+    """`(S, S)` float map → `(height, width)` float32, the numbers of `F.interpolate(..., "bilinear",
+    align_corners=False)` to float32 rounding, in numpy: output-writer threads use it, because a torch op there
+    starts an OpenMP team of its own that competes with the model's threads."""
+    anomaly_map = np.asarray(anomaly_map, dtype=np.float32)
+    if anomaly_map.shape == (height, width):
+        return anomaly_map.copy()
+    top, bottom, row_weight = _bilinear_axis(anomaly_map.shape[0], height)
+    left, right, column_weight = _bilinear_axis(anomaly_map.shape[1], width)
+    # torch's order of operations: along the width first, then (1 - λ)·upper + λ·lower
+    columns = anomaly_map[:, left] * (1 - column_weight) + anomaly_map[:, right] * column_weight
+    return columns[top] * (1 - row_weight)[:, None] + columns[bottom] * row_weight[:, None]
+
+
 def _wide_array_to_uint8(array: np.ndarray, what: str) -> np.ndarray:
     """16-bit / 32-bit / float pixels → uint8 without clipping (documented in `ViP2CLIPImageProcessor`)."""
     array = np.asarray(array)
@@ -328,20 +367,20 @@ class ViP2CLIPImageProcessor(BaseImageProcessor):
         `value_range` fixes the colour scale (default [0, 1], so a normal image stays cool); `None` stretches
         each map min–max (the authors' visualisation, which makes every image look anomalous somewhere).
         """
+        # numpy only (no torch op): predict draws overlays in writer threads next to the running model.
         image = self.to_pil(image)
-        anomaly_map = self._maps_of(anomaly_map)[0]
-        if tuple(anomaly_map.shape) != (image.height, image.width):
-            anomaly_map = F.interpolate(
-                anomaly_map[None, None], size=(image.height, image.width), mode="bilinear", align_corners=False
-            )[0, 0]
-        values = anomaly_map.numpy().astype(np.float64)
+        values = resize_map_bilinear(self._maps_of(anomaly_map)[0].numpy(), image.height, image.width)
         if value_range is None:
             low, high = float(values.min()), float(values.max())
         else:
             low, high = value_range
-        values = (values - low) / (high - low) if high > low else np.zeros_like(values)
-        heat = jet_colormap(values).astype(np.float64)
-        blended = (1.0 - alpha) * np.asarray(image, dtype=np.float64) + alpha * heat
+        if high > low:
+            levels = np.clip((values - np.float32(low)) * np.float32((_JET_LEVELS - 1) / (high - low)) + 0.5,
+                             0, _JET_LEVELS - 1).astype(np.intp)
+        else:
+            levels = np.zeros(values.shape, dtype=np.intp)
+        heat = _jet_table()[levels]  # (H, W, 3) float32
+        blended = np.asarray(image, dtype=np.float32) * np.float32(1.0 - alpha) + heat * np.float32(alpha)
         return Image.fromarray(np.clip(blended + 0.5, 0, 255).astype(np.uint8), mode="RGB")
 
 

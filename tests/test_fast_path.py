@@ -26,8 +26,13 @@ def _fast_path_module(model):
 
 
 def _uses_fast_path(model) -> bool:
+    """The fast path's kernels run here; they are then forced on (`cpu_onednn_vision = True`) so that they are
+    tested on every CPU, including those where the per-CPU default (`None`) keeps transformers' layers."""
     vision = model.clip.vision_model
-    return model.cpu_onednn_vision and _fast_path_module(model).cpu_fast_path_available(vision, torch.device("cpu"))
+    if model.cpu_onednn_vision is False or not _fast_path_module(model).cpu_fast_path_available(vision, torch.device("cpu")):
+        return False
+    model.cpu_onednn_vision = True
+    return True
 
 
 def _pearson_per_image(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -121,6 +126,25 @@ def test_cpu_fast_path_matches_plain_layers_fp32(saved_dir, images):
     # the tower runs image by image inside a batch: the batch-of-one features, bit for bit
     for in_batch, alone in zip(batch_features, single_features):
         assert torch.equal(in_batch[:1], alone)
+
+
+def test_default_kernel_choice_follows_the_cpu(saved_dir, images):
+    """`cpu_onednn_vision = None` (the default) picks per CPU at run time: fp32 takes the fast path only where
+    it wins (`fp32_fast_path_wins`, AVX-512), and the choice changes no number beyond fp32 rounding."""
+    model = AutoModel.from_pretrained(saved_dir, trust_remote_code=True).eval()
+    module = _fast_path_module(model)
+    assert model.cpu_onednn_vision is None
+    available = module.cpu_fast_path_available(model.clip.vision_model, torch.device("cpu"))
+    assert model.uses_cpu_fast_path("cpu") == (available and module.fp32_fast_path_wins())
+    with torch.inference_mode():
+        default = model(pixel_values=images)
+        model.cpu_onednn_vision = True
+        forced = model(pixel_values=images)
+        assert model.uses_cpu_fast_path("cpu") == available
+        model.cpu_onednn_vision = False
+        assert not model.uses_cpu_fast_path("cpu")
+    for name in ("anomaly_score", "anomaly_map"):
+        torch.testing.assert_close(getattr(default, name), getattr(forced, name), atol=FP32_TOL, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -43,7 +43,7 @@ def add_common_arguments(
     batch_size: int = 8,
     output_dir: str | None = None,
     output_help: str = "where the results go",
-    num_workers: int = 2,
+    num_workers: int | None = 2,
     mixed_precision: bool = True,
     mixed_precision_help: str = MIXED_PRECISION_HELP,
 ) -> argparse.ArgumentParser:
@@ -52,8 +52,9 @@ def add_common_arguments(
     group = parser.add_argument_group("run")
     group.add_argument("--batch-size", type=positive_int, default=batch_size,
                        help=f"images per batch and process (default: {batch_size}).")
+    workers_default = num_workers if num_workers is not None else "by device and cores: 1 on a CPU, min(8, cores - 1) on a GPU"
     group.add_argument("--num-workers", type=non_negative_int, default=num_workers,
-                       help=f"DataLoader worker processes that decode and preprocess (default: {num_workers}).")
+                       help=f"DataLoader worker processes that decode and preprocess (default: {workers_default}).")
     if output_dir is not None:
         group.add_argument("--output-dir", default=output_dir, help=f"{output_help} (default: {output_dir}).")
     if mixed_precision:

@@ -89,7 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "ViP2CLIPReferenceBank.save (.safetensors); the maps and scores are then fused with each "
                         "patch's distance to its nearest reference patch (docs/few_shot.md) (default: zero-shot).")
     add_common_arguments(parser, batch_size=8, output_dir="vip2clip-predictions",
-                         output_help="where predictions.csv, skipped.csv and the overlays/maps/masks go", num_workers=2)
+                         output_help="where predictions.csv, skipped.csv and the overlays/maps/masks go", num_workers=None)
     return parser
 
 

@@ -323,6 +323,7 @@ def export(
     accuracy_images: int = 16,
     overwrite: bool = False,
     progress: bool = True,
+    two_graphs: bool = False,
 ) -> Path:
     """Export `model` (a model folder or Hub id, loaded in float32 on CPU; or a loaded float32 `ViP2CLIPModel` on
     CPU with its `processor`) to `out_dir`; returns the folder.
@@ -330,6 +331,8 @@ def export(
     Args:
         format: "onnx" (ONNX Runtime) or "openvino" (OpenVINO IR, f32 weights).
         int8: OpenVINO only — NNCF post-training quantisation on `calibration_images`.
+        two_graphs: with `int8`, the INT8 tower and the f32 heads as two OpenVINO graphs, the tower's float ops in
+            bf16 where the CPU has it (`export_two_graphs.py`; docs/deployment.md).
         calibration_images: a list of images (PIL / arrays), or a saved dataset folder, an image folder or a
             glob; `calibration_size` of them are used (all when fewer). Extra images (up to `accuracy_images`)
             are held out to measure the INT8 accuracy; without extras it is measured on calibration images.
@@ -358,6 +361,8 @@ def export(
     require_extra("onnx", "onnx", "exporting to ONNX")
     if format == "openvino":
         require_extra("openvino", "openvino", "exporting to OpenVINO")
+    if two_graphs and not (int8 and format == "openvino"):
+        raise UsageError("--two-graphs needs --format openvino --int8")
     images, calibration_source = [], None
     if int8:
         require_extra("nncf", "openvino", "INT8 quantisation")
@@ -398,14 +403,21 @@ def export(
                 "options": {"format": format, "int8": int8, "opset": opset, "calibration_size": calibration_size}}
     folder = claim_output_folder(out_dir, manifest, overwrite=overwrite, model_dirs=[source], flag="--out",
                                  can_resume=False, writes=(ONNX_FILE, ONNX_DATA_FILE, OPENVINO_FILE, "openvino_model.bin",
+                                                           "openvino_tower.*", "openvino_heads.*",
                                                            "config.json", "preprocessor_config.json", INFO_FILE,
                                                            "README.md", RUNTIME_FILE))
     final_dir = folder.path
     out_dir = staging_folder(folder)
     try:
-        _export_into(model, processor, out_dir, format, int8, images, calibration_source, calibration_size, opset, source,
-                     external_data, int8_ignored_patterns, int8_advanced_parameters, accuracy_images, progress,
-                     image_size)
+        if two_graphs:  # the INT8 tower and the f32 heads as two graphs (export_two_graphs.py)
+            from .export_two_graphs import export_openvino_two_graphs
+
+            export_openvino_two_graphs(model, processor, out_dir, images, calibration_size=calibration_size,
+                                       accuracy_images=accuracy_images, opset=opset, source=source, progress=progress)
+        else:
+            _export_into(model, processor, out_dir, format, int8, images, calibration_source, calibration_size, opset,
+                         source, external_data, int8_ignored_patterns, int8_advanced_parameters, accuracy_images,
+                         progress, image_size)
         move_into_place(folder, out_dir)
         folder.finish()
     finally:

@@ -36,6 +36,10 @@ __all__ = [
     "RUNTIME_FILE",
     "INPUT_NAME",
     "OUTPUT_NAMES",
+    "OPENVINO_TOWER_FILE",
+    "OPENVINO_HEADS_FILE",
+    "HEADS_INPUT_NAMES",
+    "openvino_tower_precision",
 ]
 
 INFO_FILE = "export_info.json"
@@ -46,6 +50,17 @@ RUNTIME_FILE = "vip2clip_runtime.py"  # this file, copied into the exported fold
 INPUT_NAME = "pixel_values"
 OUTPUT_NAMES = ("anomaly_score", "anomaly_map")
 _MODEL_FILES = {"onnx": ONNX_FILE, "openvino": OPENVINO_FILE}
+# The two-graph INT8 export (export_two_graphs.py): the tower and the heads, each compiled with its own precision.
+OPENVINO_TOWER_FILE = "openvino_tower.xml"
+OPENVINO_HEADS_FILE = "openvino_heads.xml"
+HEADS_INPUT_NAMES = ("image_embeds", "patch_embeds")
+
+
+def _model_file(info: dict) -> str | None:
+    graphs = info.get("graphs")
+    if isinstance(graphs, dict):
+        return graphs.get("tower")
+    return _MODEL_FILES.get(info.get("format"))
 
 # ViP2CLIPProcessor's defaults, used when a folder's preprocessor_config.json lacks a key.
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -80,8 +95,10 @@ def is_exported_folder(path: Any) -> bool:
         info = _read_json(folder / INFO_FILE)
     except (OSError, ValueError):
         return False
-    model_file = _MODEL_FILES.get(info.get("format")) if isinstance(info, dict) else None
-    return model_file is not None and (folder / model_file).is_file()
+    if not isinstance(info, dict):
+        return False
+    files = list(info["graphs"].values()) if isinstance(info.get("graphs"), dict) else [_model_file(info)]
+    return all(name is not None and (folder / name).is_file() for name in files)
 
 
 # The image conversions below repeat processing_vip2clip.py's on purpose: that file imports torch, and this one must
@@ -165,6 +182,43 @@ class _OpenVINOBackend:
         return np.array(outputs["anomaly_score"]), np.array(outputs["anomaly_map"])
 
 
+def openvino_tower_precision(core, requested: str) -> str:
+    """The tower's precision hint: "auto" = bf16 where OpenVINO's CPU plugin runs bf16 natively (AVX-512 BF16,
+    AMX), else f32 (without it the bf16 hint would fall back to f32 anyway)."""
+    if requested != "auto":
+        return requested
+    capabilities = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return "bf16" if "BF16" in capabilities else "f32"
+
+
+class _OpenVINOTwoGraphBackend:
+    """The tower graph (INT8) compiled with its own precision hint, then the heads graph in f32: bf16 where it is
+    fast and harmless, f32 where the maps need it (export_two_graphs.py)."""
+
+    def __init__(self, folder: Path, info: dict, device: str, tower_precision: str | None, num_threads: int | None):
+        try:
+            import openvino
+        except ImportError as error:
+            raise ImportError("this exported folder is OpenVINO and needs openvino: pip install openvino") from error
+        core = openvino.Core()
+        device = "CPU" if device.lower() == "cpu" else device.upper()
+        precision = openvino_tower_precision(core, tower_precision or info.get("tower_inference_precision", "auto"))
+        extra = {"INFERENCE_NUM_THREADS": int(num_threads)} if num_threads else {}
+        graphs = info["graphs"]
+        self.tower = core.compile_model(core.read_model(str(folder / graphs["tower"])), device,
+                                        {"INFERENCE_PRECISION_HINT": precision, **extra})
+        self.heads = core.compile_model(core.read_model(str(folder / graphs["heads"])), device,
+                                        {"INFERENCE_PRECISION_HINT": "f32", **extra})
+        self.tower_request, self.heads_request = self.tower.create_infer_request(), self.heads.create_infer_request()
+        self.name = f"openvino {openvino.get_version()} ({device}, tower {precision} + heads f32)"
+
+    def __call__(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        features = self.tower_request.infer({INPUT_NAME: pixel_values})
+        results = self.heads_request.infer({name: features[self.tower.output(name)] for name in HEADS_INPUT_NAMES})
+        outputs = {name: results[self.heads.output(name)] for name in OUTPUT_NAMES}
+        return np.array(outputs["anomaly_score"]), np.array(outputs["anomaly_map"])
+
+
 class ExportedViP2CLIP:
     """An exported ViP²-CLIP folder, ready to score images (see the module docstring).
 
@@ -204,7 +258,8 @@ class ExportedViP2CLIP:
             folder: a folder written by `vip2clip export`.
             device: "cpu" (default); "cuda" (ONNX Runtime's CUDA provider) or an OpenVINO device name ("GPU").
             inference_precision: OpenVINO only: "f32" or "bf16" for the floating-point ops; default: the one
-                recorded at export (f32).
+                recorded at export (f32). A two-graph INT8 export: the tower's ("auto", "bf16", "f32"; the heads
+                stay f32).
             num_threads: intra-op threads (default: the runtime's, all cores).
         """
         folder = Path(folder)
@@ -217,8 +272,10 @@ class ExportedViP2CLIP:
         config = _read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
         processor_path = folder / "preprocessor_config.json"
         processor_config = _read_json(processor_path) if processor_path.is_file() else {}
-        model_path = folder / _MODEL_FILES[info["format"]]
-        if info["format"] == "onnx":
+        model_path = folder / _model_file(info)
+        if isinstance(info.get("graphs"), dict):  # two graphs: inference_precision is the tower's
+            backend = _OpenVINOTwoGraphBackend(folder, info, device, inference_precision, num_threads)
+        elif info["format"] == "onnx":
             backend = _OnnxRuntimeBackend(model_path, device, num_threads)
         else:
             precision = inference_precision or info.get("inference_precision", "f32")

@@ -82,9 +82,20 @@ class PredictOptions:
     overwrite: bool = False
     references: str | None = None
     batch_size: int = 8
-    num_workers: int = 2
+    num_workers: int | None = None  # None: `default_num_workers`
     mixed_precision: str = "no"
     progress: bool = True
+
+
+def default_num_workers(device: torch.device, cores: int | None = None) -> int:
+    """DataLoader workers when --num-workers is not given. On a CPU the model uses every core and takes seconds
+    per image while decoding and preprocessing a photo takes tens of milliseconds: one worker keeps up, and more
+    only take cores and memory from the model. A GPU scores hundreds of images a second, so decoding needs
+    several cores: up to 8, leaving one for the main process (benchmarks/README.md, "Batch prediction")."""
+    cores = cores or os.cpu_count() or 1
+    if device.type == "cpu":
+        return 1
+    return max(1, min(8, cores - 1))
 
 
 # ---------------------------------------------------------------------------------------------------- the loop
@@ -162,6 +173,13 @@ def _predict(args: PredictOptions, model, processor) -> dict:
 
     device = torch.device(args.device or procs.device)  # Accelerate's: this process's GPU, else the CPU
     model, processor = job_model_and_processor(model, processor, device=device, mixed_precision=args.mixed_precision)
+    if device.type == "cpu" and args.mixed_precision in ("bf16", "fp16"):
+        from ..cpu_fast_path_vip2clip import onednn_bf16_supported
+
+        if not onednn_bf16_supported():  # measured: bf16 ran 6x slower than fp32 on an AVX2-only EPYC (Zen 3)
+            logger.warning("--mixed-precision %s: this CPU has no native bf16/fp16 matrix unit (AVX-512 BF16 or AMX), "
+                           "so it is emulated and several times slower than fp32; --mixed-precision no is faster here",
+                           args.mixed_precision)
     # The dtype the model's first layer takes (an exported ONNX / OpenVINO model takes float32).
     input_dtype = model.clip.vision_model.embeddings.patch_embedding.weight.dtype if hasattr(model, "clip") else torch.float32
     reference_bank = None
@@ -210,7 +228,8 @@ def _predict(args: PredictOptions, model, processor) -> dict:
         if done and procs.is_main_process:
             logger.info("resuming: %d inputs already in %s, %d to go", len(ids) - len(remaining), output_dir, len(remaining))
     # Not pinned: pinning would also copy the full-size originals kept for the overlays.
-    loader = make_loader(dataset, args.batch_size, args.num_workers)
+    workers = args.num_workers if args.num_workers is not None else default_num_workers(device)
+    loader = make_loader(dataset, args.batch_size, workers)
     started = time.perf_counter()  # the scoring time (images/s), model loading excluded
 
     progress = tqdm(total=total, unit="img", desc="predicting" if procs.num_processes == 1 else f"predicting (process 0 of {procs.num_processes})",
@@ -248,7 +267,8 @@ def _predict(args: PredictOptions, model, processor) -> dict:
                     if pool is None:
                         entries.append([*row, ""])
                     else:
-                        entries.append(pool.submit(outputs.write, item, anomaly_map, row))
+                        entries.append(pool.submit(outputs.write, item, anomaly_map, row,
+                                                   outputs.full_size_map(item, anomaly_map)))
             for path, reason in bad:
                 progress.write(f"skipped {path}: {reason}", file=sys.stderr)
             pending.append((entries, bad, len(batch["items"]) + len(batch["bad"])))

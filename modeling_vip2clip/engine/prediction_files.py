@@ -34,14 +34,22 @@ class PredictionFiles:
         return ["path", "score", "verdict", "overlay"] + (["map"] if self.maps != "none" else []) + (
             ["mask"] if self.masks else [])
 
-    def write(self, item: dict, anomaly_map: torch.Tensor, row: list[str]) -> list[str]:
+    def full_size_map(self, item: dict, anomaly_map: torch.Tensor) -> np.ndarray | None:
+        """The map at the image's own size, for --save-maps / --save-masks; None when neither is asked.
+
+        Called in the main thread: a torch op in a writer thread would start an OpenMP team of its own that
+        competes with the model's threads."""
+        if self.maps == "none" and not self.masks:
+            return None
+        return self.processor.post_process_anomaly_maps(anomaly_map[None], target_sizes=[item["size"]])[0].numpy()
+
+    def write(self, item: dict, anomaly_map: torch.Tensor, row: list[str], full: np.ndarray | None = None) -> list[str]:
         """Write the files of one image (map `(S, S)` float32) and complete its CSV row with their paths."""
         from PIL import Image
 
         key = item["key"]
-        full = None
-        if self.maps != "none" or self.masks:
-            full = self.processor.post_process_anomaly_maps(anomaly_map[None], target_sizes=[item["size"]])[0].numpy()
+        if full is None:  # `full_size_map`, computed by the caller in the main thread (see there)
+            full = self.full_size_map(item, anomaly_map)
         overlay = ""
         if self.overlays:
             overlay = f"overlays/{key}.png"
