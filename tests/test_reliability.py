@@ -371,10 +371,13 @@ def test_a_second_process_into_a_held_folder_is_refused(tiny_model_dir, images, 
     out = tmp_path / "out"
     argv = ["--model", tiny_model_dir, images, "--output-dir", out, "--batch-size", "1", "--num-workers", "0",
             "--no-progress"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "VIP2CLIP_TEST_PAUSE_AFTER_BATCH": "1:300"}
+    # paused right after batch 1 is on disk (two header writes, then two CSV writes per batch: tests/paused_run.py)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "VIP2CLIP_TEST_PAUSE": "modeling_vip2clip.engine.results_csv:CsvLog.write@4:300"}
     log = tmp_path / "first.log"
     with open(log, "w") as handle:
-        first = subprocess.Popen([sys.executable, "-m", "modeling_vip2clip.cli", "predict", *map(str, argv)],
+        first = subprocess.Popen([sys.executable, str(ROOT / "tests" / "paused_run.py"), "-m",
+                                  "modeling_vip2clip.cli", "predict", *map(str, argv)],
                                  stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     try:
         deadline = time.monotonic() + WAIT
