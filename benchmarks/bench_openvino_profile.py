@@ -51,7 +51,7 @@ def main(argv=None) -> dict:
     import openvino
 
     from modeling_vip2clip import ViP2CLIPModel
-    from modeling_vip2clip.exported_runtime import HEADS_INPUT_NAMES, INFO_FILE, ExportedViP2CLIP
+    from modeling_vip2clip.deploy.exported_runtime import HEADS_INPUT_NAMES, INFO_FILE, ExportedViP2CLIP
 
     folder = Path(args.folder)
     info = json.loads((folder / INFO_FILE).read_text())

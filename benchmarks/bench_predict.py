@@ -54,7 +54,7 @@ def _tiny_model(folder: Path) -> Path:
         tests = str(common.ROOT / "tests")
         if tests not in sys.path:
             sys.path.insert(0, tests)
-        from tiny_clip import save_tiny_vip2clip
+        from modeling_vip2clip.testing_utils import save_tiny_vip2clip
 
         save_tiny_vip2clip(folder)
     return folder

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from test_export import _NO_TORCH, _images, _torch_outputs  # noqa: F401  (fixtures below reuse the tiny model)
-from tiny_clip import save_tiny_vip2clip
+from modeling_vip2clip.testing_utils import save_tiny_vip2clip
 
 from modeling_vip2clip import ViP2CLIPModel, ViP2CLIPProcessor
-from modeling_vip2clip.exported_runtime import INFO_FILE, RUNTIME_FILE, ExportedViP2CLIP, is_exported_folder
+from modeling_vip2clip.deploy.exported_runtime import INFO_FILE, RUNTIME_FILE, ExportedViP2CLIP, is_exported_folder
 
 pytest.importorskip("openvino")
 
