@@ -16,6 +16,13 @@ folder M to M2 whose config carries
 * `calibration`: where they came from — the dataset, split, categories, the counts of images (normal,
   anomalous, with a mask, skipped) and the F1 reached.
 
+Good parts only — `vip2clip calibrate --model M --normal-images good_parts/ --false-alarm-rate 0.01 --out M2`
+(or a `--dataset` whose usable rows are all normal): `image_threshold` is the (1 − rate) quantile of the normal
+images' scores and `pixel_threshold` the same quantile of their map pixels (`post_processing.thresholds`), so
+about `rate` of such images would be flagged; `calibration` records the method, the rate and the count, and a
+warning when there are fewer than 10 / rate images. Use it when defects are rare or not yet seen (a production
+line); use the labelled F1-max route when you have anomalous examples, since it balances misses against alarms.
+
 The weights are not touched: M2 is M's folder copied (its config rewritten), written to a temporary folder beside
 M2 and renamed into place. The pattern is anomalib's post-processor: thresholds stored with the model.
 
@@ -65,7 +72,10 @@ def _check_out(args, model_source: str) -> Path:
 
 def calibrate(args: argparse.Namespace, model=None, processor=None) -> dict:
     """Score the dataset, compute the thresholds and write `--out`; returns the calibration info (with the
-    thresholds under `image_threshold` / `pixel_threshold`)."""
+    thresholds under `image_threshold` / `pixel_threshold`). `--normal-images`, or a dataset whose usable rows
+    are all normal, takes the normal-only route (`calibrate_from_normal_images`)."""
+    if getattr(args, "normal_images", None):
+        return calibrate_from_normal_images(args, model, processor)
     import numpy as np
     import torch
     from tqdm.auto import tqdm
@@ -132,6 +142,15 @@ def calibrate(args: argparse.Namespace, model=None, processor=None) -> dict:
 
     labels_array = np.asarray(labels, dtype=np.int64)
     num_normal, num_anomalous = int((labels_array == 0).sum()), int((labels_array == 1).sum())
+    if num_normal and not num_anomalous:  # good parts only: a false-alarm-rate quantile instead of F1-max
+        from ..post_processing.thresholds import PixelQuantile
+
+        pixels = PixelQuantile()
+        for anomaly_map in pixel_maps:
+            pixels.add(anomaly_map)
+        info = {"dataset": _dataset_name(args), "split": args.split, "splits": [part.name for part in parts],
+                "categories": sorted(set(categories)) if any(categories) else None}
+        return _write_normal_only(args, source, out, model, processor, scores, pixels, len(skipped), info)
     if not num_normal or not num_anomalous:
         raise UsageError(f"--dataset {args.dataset}: {num_normal} normal and {num_anomalous} anomalous usable images "
                          f"(split {args.split}); an F1-max threshold needs both kinds — add labelled images of the "
@@ -163,6 +182,97 @@ def calibrate(args: argparse.Namespace, model=None, processor=None) -> dict:
     config = model.config
     config.image_threshold = float(image_threshold)
     config.pixel_threshold = None if pixel_threshold is None else float(pixel_threshold)
+    config.calibration = info
+    _write_model_folder(source, out, model, processor)
+    return {**info, "image_threshold": config.image_threshold, "pixel_threshold": config.pixel_threshold}
+
+
+def calibrate_from_normal_images(args: argparse.Namespace, model=None, processor=None) -> dict:
+    """`calibrate --normal-images INPUT...`: score good parts only (files, folders, globs, @lists, as `predict`
+    takes them) and place the thresholds at the `--false-alarm-rate` quantiles of their scores and map pixels
+    (`post_processing.thresholds`); writes `--out` like `calibrate` and returns the calibration info."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..data.images import collect_inputs
+    from ..data.streams import FileImages, Prepare, make_loader
+    from ..post_processing.thresholds import PixelQuantile, check_rate
+    from ..resolve import resolve_source
+    from ..weights.loader import load_model_and_processor
+
+    try:
+        check_rate(args.false_alarm_rate)
+    except ValueError as error:
+        raise UsageError(f"--false-alarm-rate {args.false_alarm_rate}: {error}") from None
+    source = resolve_source(args.model, "--model")
+    out = _check_out(args, source)
+    items, problems = collect_inputs(args.normal_images)
+    if not items:
+        raise UsageError(f"--normal-images {' '.join(args.normal_images)}: no image files found; pass a folder, a "
+                         "glob or an @list of good-part images.")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if model is None:
+        model, processor = load_model_and_processor(args.model, device=device)
+    model = model.to(device).eval()
+    loader = make_loader(FileImages(items, Prepare(processor)), args.batch_size, args.num_workers,
+                         pin_memory=device.type == "cuda")
+    autocast = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
+    scores, skipped, pixels = [], list(problems), PixelQuantile()
+    for batch in tqdm(loader, total=math.ceil(len(items) / args.batch_size), unit="batch", desc="calibrating",
+                      disable=args.no_progress):
+        skipped.extend(batch["bad"])
+        if not batch["items"]:
+            continue
+        precision = contextlib.nullcontext() if autocast is None else torch.autocast(device.type, dtype=autocast)
+        with torch.inference_mode(), precision:
+            output = model(pixel_values=batch["pixel_values"].to(device))
+        for item, score, anomaly_map in zip(batch["items"], output.anomaly_score.float().cpu().tolist(),
+                                            output.anomaly_map.float().cpu()):
+            if not (math.isfinite(score) and bool(torch.isfinite(anomaly_map).all())):
+                skipped.append((item["id"], "the model's score or map is not finite (NaN/inf)"))
+                continue
+            scores.append(score)
+            pixels.add(anomaly_map.numpy())
+    for item_id, reason in skipped:
+        print(f"skipped {item_id}: {reason}", file=sys.stderr)
+    if not scores:
+        raise UsageError(f"--normal-images {' '.join(args.normal_images)}: none of the {len(items)} images could be "
+                         "scored (see the skipped lines above).")
+    info = {"normal_images": list(args.normal_images)}
+    return _write_normal_only(args, source, out, model, processor, scores, pixels, len(skipped), info)
+
+
+def _write_normal_only(args, source: str, out: Path, model, processor, scores: list[float], pixels, num_skipped: int,
+                       info: dict) -> dict:
+    """Thresholds at the false-alarm-rate quantiles of normal scores and pixels, their provenance, `--out`."""
+    from ..post_processing.thresholds import false_alarm_threshold, min_images_for_rate
+
+    rate = float(getattr(args, "false_alarm_rate", None) or 0.01)
+    image_threshold = false_alarm_threshold(scores, rate)
+    pixel_threshold = pixels.threshold(rate)
+    needed = min_images_for_rate(rate)
+    warning = None
+    if len(scores) < needed:
+        warning = (f"only {len(scores)} normal images for a false-alarm rate of {rate:g}: the threshold rests on the "
+                   f"{max(1, round(rate * len(scores)))} highest score(s); use at least {needed} (10 / rate) images")
+        logger.warning(warning)
+    info = {
+        **info,
+        "method": "normal-only quantile (modeling_vip2clip.post_processing.thresholds): image_threshold = the "
+                  "(1 - false_alarm_rate) quantile of the normal images' scores, pixel_threshold = that quantile of "
+                  "their map pixels",
+        "false_alarm_rate": rate,
+        "num_images": len(scores),
+        "num_normal": len(scores),
+        "num_anomalous": 0,
+        "num_skipped": num_skipped,
+        "min_images_for_rate": needed,
+        "warning": warning,
+        "calibrated_from": str(args.model),
+    }
+    config = model.config
+    config.image_threshold = float(image_threshold)
+    config.pixel_threshold = float(pixel_threshold)
     config.calibration = info
     _write_model_folder(source, out, model, processor)
     return {**info, "image_threshold": config.image_threshold, "pixel_threshold": config.pixel_threshold}

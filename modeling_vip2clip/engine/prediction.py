@@ -35,7 +35,7 @@ import torch
 from ..data.dataset_parts import DatasetPart, open_dataset_parts
 from ..data.images import collect_inputs
 from ..data.streams import FileImages, Prepare, RowImages, StreamImages, dataset_rows, make_loader
-from .prediction_files import PredictionFiles
+from .prediction_files import PredictionFiles, ambiguous_stems
 from .results_csv import PREDICTIONS_CSV, SKIPPED_CSV, CsvLog, done_ids, merge_parts, part_files, read_csv_rows
 from ..errors import UsageError, require_extra
 from ..distributed import check_distributed_setup
@@ -139,8 +139,11 @@ def run_prediction(args: argparse.Namespace, model=None, processor=None) -> dict
         config.image_threshold if getattr(config, "image_threshold", None) is not None else 0.5)
     pixel_threshold = args.pixel_threshold if args.pixel_threshold is not None else (
         config.pixel_threshold if getattr(config, "pixel_threshold", None) is not None else 0.5)
+    keys = [key for _, key in items] if inputs else []  # dataset rows' keys are unique without their extension
     outputs = PredictionFiles(output_dir, processor, overlays=not args.no_overlays, maps=args.save_maps,
-                       masks=args.save_masks, pixel_threshold=pixel_threshold)
+                              masks=args.save_masks, pixel_threshold=pixel_threshold, threshold=threshold,
+                              plain_overlays=bool(getattr(args, "plain_overlays", False)),
+                              ambiguous=ambiguous_stems(keys))
     header = outputs.header()
 
     # Every process reads what is done before the main process touches any file.
