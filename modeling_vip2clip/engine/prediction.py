@@ -245,6 +245,11 @@ def run_prediction(args: argparse.Namespace, model=None, processor=None) -> dict
     if not skipped_rows:
         (output_dir / SKIPPED_CSV).unlink(missing_ok=True)
     scored = len(final_rows) - len(done)
+    if not getattr(args, "no_report", False):  # from the final CSV: every process's and every resumption's rows
+        from .html_report import threshold_origin, write_prediction_report
+
+        write_prediction_report(output_dir, model=str(args.model), threshold=threshold,
+                                threshold_from=threshold_origin(args.threshold, config))
     return {
         "csv": str(output_dir / PREDICTIONS_CSV),
         "rows": len(final_rows),
