@@ -6,7 +6,6 @@ gallery items as it embeds, the CSV's counts and the histogram."""
 from __future__ import annotations
 
 import csv
-import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -14,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from launch import CHROMIUM, chromium_context
 from modeling_vip2clip.engine.html_report import REPORT_HTML, write_prediction_report
 
-CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 SIZE_BOUND = 3_000_000  # bytes: a 20,000-row report (250 thumbnails, the histogram) must stay under this
 
 
@@ -130,12 +129,7 @@ def test_report_in_a_real_browser(tmp_path):
     artifacts = Path(__file__).resolve().parents[1] / "artifacts"
     artifacts.mkdir(exist_ok=True)
     with playwright.sync_playwright() as p:
-        context = p.chromium.launch_persistent_context(
-            str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, headless=True,
-            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"],
-            viewport={"width": 1300, "height": 1000},
-        )
+        context = chromium_context(p, tmp_path / "chromium-profile", 1300, 1000)
         try:
             page = context.new_page()
             requests: list[str] = []
