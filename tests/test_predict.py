@@ -57,6 +57,15 @@ def _model_outputs(model_dir, images: list[Image.Image]):
     return output.anomaly_score.tolist(), [m.numpy() for m in maps]
 
 
+def _report_counts(out: Path) -> tuple[int, int, int, int]:
+    """report.html's (scored, anomalous, skipped, gallery items), read from its markup."""
+    import re
+
+    page = (out / "report.html").read_text(encoding="utf-8")
+    counts = re.search(r'id="counts" data-scored="(\d+)" data-anomalous="(\d+)" data-skipped="(\d+)"', page)
+    return (*map(int, counts.groups()), page.count('<figure class="item'))
+
+
 def _smooth(size: tuple[int, int], seed: int) -> Image.Image:
     rng = np.random.default_rng(seed)
     coarse = rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)
@@ -345,6 +354,9 @@ def test_sigkill_mid_run_then_resume_holds_every_image_once(tiny_model_dir, fold
     assert all(got[path] == pytest.approx(expected[path], abs=1e-6) for path in expected)
     assert all((out / row["overlay"]).is_file() for row in _rows(out))
     assert not list(out.rglob("*.tmp")) and not list(out.glob("*.part-*"))
+    # The report is built from the final CSV: the rows of both runs, once each.
+    rows = _rows(out)
+    assert _report_counts(out) == (len(rows), sum(r["verdict"] == "anomalous" for r in rows), 1, len(rows))
 
 
 # ---------------------------------------------------------------------------------------------------- distributed
@@ -367,6 +379,10 @@ def test_two_processes_equal_one_process(tiny_model_dir, folder, tmp_path):
     with open(double / "skipped.csv", newline="") as handle:
         assert [row["path"] for row in csv.DictReader(handle)] == [str(folder / "cam_a" / "broken.png")]
     assert completed.stdout.count("scored ") == 1  # one summary, from the main process
+    # One report, by the main process, of the merged CSV (the same counts as the one-process run's).
+    rows = _rows(double)
+    assert _report_counts(double) == _report_counts(single) == (
+        len(rows), sum(r["verdict"] == "anomalous" for r in rows), 1, len(rows))
 
 
 def test_two_processes_killed_then_resumed(tiny_model_dir, folder, tmp_path):
