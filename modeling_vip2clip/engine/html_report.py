@@ -76,7 +76,9 @@ def _svg(figure) -> str:
 
     buffer = io.StringIO()
     with matplotlib.rc_context({"svg.fonttype": "none"}):
-        figure.savefig(buffer, format="svg", bbox_inches="tight")
+        # No metadata block: its date would make every report differ, its RDF namespaces look like links.
+        figure.savefig(buffer, format="svg", bbox_inches="tight",
+                       metadata={"Creator": None, "Date": None, "Format": None, "Type": None})
     text = buffer.getvalue()
     return text[text.index("<svg"):]
 
@@ -359,7 +361,7 @@ def _evaluation_report(output_dir: Path, results: dict, records: dict, dataset, 
         directory = record["dir"]
         if directory not in opened:
             opened[directory] = np.load(directory / "map.npy", mmap_mode="r")
-        anomaly_map = np.asarray(opened[directory][record["row"]], dtype=np.float32)
+        anomaly_map = np.array(opened[directory][record["row"]], dtype=np.float32)  # a copy: torch wants it writable
         import torch
 
         picture = processor.overlay(dataset[int(index)]["image"], torch.from_numpy(anomaly_map))
