@@ -295,7 +295,7 @@ def test_predict_on_an_exported_folder_equals_the_torch_folder(torch_folder, onn
     modeling_vip2clip/exported_model.py): same CSV scores (1e-4) and overlays as the torch folder."""
     import csv
 
-    from modeling_vip2clip import predict
+    from modeling_vip2clip.cli import predict
     from modeling_vip2clip.deploy.exported_model import ExportedViP2CLIPModel, load_exported
     from modeling_vip2clip.engine.prediction import run_prediction
     from modeling_vip2clip.weights.loader import load_model_and_processor
@@ -308,7 +308,7 @@ def test_predict_on_an_exported_folder_equals_the_torch_folder(torch_folder, onn
     def scores(model_source, loaded=None):
         out = tmp_path / f"out-{Path(model_source).name}"
         args = predict.build_parser().parse_args(["--model", str(model_source), str(images), "--output-dir", str(out),
-                                                  "--batch-size", "3"])
+                                                  "--batch-size", "3", "--plain-overlays"])  # the maps, no drawn score
         model, processor = loaded or (None, None)
         run_prediction(args, model=model, processor=processor)
         with open(out / "predictions.csv", newline="") as handle:
