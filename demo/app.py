@@ -571,14 +571,14 @@ class AnomalyDemo:
         )
 
     def colour_scale_html(self) -> str:
-        """The overlay's colour scale, 0 … 1: a gradient sampled from the serving processor's own `overlay`
-        (alpha 1 over black, i.e. its colormap on the fixed [0, 1] range the overlays use)."""
+        """The overlay's colour scale, 0 … 1, as a CSS gradient: the colours of `colour_scale`, the scale that
+        `vip2clip predict` draws under its overlays (`annotate_overlay`), on the fixed [0, 1] range they use."""
+        from modeling_vip2clip.processing_vip2clip import colour_scale
+
         if self.loaded.processor is None:
             return ""
-        side = 101  # ≥ the processor's minimum side; column i holds the value i / 100
-        side = max(side, int(getattr(self.loaded.processor, "min_image_size", 16) or 16))
-        ramp = np.tile(np.linspace(0.0, 1.0, side, dtype=np.float32), (side, 1))  # (side, side)
-        row = np.asarray(self.loaded.processor.overlay(Image.new("RGB", (side, side)), ramp, alpha=1.0))[0]
+        side = 101  # column i holds the value i / 100
+        row = colour_scale(side)
         columns = [round(i * (side - 1) / 10) for i in range(11)]  # every 0.1
         stops = ", ".join(f"rgb({r},{g},{b}) {10 * i}%" for i, (r, g, b) in enumerate(row[columns]))
         ticks = "".join(f"<span>{value}</span>" for value in ("0", "0.25", "0.5", "0.75", "1"))

@@ -1,14 +1,28 @@
-"""Helpers for tests that start real processes on localhost: a free TCP port, and `accelerate launch` with two
-CPU processes (DDP over gloo) of one of the package's modules."""
+"""Helpers for tests that start real processes on localhost: a free TCP port, `accelerate launch` with two
+CPU processes (DDP over gloo) of one of the package's modules, and a headless Debian Chromium under Playwright."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
 
-__all__ = ["free_port", "launch_two_cpu_processes"]
+__all__ = ["CHROMIUM", "chromium_context", "free_port", "launch_two_cpu_processes"]
+
+# Debian's chromium (apt-get install chromium): Playwright drives it, no browser download.
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
+
+
+def chromium_context(playwright, profile_dir, width: int = 1400, height: int = 1000):
+    """A headless, offline-quiet Chromium context (Playwright's `sync_playwright()` object given); close it."""
+    return playwright.chromium.launch_persistent_context(
+        str(profile_dir), executable_path=CHROMIUM, headless=True,
+        args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+              "--disable-component-update", "--disable-sync", "--no-first-run"],
+        viewport={"width": width, "height": height},
+    )
 
 
 def free_port() -> int:

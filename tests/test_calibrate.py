@@ -280,7 +280,6 @@ def test_calibrate_one_category_of_a_canonical_dataset(tiny_model_dir, tmp_path)
 
 
 @pytest.mark.parametrize("extra, named", [
-    (["--split", "train"], "needs both kinds"),  # the .train splits hold normal images only
     (["--label-column", "target"], "--label-column target"),
     (["--image-column", "picture"], "--image-column picture"),
 ])
@@ -311,3 +310,123 @@ def test_calibrate_refuses_to_overwrite(tiny_model_dir, labelled_parquet, tmp_pa
     assert cli_main([*argv, "--overwrite"]) == 0
     # --overwrite replaces only what vip2clip writes (docs/reliability.md): the user's own file stays.
     assert (out / "keep.txt").read_text() == "mine" and (out / "config.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------- normal-only
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_false_alarm_threshold_equals_numpys_quantile(seed):
+    from modeling_vip2clip.post_processing.thresholds import false_alarm_threshold
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 3000))
+    scores = rng.beta(2, 5, n) if seed % 2 else np.round(rng.random(n) * 10) / 10  # ties on even seeds
+    for rate in (0.001, 0.01, 0.05, 0.3):
+        threshold = false_alarm_threshold(scores, rate)
+        assert threshold == pytest.approx(float(np.quantile(scores, 1 - rate)), abs=1e-12)
+        if seed % 2 and n >= 100:  # no ties: about `rate` of the normal scores are at or above it
+            assert abs(float((scores >= threshold).mean()) - rate) <= 1.0 / n + 1e-12
+
+
+def test_false_alarm_threshold_rejects_bad_input():
+    from modeling_vip2clip.post_processing.thresholds import false_alarm_threshold, min_images_for_rate
+
+    for rate in (0.0, 1.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="strictly between 0 and 1"):
+            false_alarm_threshold([0.1, 0.2], rate)
+    with pytest.raises(ValueError, match="no normal scores"):
+        false_alarm_threshold([], 0.01)
+    assert (min_images_for_rate(0.01), min_images_for_rate(0.05), min_images_for_rate(0.001)) == (1000, 200, 10000)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_pixel_quantile_is_within_a_bin_of_numpys_quantile(seed):
+    from modeling_vip2clip.post_processing.thresholds import PixelQuantile
+
+    rng = np.random.default_rng(seed)
+    maps = rng.beta(2, 6, (7, 40, 40)).astype(np.float32)
+    quantile = PixelQuantile()
+    for anomaly_map in maps:
+        quantile.add(anomaly_map)
+    assert quantile.count == maps.size
+    for rate in (0.001, 0.01, 0.2):
+        assert abs(quantile.threshold(rate) - float(np.quantile(maps, 1 - rate))) <= 0.5 / quantile.bins + 1e-9
+
+
+def _good_parts(root, count):
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    root.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        Image.fromarray(np.clip(rng.normal(120, 20, (32 + index % 3, 36, 3)), 0, 255).astype(np.uint8)).save(
+            root / f"good_{index:02d}.png")
+    (root / "broken.png").write_bytes(b"not a png")
+    return root
+
+
+def test_calibrate_from_normal_images_sets_the_false_alarm_quantiles(tiny_model_dir, tmp_path, capsys, caplog):
+    """--normal-images: the thresholds equal numpy's quantiles of the model's own scores and maps (computed here
+    by hand), the provenance names the method, rate and count, and too few images for the rate warn."""
+    import torch
+
+    from modeling_vip2clip import ViP2CLIPConfig, ViP2CLIPModel, ViP2CLIPProcessor
+    from modeling_vip2clip.cli.main import main as cli_main
+
+    good = _good_parts(tmp_path / "good", 12)
+    out = tmp_path / "calibrated"
+    with caplog.at_level("WARNING"):
+        assert cli_main(["calibrate", "--model", str(tiny_model_dir), "--normal-images", str(good), "--out", str(out),
+                         "--false-alarm-rate", "0.1", "--batch-size", "1", "--num-workers", "0", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "broken.png" in captured.err and "12 normal images" in captured.out
+    config = ViP2CLIPConfig.from_pretrained(out)
+
+    from PIL import Image
+
+    model = ViP2CLIPModel.from_pretrained(tiny_model_dir).eval()
+    processor = ViP2CLIPProcessor.from_pretrained(tiny_model_dir)
+    scores, maps = [], []
+    for path in sorted(good.glob("good_*.png")):
+        with torch.no_grad():
+            output = model(pixel_values=processor(images=[Image.open(path).convert("RGB")])["pixel_values"])
+        scores.append(float(output.anomaly_score[0]))
+        maps.append(output.anomaly_map[0].numpy())
+    assert config.image_threshold == pytest.approx(float(np.quantile(scores, 0.9)), abs=1e-6)
+    assert abs(config.pixel_threshold - float(np.quantile(np.stack(maps), 0.9))) <= 0.5 / 65536 + 1e-6
+    info = config.calibration
+    assert info["method"].startswith("normal-only quantile") and info["false_alarm_rate"] == 0.1
+    assert (info["num_images"], info["num_skipped"], info["min_images_for_rate"]) == (12, 1, 100)
+    assert "only 12 normal images" in info["warning"] and "only 12 normal images" in caplog.text
+
+
+def test_calibrate_a_dataset_of_normal_rows_uses_the_normal_only_route(tiny_model_dir, labelled_parquet, tmp_path):
+    """The .train splits hold normal images only: no F1-max is possible, the false-alarm quantile is used."""
+    from modeling_vip2clip import ViP2CLIPConfig
+    from modeling_vip2clip.cli.main import main as cli_main
+
+    out = tmp_path / "calibrated"
+    assert cli_main(["calibrate", "--model", str(tiny_model_dir), "--dataset", str(labelled_parquet), "--split",
+                     "train", "--out", str(out), "--num-workers", "0", "--no-progress"]) == 0
+    info = ViP2CLIPConfig.from_pretrained(out).calibration
+    assert info["method"].startswith("normal-only quantile") and info["false_alarm_rate"] == 0.01
+    assert info["num_images"] == 4 and info["splits"] == ["candle.train", "pcb1.train"]
+
+
+@pytest.mark.parametrize("extra, named", [
+    (["--normal-images", "no/such/folder"], "--normal-images no/such/folder: no image files found"),
+    (["--normal-images", "x", "--false-alarm-rate", "1.5"], "--false-alarm-rate"),
+])
+def test_normal_only_usage_errors(tiny_model_dir, tmp_path, extra, named, capsys):
+    from modeling_vip2clip.cli.main import main as cli_main
+
+    try:
+        code = cli_main(["calibrate", "--model", str(tiny_model_dir), "--out", str(tmp_path / "out"), "--no-progress",
+                         *extra])
+    except SystemExit as exit_:  # argparse's own check of the option's type
+        code = exit_.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert named in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

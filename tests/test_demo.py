@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from launch import free_port
+from launch import CHROMIUM, chromium_context, free_port
 from loopback_server import FILE_PATH, FileServer, blob_id, write_authors_checkpoint
 from modeling_vip2clip.testing_utils import save_tiny_vip2clip, tiny_vip2clip_config
 
@@ -30,7 +30,6 @@ EXAMPLE = DEMO / "examples" / "fabric_hole.png"
 # gradio_client stages each download in <tempdir>/<40 hex>/: keep those inside the test's tmp_path.
 pytestmark = pytest.mark.usefixtures("contained_tempdir")
 
-CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 
 
 @pytest.fixture(scope="module")
@@ -539,12 +538,7 @@ def test_browser_upload_and_run(servers, tmp_path):
     artifacts = ROOT / "artifacts"
     artifacts.mkdir(exist_ok=True)
     with playwright.sync_playwright() as p:
-        context = p.chromium.launch_persistent_context(
-            str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, headless=True,
-            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"],
-            viewport={"width": 1400, "height": 1000},
-        )
+        context = chromium_context(p, tmp_path / "chromium-profile", 1400, 1000)
         try:
             page = context.new_page()
             page.goto(server.url, wait_until="domcontentloaded")

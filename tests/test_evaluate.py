@@ -65,8 +65,18 @@ def test_table_and_json_are_complete(full_run, bench_dir):
     # A category without anomalous images: every metric undefined -> null in the JSON, nan in the table.
     assert all(v is None for v in results["per_category"]["pill_like"].values())
     table = (out / "results.md").read_text()
+    heading, table = table.split("| objects", 1)
+    table = "| objects" + table
     header = table.splitlines()[0]
     assert all(key in header for key in METRIC_KEYS)
+    # The heading says what, how, when, by which version and in which unit; the table holds results.json's numbers.
+    assert heading.startswith(f"# {bench_dir.name} (test): vip2clip evaluate")
+    for fact in (f"- model: {results['model']}", "split test", "14 of 15 images evaluated", "k-shot: zero-shot",
+                 f"- date: {results['date']}; vip2clip {results['package_version']}", "unit: fractions in [0, 1]"):
+        assert fact in heading, fact
+    assert results["unit"] == "fraction" and results["date"].endswith("Z")
+    fabric_row = next(line for line in table.splitlines() if line.startswith("| fabric"))
+    assert fabric_row.split("|")[2].strip() == f"{results['per_category']['fabric'][METRIC_KEYS[0]]:.3f}"
     pill_row = next(line for line in table.splitlines() if line.startswith("| pill_like"))
     assert pill_row.count("nan") == len(METRIC_KEYS)
     mean_row = next(line for line in table.splitlines() if line.startswith("| mean"))
@@ -114,8 +124,8 @@ def test_save_maps_writes_overlays_and_roc(full_run, tmp_path):
 
     out, results = full_run
     overlays = sorted((out / "maps").rglob("*.png"))
-    assert len(overlays) == results["num_evaluated"]
-    assert Image.open(overlays[0]).size == (32, 32)
+    assert len(overlays) == results["num_evaluated"] and all(p.name.endswith(".overlay.png") for p in overlays)
+    assert Image.open(overlays[0]).width >= 32 and Image.open(overlays[0]).height > 32  # the strip below
     assert not (out / "partial").exists()  # removed once the results are written
 
     # The run's ROC picture: a 6.4 x 6.0 in figure at 120 dpi, not blank; one curve per category with both
@@ -314,3 +324,33 @@ def test_k_shot_refuses_references_from_the_evaluated_split(tiny_model_dir, benc
             "--k-shot", "1", "--reference-split", "test"]
     assert cli_main(argv) == 2
     assert "--reference-split test" in capsys.readouterr().err
+
+
+def test_report_html_has_metrics_curves_and_worst_images(full_run):
+    """report.html of the full run: the header, the metrics table, ROC and PR as inline SVG, per category the
+    highest-scored normal and lowest-scored anomalous images (as many as there are, up to 6) with embedded maps,
+    and the skipped inputs; nothing is fetched from elsewhere."""
+    import re
+
+    out, results = full_run
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert results["model"] in page and results["date"][:10] in page
+    assert "<dt>vip2clip</dt><dd>" + results["package_version"] in page
+    assert page.count("<svg") == 2 and 'id="roc"' in page and 'id="pr"' in page
+    assert not re.search(r'(src|href)="(https?:)?//', page)  # nothing fetched: thumbnails embedded, links relative
+    for category, counts in results["counts"].items():
+        section = re.search(rf'<section class="category" data-category="{category}">(.*?)</section>', page, re.S)
+        assert section, category
+        blocks = section.group(1).split("<h3>")[1:]
+        assert len(blocks) == 2
+        for block, count in zip(blocks, (counts["normal"], counts["anomalous"])):
+            scores = [float(v) for v in re.findall(r'data-score="([0-9.]+)"', block)]
+            assert len(scores) == min(count, 6) and block.count("data:image/jpeg;base64,") == len(scores)
+            # normal: highest first; anomalous: lowest first
+            assert scores == sorted(scores, reverse="normal images" in block.split("</h3>")[0])
+    for item in results["skipped"]:
+        assert item["image_path"] in page
+    for category, metrics in results["per_category"].items():
+        value = metrics[METRIC_KEYS[0]]
+        if value is not None:
+            assert f"<td>{value:.3f}</td>" in page

@@ -307,7 +307,8 @@ def test_predict_on_an_exported_folder_equals_the_torch_folder(torch_folder, onn
     def scores(model_source, loaded=None):
         out = tmp_path / f"out-{Path(model_source).name}"
         model, processor = loaded or (str(model_source), None)
-        predict(model, [str(images)], out, processor=processor, batch_size=3)
+        predict(model, [str(images)], out, processor=processor, batch_size=3,
+                plain_overlays=True)  # the maps, no drawn score
         with open(out / "predictions.csv", newline="") as handle:
             rows = {row["path"]: float(row["score"]) for row in csv.DictReader(handle)}
         overlays = {p.name: np.asarray(Image.open(p), dtype=np.int16) for p in (out / "overlays").iterdir()}

@@ -58,6 +58,15 @@ def _model_outputs(model_dir, images: list[Image.Image]):
     return output.anomaly_score.tolist(), [m.numpy() for m in maps]
 
 
+def _report_counts(out: Path) -> tuple[int, int, int, int]:
+    """report.html's (scored, anomalous, skipped, gallery items), read from its markup."""
+    import re
+
+    page = (out / "report.html").read_text(encoding="utf-8")
+    counts = re.search(r'id="counts" data-scored="(\d+)" data-anomalous="(\d+)" data-skipped="(\d+)"', page)
+    return (*map(int, counts.groups()), page.count('<figure class="item'))
+
+
 def _smooth(size: tuple[int, int], seed: int) -> Image.Image:
     rng = np.random.default_rng(seed)
     coarse = rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)
@@ -89,6 +98,7 @@ def test_predict_writes_csv_and_overlays_and_reports_corrupt_files(tiny_model_di
     (folder / "sub").mkdir(parents=True)
     Image.new("RGB", (40, 30), (200, 10, 10)).save(folder / "red.png")
     Image.new("L", (32, 32), 128).save(folder / "sub" / "gray.jpg")
+    Image.new("L", (32, 32), 90).save(folder / "sub" / "gray.png")  # same stem: both keep their extension
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     (folder / "notes.txt").write_text("ignored: not an image extension")
     extra = tmp_path / "more"
@@ -104,26 +114,28 @@ def test_predict_writes_csv_and_overlays_and_reports_corrupt_files(tiny_model_di
         assert next(csv.reader(handle)) == ["path", "score", "verdict", "overlay"]
     rows = _rows(out)
     paths = sorted(row["path"] for row in rows)
-    assert len(paths) == 4 and not any("broken" in p or "notes" in p for p in paths)
+    assert len(paths) == 5 and not any("broken" in p or "notes" in p for p in paths)
     for row in rows:
         score = float(row["score"])
         assert 0.0 <= score <= 1.0
         assert row["verdict"] == ("anomalous" if score >= 0.5 else "normal")
     # Overlays keep the inputs' sub-paths (relative to the folder holding both inputs), named in the CSV.
     overlay_of = {Path(row["path"]).relative_to(tmp_path).as_posix(): row["overlay"] for row in rows}
-    assert overlay_of == {"photos/red.png": "overlays/photos/red.png.png",
-                          "photos/sub/gray.jpg": "overlays/photos/sub/gray.jpg.png",
-                          "more/blue.png": "overlays/more/blue.png.png", "more/red.png": "overlays/more/red.png.png"}
+    assert overlay_of == {"photos/red.png": "overlays/photos/red.overlay.png",
+                          "photos/sub/gray.jpg": "overlays/photos/sub/gray.jpg.overlay.png",
+                          "photos/sub/gray.png": "overlays/photos/sub/gray.png.overlay.png",
+                          "more/blue.png": "overlays/more/blue.overlay.png", "more/red.png": "overlays/more/red.overlay.png"}
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == sorted(overlay_of.values())
-    assert Image.open(out / overlay_of["photos/sub/gray.jpg"]).size == (32, 32)
-    assert Image.open(out / overlay_of["photos/red.png"]).size == (40, 30)  # the image's own size
+    # The image on top (its own size), the strip of score and colour scale below it (at least 220 px wide).
+    assert Image.open(out / overlay_of["photos/red.png"]).size[0] == 220
+    assert Image.open(out / overlay_of["photos/red.png"]).size[1] > 30 + 20
     with open(out / "skipped.csv", newline="") as handle:
         skipped = {row["path"]: row["reason"] for row in csv.DictReader(handle)}
     assert any(p.endswith("broken.png") for p in skipped) and any(p.endswith("missing.png") for p in skipped)
     assert "no such file" in skipped[str(tmp_path / "missing.png")]
     captured = capsys.readouterr()
     assert "broken.png" in captured.err and "missing.png" in captured.err
-    assert "scored 4 images" in captured.out and "skipped 2" in captured.out
+    assert "scored 5 images" in captured.out and "skipped 2" in captured.out
 
 
 def test_predict_without_readable_images_fails(tiny_model_dir, tmp_path):
@@ -140,7 +152,7 @@ def test_single_folder_mirrors_its_tree_and_list_files_work(tiny_model_dir, fold
     rows = _rows(out)
     assert sorted(row["path"] for row in rows) == sorted(map(str, files))
     for row in rows:  # the folder's own tree, file name kept whole
-        assert row["overlay"] == f"overlays/{Path(row['path']).relative_to(folder).as_posix()}.png"
+        assert row["overlay"] == f"overlays/{Path(row['path']).relative_to(folder).with_suffix('').as_posix()}.overlay.png"
         assert (out / row["overlay"]).is_file()
     assert len({row["overlay"] for row in rows}) == len(rows)
 
@@ -173,7 +185,7 @@ def test_maps_and_masks_match_the_model(tiny_model_dir, folder, tmp_path):
         for path, score, expected in zip(files, scores, maps):
             row = rows[str(path)]
             assert row["overlay"] == "" and float(row["score"]) == pytest.approx(score, abs=1e-6)
-            assert row["map"] == f"maps/{path.name}.{kind}" and row["mask"] == f"masks/{path.name}.png"
+            assert row["map"] == f"maps/{path.stem}.map.{kind}" and row["mask"] == f"masks/{path.stem}.mask.png"
             if kind == "png":
                 stored = np.asarray(Image.open(out / row["map"])).astype(np.float64) / 65535.0
                 tolerance = 1 / 65535
@@ -353,6 +365,9 @@ def test_sigkill_mid_run_then_resume_holds_every_image_once(tiny_model_dir, fold
     assert all(got[path] == pytest.approx(expected[path], abs=1e-6) for path in expected)
     assert all((out / row["overlay"]).is_file() for row in _rows(out))
     assert not list(out.rglob("*.tmp")) and not list(out.glob("*.part-*"))
+    # The report is built from the final CSV: the rows of both runs, once each.
+    rows = _rows(out)
+    assert _report_counts(out) == (len(rows), sum(r["verdict"] == "anomalous" for r in rows), 1, len(rows))
 
 
 # ---------------------------------------------------------------------------------------------------- distributed
@@ -375,6 +390,10 @@ def test_two_processes_equal_one_process(tiny_model_dir, folder, tmp_path):
     with open(double / "skipped.csv", newline="") as handle:
         assert [row["path"] for row in csv.DictReader(handle)] == [str(folder / "cam_a" / "broken.png")]
     assert completed.stdout.count("scored ") == 1  # one summary, from the main process
+    # One report, by the main process, of the merged CSV (the same counts as the one-process run's).
+    rows = _rows(double)
+    assert _report_counts(double) == _report_counts(single) == (
+        len(rows), sum(r["verdict"] == "anomalous" for r in rows), 1, len(rows))
 
 
 def test_two_processes_killed_then_resumed(tiny_model_dir, folder, tmp_path):
@@ -462,7 +481,8 @@ def test_dataset_in_the_canonical_schema(tiny_model_dir, canonical_dataset, tmp_
     assert len(rows) == len(dataset) == 8
     # Each row is named by its image_path, as evaluate reports it; the outputs mirror those paths.
     assert [row["path"] for row in rows] == dataset["image_path"]
-    assert all(row["overlay"] == f"overlays/{row['path']}.png" and (out / row["overlay"]).is_file() for row in rows)
+    assert all(row["overlay"] == f"overlays/{row['path'][:-len('.png')]}.overlay.png" and (out / row["overlay"]).is_file()
+               for row in rows)
     # The scores are the model's own on the decoded images.
     images = [image.convert("RGB") for image in dataset["image"]]
     scores, _ = _model_outputs(tiny_model_dir, images)
@@ -513,3 +533,33 @@ def test_dataset_errors_name_the_value(tiny_model_dir, visa_parquet, tmp_path):
     assert completed.returncode == 2 and "--split validation" in completed.stderr and "candle.test" in completed.stderr
     completed = _run_cli(*base, tmp_path)  # INPUT and --dataset
     assert completed.returncode == 2 and "not both" in completed.stderr
+
+
+def test_plain_overlays_are_the_bare_blend_and_default_ones_add_the_scale(tiny_model_dir, folder, tmp_path):
+    """`--plain-overlays` writes today's overlay (processor.overlay, the image's own size); the default one is the
+    same picture on top with the strip of score and colour scale below (test_processor checks the strip)."""
+    from modeling_vip2clip import ViP2CLIPModel, ViP2CLIPProcessor
+
+    files = _image_files(folder)[:2]
+    images = [Image.open(p).convert("RGB") for p in files]
+    processor = ViP2CLIPProcessor.from_pretrained(tiny_model_dir)
+    model = ViP2CLIPModel.from_pretrained(tiny_model_dir).eval()
+    expected = {}
+    for path, image in zip(files, images):  # one image per forward, as --batch-size 1
+        with torch.no_grad():
+            anomaly_map = model(pixel_values=processor(images=[image])["pixel_values"]).anomaly_map[0]
+        expected[str(path)] = np.asarray(processor.overlay(image, anomaly_map))
+    for plain in (True, False):
+        out = tmp_path / f"plain_{plain}"
+        assert cli_main(["predict", "--model", str(tiny_model_dir), *map(str, files), "--output-dir", str(out),
+                         "--batch-size", "1", "--num-workers", "0", "--no-progress",
+                         *(["--plain-overlays"] if plain else [])]) == 0
+        rows = {row["path"]: row for row in _rows(out)}
+        for path, image in zip(files, images):
+            overlay = np.asarray(Image.open(out / rows[str(path)]["overlay"]))
+            if plain:
+                np.testing.assert_array_equal(overlay, expected[str(path)])
+            else:
+                assert overlay.shape[0] > image.height and overlay.shape[1] >= image.width
+                np.testing.assert_array_equal(overlay[:image.height, :image.width], expected[str(path)])
+                assert not (overlay[image.height:] == overlay[image.height, 0]).all()  # something is drawn

@@ -150,3 +150,49 @@ def test_any_mode_and_size_gives_a_normalised_batch(processor, width, height, mo
     high = (1 - min(OPENAI_CLIP_MEAN)) / min(OPENAI_CLIP_STD)
     assert pixels.min() >= low - 1e-4 and pixels.max() <= high + 1e-4
     assert out["original_sizes"].tolist() == [[height, width]]
+
+
+# ---------------------------------------------------------------------------------------------------- annotated overlays
+
+
+def _colour_bar_row(array: np.ndarray, top: int) -> tuple[int, np.ndarray] | None:
+    """The first row at or below `top` holding the colour scale: from the first jet(0) pixel to the last jet(1)
+    pixel, exactly `jet_colormap` of an even ramp."""
+    from modeling_vip2clip.processing_vip2clip import jet_colormap
+
+    low, high = jet_colormap(np.array([[0.0]]))[0, 0], jet_colormap(np.array([[1.0]]))[0, 0]
+    for y in range(top, array.shape[0]):
+        row = array[y]
+        starts = np.flatnonzero((row == low).all(axis=1))
+        ends = np.flatnonzero((row == high).all(axis=1))
+        if starts.size and ends.size and ends[-1] > starts[0] + 20:
+            left, right = int(starts[0]), int(ends[-1])
+            expected = jet_colormap(np.linspace(0.0, 1.0, right - left + 1)[None])[0]
+            if np.array_equal(row[left:right + 1], expected):
+                return y, row[left:right + 1]
+    return None
+
+
+def test_annotated_overlay_keeps_the_image_and_draws_scale_and_score():
+    from modeling_vip2clip.processing_vip2clip import ViP2CLIPProcessor, annotate_overlay
+
+    processor = ViP2CLIPProcessor(image_size=32)
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (300, 400, 3), dtype=np.uint8))
+    anomaly_map = torch.from_numpy(rng.random((32, 32)).astype(np.float32))
+    plain = processor.overlay(image, anomaly_map)
+    drawn = annotate_overlay(plain, 0.8, threshold=0.5)
+    array = np.asarray(drawn)
+    assert drawn.width == 400 and drawn.height > 300 + 20
+    np.testing.assert_array_equal(array[:300], np.asarray(plain))  # the image is not covered
+    found = _colour_bar_row(array, 300)
+    assert found is not None and found[1].shape[0] > 300  # the scale spans most of the strip
+    # The score and verdict are drawn: another score (or verdict) changes the strip above the bar, not the bar.
+    other = np.asarray(annotate_overlay(plain, 0.2, threshold=0.5))
+    assert not np.array_equal(other[300:found[0]], array[300:found[0]])
+    np.testing.assert_array_equal(other[found[0]], array[found[0]])
+    # A narrow image gets a strip wide enough for the text; the image stays in the top-left corner.
+    small = processor.overlay(Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)), anomaly_map)
+    narrow = annotate_overlay(small, 0.1)
+    assert narrow.width >= 200 and _colour_bar_row(np.asarray(narrow), 30) is not None
+    np.testing.assert_array_equal(np.asarray(narrow)[:30, :40], np.asarray(small))

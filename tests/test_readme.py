@@ -82,3 +82,8 @@ def test_readme_cli_tour_runs_offline(tmp_path):
     with open(tour / "predictions" / "predictions.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 4 and all(0.0 <= float(row["score"]) <= 1.0 for row in rows)
+    # The README's overlay names and reports (section "Scoring at scale", "Reports").
+    assert all(row["overlay"].startswith("overlays/") and row["overlay"].endswith(".overlay.png") for row in rows)
+    assert all((tour / "predictions" / row["overlay"]).is_file() for row in rows)
+    assert (tour / "predictions" / "report.html").is_file() and (tour / "results" / "report.html").is_file()
+    assert (tour / "results" / "results.md").read_text().startswith("# ")

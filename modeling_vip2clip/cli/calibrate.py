@@ -7,20 +7,29 @@ import argparse
 from typing import Sequence
 
 from ..data.options import add_schema_arguments
-from .options import add_common_arguments, job_keywords
+from .options import add_common_arguments, job_keywords, open_fraction
 
 __all__ = ["DESCRIPTION", "add_arguments", "build_parser", "job_arguments", "main", "run"]
 
-DESCRIPTION = ("Calibrate a model's decision thresholds on a labelled dataset (F1-max image and pixel thresholds) "
-               "and save a copy of the model that carries them; zero-shot means no training on the target, "
-               "calibrating on a few labelled images is your explicit choice.")
+DESCRIPTION = ("Calibrate a model's decision thresholds and save a copy of the model that carries them: on a "
+               "labelled dataset (F1-max image and pixel thresholds), or on good parts only (--normal-images: the "
+               "score quantile giving --false-alarm-rate); zero-shot means no training on the target, calibrating "
+               "on a few images of it is your explicit choice.")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, metavar="DIR", help="ViP2CLIP model folder (or Hub id) to calibrate.")
-    parser.add_argument("--dataset", required=True, metavar="ID_OR_PATH",
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--dataset", metavar="ID_OR_PATH",
                         help="labelled dataset: a saved/converted folder, a raw benchmark folder, a folder of parquet "
-                        "files or a Hub dataset id.")
+                        "files or a Hub dataset id (F1-max thresholds; a dataset whose rows are all normal gets the "
+                        "normal-only thresholds of --normal-images).")
+    source.add_argument("--normal-images", nargs="+", metavar="INPUT",
+                        help="good parts only: image files, folders (recursive), glob patterns or @LIST files; the "
+                        "thresholds are set so that about --false-alarm-rate of such images would be flagged.")
+    parser.add_argument("--false-alarm-rate", type=open_fraction, default=0.01, metavar="RATE",
+                        help="normal-only calibration: the fraction of normal images (and pixels) allowed at or above "
+                        "the thresholds (default: 0.01); use at least 10 / RATE images.")
     parser.add_argument("--out", required=True, metavar="DIR", help="where the calibrated copy of the model goes.")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists.")
     parser.add_argument("--split", default="test",
@@ -65,6 +74,11 @@ def run(args: argparse.Namespace) -> int:
             return 0
     finally:
         teardown_distributed()
+    if result["num_anomalous"] == 0:  # the normal-only route
+        print(f"calibrated on {result['num_images']} normal images ({result['num_skipped']} skipped) at a false-alarm "
+              f"rate of {result['false_alarm_rate']:g}: image_threshold {result['image_threshold']:.6g}, "
+              f"pixel_threshold {result['pixel_threshold']:.6g}; wrote {args.out}")
+        return 0
     pixel = ("unset (no masks)" if result["pixel_threshold"] is None else
              f"{result['pixel_threshold']:.6g} (pixel F1-max {result['pixel_f1_max']:.4f})")
     print(f"calibrated on {result['num_images']} images of {result['dataset']} ({result['num_normal']} normal, "

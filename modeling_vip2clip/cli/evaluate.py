@@ -29,8 +29,14 @@ Robustness:
   `--resume` reloads them, evaluates only the missing rows and deduplicates by index; the folder is deleted once
   the results are written. `--max-batches N` stops after N batches on
   purpose (the same state as an interrupted run).
-* `--save-maps`: an overlay PNG per image (`OUTPUT_DIR/maps/<category>/...`, `processor.overlay`) and the
-  image-level ROC curves (`OUTPUT_DIR/roc_curves.png`).
+* `--save-maps`: an overlay PNG per image (`OUTPUT_DIR/maps/<category>/<stem>.overlay.png`: `processor.overlay`
+  with the strip of score and colour scale, `annotate_overlay`) and the image-level ROC curves
+  (`OUTPUT_DIR/roc_curves.png`).
+
+`results.md` is headed with the model, dataset, split, k-shot, date and vip2clip version; it and `results.json`
+(`date`, `package_version`, `unit`) hold fractions in [0, 1]. `report.html` (unless `--no-report`): one
+self-contained page with the metrics, the ROC and precision-recall curves and, per category, the worst-ranked
+normal and anomalous images with their maps (`engine.html_report`).
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--categories", nargs="+", default=None, metavar="CAT", help="evaluate these categories only (default: all).")
     parser.add_argument("--dataset-name", default=None, help="name written to the JSON (default: the dataset folder's name or id).")
     parser.add_argument("--save-maps", action="store_true", help="write an anomaly-map overlay PNG per image and the ROC curves PNG.")
+    parser.add_argument("--no-report", action="store_true", help="do not write report.html.")
     parser.add_argument(
         "--pro-mode", choices=["exact", "reference"], default="exact",
         help="AUPRO computation: exact (standard MVTec definition) or reference (the authors' 200-threshold "

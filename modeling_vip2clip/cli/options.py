@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Callable
 
-__all__ = ["positive_int", "non_negative_int", "probability", "positive_float", "MIXED_PRECISION_HELP",
+__all__ = ["positive_int", "non_negative_int", "probability", "open_fraction", "positive_float", "MIXED_PRECISION_HELP",
            "add_common_arguments", "add_debug_argument", "job_keywords"]
 
 #: What `--mixed-precision` means in predict, evaluate and calibrate (`weights.loader.precision_dtype`): the CLIP
@@ -34,6 +34,7 @@ def _number_type(kind: type, name: str, check: Callable[[Any], bool]) -> Callabl
 positive_int = _number_type(int, "an integer >= 1", lambda v: v >= 1)
 non_negative_int = _number_type(int, "an integer >= 0", lambda v: v >= 0)
 probability = _number_type(float, "a number in [0, 1]", lambda v: 0.0 <= v <= 1.0)
+open_fraction = _number_type(float, "a number strictly between 0 and 1", lambda v: 0.0 < v < 1.0)
 positive_float = _number_type(float, "a number > 0", lambda v: v > 0 and v == v and v != float("inf"))
 
 

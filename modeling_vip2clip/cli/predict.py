@@ -19,16 +19,21 @@ Written to `--output-dir`:
   score >= the threshold, else `normal`), `overlay` (the overlay file, relative to the output folder, or empty),
   and `map` / `mask` when those are saved. The threshold is `--threshold`, else the model's calibrated
   `image_threshold` (`vip2clip calibrate`), else 0.5.
-* `overlays/<key>.png`: the anomaly map blended over the image, at the image's own size (unless
-  `--no-overlays`). `<key>` is the input's path relative to the deepest folder holding all the inputs' roots (a
-  folder input itself, a glob's fixed leading folders, a file's own folder), file extension kept: `D/a/x.jpg` of
-  the input `D/` gives `overlays/a/x.jpg.png`, so same-named files never collide. For dataset rows, `<key>` is
-  the row's `path`.
-* `--save-maps png|npy`: `maps/<key>.png` (16-bit grey, value / 65535 = map value) or `maps/<key>.npy` (float16),
-  the anomaly map at the image's own size; `--save-masks`: `masks/<key>.png`, the map >= the pixel threshold
-  (`--pixel-threshold`, else the model's `pixel_threshold`, else 0.5) as a black/white PNG.
+* `overlays/<sub>/<stem>.overlay.png`: the anomaly map blended over the image at the image's own size, with a
+  strip below it showing the score, the verdict and the map's colour scale 0 … 1 (`--plain-overlays`: the bare
+  blend; `--no-overlays`: none). `<sub>/<stem>` is the input's path relative to the deepest folder holding all
+  the inputs' roots (a folder input itself, a glob's fixed leading folders, a file's own folder) without its
+  extension: `D/a/x.jpg` of the input `D/` gives `overlays/a/x.overlay.png` (two inputs differing only by their
+  extension keep it: `x.jpg.overlay.png`). For dataset rows, it is the row's `path` without its extension.
+* `--save-maps png|npy`: `maps/<sub>/<stem>.map.png` (16-bit grey, value / 65535 = map value) or
+  `maps/<sub>/<stem>.map.npy` (float16), the anomaly map at the image's own size; `--save-masks`:
+  `masks/<sub>/<stem>.mask.png`, the map >= the pixel threshold (`--pixel-threshold`, else the model's
+  `pixel_threshold`, else 0.5) as a black/white PNG.
 * `skipped.csv` (path, reason): the inputs that could not be used (unreadable files, inputs that match nothing,
   non-finite model outputs), also printed; never silently dropped.
+* `report.html` (unless `--no-report`): one self-contained page — the run's header, the score histogram with the
+  threshold, the most anomalous images first (thumbnails), the skipped inputs — written from the final CSV, so a
+  resumed or multi-process run gets one report of everything (`engine.html_report`).
 
 Scale: the inputs stream through a DataLoader (`--num-workers` processes decode and preprocess), so memory stays
 flat whatever their number; the CSV is appended and flushed batch by batch, and `--resume` skips the inputs
@@ -77,6 +82,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="torch device, e.g. cuda:0 or cpu (default: the process's GPU under accelerate launch, "
                         "else cuda if available, else cpu).")
     parser.add_argument("--no-overlays", action="store_true", help="do not write the overlay PNGs.")
+    parser.add_argument("--plain-overlays", action="store_true",
+                        help="overlays without the strip below them that shows the score, the verdict and the colour "
+                        "scale (the bare heat-map blend, at the image's own size).")
+    parser.add_argument("--no-report", action="store_true", help="do not write report.html.")
     parser.add_argument("--save-maps", choices=["none", "png", "npy"], default="none",
                         help="also write each anomaly map at the image's size: 16-bit PNG or float16 .npy (default: none).")
     parser.add_argument("--save-masks", action="store_true", help="also write each binary defect mask (PNG) at the pixel threshold.")
@@ -102,7 +111,8 @@ def job_arguments(args: argparse.Namespace) -> dict:
     from ..engine.prediction import PredictOptions
     from dataclasses import fields
 
-    return job_keywords(args, [f.name for f in fields(PredictOptions)], overlays=not args.no_overlays)
+    return job_keywords(args, [f.name for f in fields(PredictOptions)], overlays=not args.no_overlays,
+                        report=not args.no_report)
 
 
 def run(args: argparse.Namespace) -> int:

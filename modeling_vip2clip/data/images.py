@@ -81,7 +81,7 @@ def collect_inputs(inputs: Sequence[str]) -> tuple[list[tuple[str, str]], list[t
     `path` is the file as found (what the CSV's `path` column says); `key` is its path relative to the deepest
     folder that holds every input's root — a folder input itself, a glob's fixed leading folders, a file's own
     folder — so one folder `D/` gives keys relative to `D/` (its tree mirrored), and same-named files from
-    different inputs always get different keys (the outputs are `overlays/<key>.png`, ...).
+    different inputs always get different keys (the output files are named after them: `engine.prediction_files`).
     """
     extensions = IMAGE_EXTENSIONS
     found: list[tuple[str, str, str]] = []

@@ -17,9 +17,16 @@ folder M to M2 whose config carries
 * `calibration`: where they came from — the dataset, split, categories, the counts of images (normal,
   anomalous, with a mask, skipped) and the F1 reached.
 
+Good parts only — `vip2clip calibrate --model M --normal-images good_parts/ --false-alarm-rate 0.01 --out M2`
+(or a `--dataset` whose usable rows are all normal): `image_threshold` is the (1 − rate) quantile of the normal
+images' scores and `pixel_threshold` the same quantile of their map pixels (`post_processing.thresholds`), so
+about `rate` of such images would be flagged; `calibration` records the method, the rate and the count, and a
+warning when there are fewer than 10 / rate images. Use it when defects are rare or not yet seen (a production
+line); use the labelled F1-max route when you have anomalous examples, since it balances misses against alarms.
+
 The weights are not touched: M2 is M's folder copied (its config rewritten) by the one model-folder writer
-(`weights.folder.save_model_folder`), which also makes it a complete Hub folder, written to a temporary folder
-beside M2 and renamed into place. The pattern is anomalib's post-processor: thresholds stored with the model.
+(`weights.folder.save_model_folder`), which also makes it a complete Hub folder, staged inside the claimed M2 and
+renamed into place. The pattern is anomalib's post-processor: thresholds stored with the model.
 
 Zero-shot means that the model was never *trained* on the target domain; nothing here trains either. Calibrating
 the two thresholds on a few labelled target images is the user's explicit choice (a handful of normal and
@@ -54,8 +61,10 @@ class CalibrateOptions:
     negation of `--no-progress`)."""
 
     model: Any
-    dataset: str
+    dataset: str | None
     out: str | os.PathLike
+    normal_images: Sequence[str] | None = None
+    false_alarm_rate: float = 0.01
     overwrite: bool = False
     split: str = "test"
     categories: Sequence[str] | None = None
@@ -97,20 +106,34 @@ def _claim_out(args, model_source: str):
                                model_dirs=[model_source], flag="--out", can_resume=False)
 
 
-def calibrate(model, dataset: str, out: str | os.PathLike, *, processor=None, **options) -> dict:
-    """Score the labelled `dataset` (a saved/converted folder, raw benchmark folder, parquet folder or Hub id) with
-    `model` (a model folder or Hub id, or a loaded model with its `processor`), compute the F1-max thresholds and
-    write the calibrated copy of the model to `out`. `options` are :class:`CalibrateOptions` (the flags of
+def calibrate(model, dataset: str | None = None, out: str | os.PathLike = "", *, processor=None, **options) -> dict:
+    """Score the labelled `dataset` (a saved/converted folder, raw benchmark folder, parquet folder or Hub id) — or,
+    with `normal_images=[...]` (files, folders, globs, @lists), good parts only — with `model` (a model folder or Hub
+    id, or a loaded model with its `processor`), compute the thresholds (F1-max on a labelled set; the
+    `false_alarm_rate` quantiles on normal images, also for a dataset whose usable rows are all normal) and write
+    the calibrated copy of the model to `out`. `options` are :class:`CalibrateOptions` (the flags of
     `vip2clip calibrate`). Returns the calibration info with the thresholds under `image_threshold` /
     `pixel_threshold` (on every process of a distributed run; the main one claims and writes `out`)."""
     from ..distributed import process_state
     from ..resolve import resolve_source
 
     args = CalibrateOptions(model=model, dataset=dataset, out=out, **options)
+    if bool(args.dataset) == bool(args.normal_images):
+        raise UsageError("give either --dataset D (labelled images) or --normal-images INPUT... (good parts only), "
+                         "not both, not neither.")
+    if args.normal_images:
+        from ..post_processing.thresholds import check_rate
+
+        try:
+            check_rate(args.false_alarm_rate)
+        except ValueError as error:
+            raise UsageError(f"--false-alarm-rate {args.false_alarm_rate}: {error}") from None
     source = resolve_source(str(model), "--model") if isinstance(model, (str, os.PathLike)) else ""
     procs = process_state()
     folder = _claim_out(args, source) if procs.is_main_process else None
     try:
+        if args.normal_images:
+            return calibrate_from_normal_images(args, source, folder, procs, model, processor)
         return _calibrate(args, source, folder, procs, model, processor)
     finally:
         if folder is not None:
@@ -178,6 +201,17 @@ def _calibrate(args, source: str, folder, procs, model, processor) -> dict:
 
     labels_array = np.asarray(labels, dtype=np.int64)
     num_normal, num_anomalous = int((labels_array == 0).sum()), int((labels_array == 1).sum())
+    if num_normal and not num_anomalous:  # good parts only: a false-alarm-rate quantile instead of F1-max
+        from ..post_processing.thresholds import PixelQuantile
+
+        pixels = PixelQuantile()
+        for anomaly_map in pixel_maps:
+            pixels.add(anomaly_map)
+        info = {"dataset": _dataset_name(args), "split": args.split,
+                "splits": None if args.streaming else sorted({f"{category}.{split}" for category, split in zip(
+                    dataset["category"], dataset["split"])}),
+                "categories": sorted(set(categories)) if any(categories) else None}
+        return _write_normal_only(args, source, folder, procs, model, processor, scores, pixels, len(skipped), info)
     if not num_normal or not num_anomalous:
         raise UsageError(f"--dataset {args.dataset}: {num_normal} normal and {num_anomalous} anomalous usable images "
                          f"(split {args.split}); an F1-max threshold needs both kinds — add labelled images of the "
@@ -213,6 +247,103 @@ def _calibrate(args, source: str, folder, procs, model, processor) -> dict:
     config = model.config
     config.image_threshold = float(image_threshold)
     config.pixel_threshold = None if pixel_threshold is None else float(pixel_threshold)
+    config.calibration = info
+    if folder is not None:
+        _write_model_folder(source, folder, model, processor)
+    procs.wait_for_everyone()
+    return {**info, "image_threshold": config.image_threshold, "pixel_threshold": config.pixel_threshold}
+
+
+def calibrate_from_normal_images(args, source: str, folder, procs, model, processor) -> dict:
+    """`calibrate --normal-images INPUT...`: score good parts only (files, folders, globs, @lists, as `predict`
+    takes them) and place the thresholds at the `--false-alarm-rate` quantiles of their scores and map pixels
+    (`post_processing.thresholds`); writes `--out` like `calibrate` and returns the calibration info."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..data.images import collect_inputs
+    from ..data.transforms import FileImages, SampleTransform, make_loader
+    from ..post_processing.thresholds import PixelQuantile
+    from ..weights.loader import job_model_and_processor
+
+    items, problems = collect_inputs(args.normal_images)
+    if not items:
+        raise UsageError(f"--normal-images {' '.join(args.normal_images)}: no image files found; pass a folder, a "
+                         "glob or an @list of good-part images.")
+    items = items[procs.process_index::procs.num_processes]
+    device = torch.device(args.device or procs.device)  # Accelerate's: this process's GPU, else the CPU
+    model, processor = job_model_and_processor(model, processor, device=device, mixed_precision=args.mixed_precision)
+    loader = make_loader(FileImages(items, SampleTransform(processor, with_masks=False)), args.batch_size,
+                         args.num_workers, pin_memory=device.type == "cuda")
+    input_dtype = next(model.parameters()).dtype if hasattr(model, "parameters") else torch.float32
+    scores, skipped, pixels = [], list(problems), PixelQuantile()
+    for batch in tqdm(loader, total=math.ceil(len(items) / args.batch_size), unit="batch", desc="calibrating",
+                      disable=not args.progress):
+        skipped.extend(batch["bad"])
+        if not batch["items"]:
+            continue
+        with torch.inference_mode():
+            output = model(pixel_values=batch["pixel_values"].to(device=device, dtype=input_dtype))
+        for item, score, anomaly_map in zip(batch["items"], output.anomaly_score.float().cpu().tolist(),
+                                            output.anomaly_map.float().cpu()):
+            if not (math.isfinite(score) and bool(torch.isfinite(anomaly_map).all())):
+                skipped.append((item["id"], "the model's score or map is not finite (NaN/inf)"))
+                continue
+            scores.append(score)
+            pixels.add(anomaly_map.numpy())
+    for item_id, reason in skipped:
+        print(f"skipped {item_id}: {reason}", file=sys.stderr)
+    if procs.num_processes > 1:  # every process's scores and pixel histogram to the main one
+        from accelerate.utils import gather_object
+
+        scores = [value for part in gather_object([scores]) for value in part]
+        skipped = [entry for part in gather_object([skipped]) for entry in part]
+        histograms = gather_object([pixels])
+        pixels = histograms[0]
+        for other in histograms[1:]:
+            pixels.merge(other)
+    if not scores:
+        raise UsageError(f"--normal-images {' '.join(args.normal_images)}: none of the {len(items)} images could be "
+                         "scored (see the skipped lines above).")
+    info = {"normal_images": list(args.normal_images)}
+    return _write_normal_only(args, source, folder, procs, model, processor, scores, pixels, len(skipped), info)
+
+
+def _write_normal_only(args, source: str, folder, procs, model, processor, scores: list[float], pixels,
+                       num_skipped: int, info: dict) -> dict:
+    """Thresholds at the false-alarm-rate quantiles of normal scores and pixels, their provenance, `--out`."""
+    from ..post_processing.thresholds import false_alarm_threshold, min_images_for_rate
+    from ..weights.loader import load_model_and_processor, model_name, precision_dtype
+
+    rate = float(getattr(args, "false_alarm_rate", None) or 0.01)
+    image_threshold = false_alarm_threshold(scores, rate)
+    pixel_threshold = pixels.threshold(rate)
+    needed = min_images_for_rate(rate)
+    warning = None
+    if len(scores) < needed:
+        warning = (f"only {len(scores)} normal images for a false-alarm rate of {rate:g}: the threshold rests on the "
+                   f"{max(1, round(rate * len(scores)))} highest score(s); use at least {needed} (10 / rate) images")
+        logger.warning(warning)
+    info = {
+        **info,
+        "method": "normal-only quantile (modeling_vip2clip.post_processing.thresholds): image_threshold = the "
+                  "(1 - false_alarm_rate) quantile of the normal images' scores, pixel_threshold = that quantile of "
+                  "their map pixels",
+        "false_alarm_rate": rate,
+        "num_images": len(scores),
+        "num_normal": len(scores),
+        "num_anomalous": 0,
+        "num_skipped": num_skipped,
+        "min_images_for_rate": needed,
+        "warning": warning,
+        "calibrated_from": model_name(args.model),
+    }
+    if procs.is_main_process and source and precision_dtype(args.mixed_precision) is not None:
+        # Scored with reduced-precision towers; the copy keeps the model's own fp32 weights and config.
+        model, _ = load_model_and_processor(source)
+    config = model.config
+    config.image_threshold = float(image_threshold)
+    config.pixel_threshold = float(pixel_threshold)
     config.calibration = info
     if folder is not None:
         _write_model_folder(source, folder, model, processor)

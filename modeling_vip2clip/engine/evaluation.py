@@ -100,19 +100,21 @@ def _dataset_name(args) -> str:
     return path.resolve().name if path.exists() else str(args.dataset)
 
 
-def _save_overlays(output_dir: Path, raw_dataset, processor, batch: dict, maps: torch.Tensor) -> None:
+def _save_overlays(output_dir: Path, raw_dataset, processor, batch: dict, maps: torch.Tensor, scores: torch.Tensor) -> None:
+    from ..processing_vip2clip import annotate_overlay
+
     for position, index in enumerate(batch["index"].tolist()):
         if bool(batch["bad"][position]):
             continue
         try:
             image = raw_dataset[int(index)]["image"]
-            overlay = processor.overlay(image, maps[position].float().cpu())
+            overlay = annotate_overlay(processor.overlay(image, maps[position].float().cpu()), float(scores[position]))
         except Exception as error:  # noqa: BLE001 - an overlay must never stop the evaluation
             logger.warning("no overlay for %s: %s", batch["image_path"][position], error)
             continue
         folder = output_dir / "maps" / _safe_name(batch["category"][position] or "all")
         folder.mkdir(parents=True, exist_ok=True)
-        target = folder / f"{_safe_name(Path(batch['image_path'][position]).with_suffix('').as_posix())}.png"
+        target = folder / f"{_safe_name(Path(batch['image_path'][position]).with_suffix('').as_posix())}.overlay.png"
         # Atomic: in a distributed run the samples Accelerate repeats to even out the last batch are written twice.
         atomic_save(target, lambda handle: overlay.save(handle, format="PNG"))
 
@@ -218,7 +220,7 @@ def _score_pass(args, accelerator, model, processor, dataset, partial: PartialRe
             batch["error"][position] = "the model's score or map is not finite (NaN/inf)"
         batch["bad"] = batch["bad"] | ~finite
         if args.save_maps:
-            _save_overlays(output_dir, dataset, processor, batch, maps)
+            _save_overlays(output_dir, dataset, processor, batch, maps, scores)
         gathered = accelerator.gather_for_metrics(
             (batch["index"], scores, maps, (batch["masks"] > 0.5).to(torch.uint8), batch["labels"],
              batch["has_mask"], batch["bad"])
@@ -302,7 +304,8 @@ def _evaluate(args: EvaluateOptions, model, processor) -> dict[str, Any] | None:
     from .feature_cache import dataset_fingerprint
     from ..post_processing.metrics import METRIC_KEYS
     from .references import build_category_banks, draw_references
-    from .report import format_markdown_table, plot_roc_curves
+    from .html_report import run_provenance, write_evaluation_report
+    from .report import format_markdown_table, markdown_heading, plot_roc_curves
     from ..weights.loader import job_model_and_processor, model_name
     from ..resolve import resolve_source
 
@@ -380,6 +383,8 @@ def _evaluate(args: EvaluateOptions, model, processor) -> dict[str, Any] | None:
             "model": model_name(args.model),
             "pro_mode": args.pro_mode,
             "k_shot": k_shot,
+            **run_provenance(),  # date, package_version
+            "unit": "fraction",  # every metric in [0, 1], here and in results.md
             "num_samples": num_samples,
             "num_evaluated": num_samples - len(computed["skipped"]),
             "per_category": computed["per_category"],
@@ -404,19 +409,22 @@ def _evaluate(args: EvaluateOptions, model, processor) -> dict[str, Any] | None:
                              for (seed, *_), run in zip(passes, computed_runs)},
             })
             table_rows, table_std = mean, (std if len(seeds) > 1 else None)
-        table = format_markdown_table(table_rows, columns=list(METRIC_KEYS), std=table_std)
+        table = format_markdown_table(table_rows, columns=list(METRIC_KEYS), std=table_std, unit="fraction")
         mode = f"{k_shot}-shot, seeds {' '.join(map(str, seeds))}" if k_shot else "zero-shot"
         print(f"\n{results['dataset']} ({args.split}, {results['num_evaluated']} images, {mode}, AUPRO "
               f"{args.pro_mode}):\n{table}")
         for item in results["skipped"]:
             where = "" if item["index"] is None else f" (index {item['index']})"
             print(f"skipped {item['image_path']}{where}: {item['reason']}", file=sys.stderr)
-        atomic_write_text(output_dir / "results.md", table)
+        atomic_write_text(output_dir / "results.md", markdown_heading(results) + table)
         atomic_write_json(output_dir / "results.json", _jsonable(results))
         if args.save_maps:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 plot_roc_curves(curves, output_dir / "roc_curves.png", title=f"Image-level ROC — {results['dataset']}")
+        if not getattr(args, "no_report", False):
+            write_evaluation_report(output_dir, _jsonable(results), passes[0][1].records(), dataset, processor,
+                                    threshold=getattr(model.config, "image_threshold", None))
         shutil.rmtree(output_dir / PARTIAL_DIR)
         logger.info("wrote %s", output_dir / "results.json")
     accelerator.wait_for_everyone()

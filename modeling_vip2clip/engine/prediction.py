@@ -38,7 +38,7 @@ import torch
 
 from ..data.images import collect_inputs
 from ..data.transforms import FileImages, RowImages, SampleTransform, StreamImages, dataset_rows, make_loader
-from .prediction_files import PredictionFiles
+from .prediction_files import PredictionFiles, ambiguous_stems
 from .results_csv import PREDICTIONS_CSV, SKIPPED_CSV, CsvLog, done_ids, merge_parts, part_files, read_csv_rows
 from ..errors import UsageError
 from ..distributed import process_state
@@ -76,6 +76,8 @@ class PredictOptions:
     pixel_threshold: float | None = None
     device: str | None = None
     overlays: bool = True
+    plain_overlays: bool = False
+    report: bool = True
     save_maps: str = "none"
     save_masks: bool = False
     resume: bool = False
@@ -144,7 +146,7 @@ def predict(model, inputs: Sequence[str] = (), output_dir: str | os.PathLike = "
 def _predict(args: PredictOptions, model, processor) -> dict:
     from tqdm.auto import tqdm
 
-    from ..weights.loader import job_model_and_processor
+    from ..weights.loader import job_model_and_processor, model_name
     from ..resolve import resolve_source
 
     inputs = list(args.inputs)
@@ -191,8 +193,10 @@ def _predict(args: PredictOptions, model, processor) -> dict:
     config = model.config
     threshold, threshold_source = config.resolve_threshold("image", args.threshold)
     pixel_threshold, pixel_threshold_source = config.resolve_threshold("pixel", args.pixel_threshold)
+    input_keys = [key for _, key in items] if inputs else []  # dataset rows' keys are unique without their extension
     outputs = PredictionFiles(output_dir, processor, overlays=args.overlays, maps=args.save_maps,
-                       masks=args.save_masks, pixel_threshold=pixel_threshold)
+                              masks=args.save_masks, pixel_threshold=pixel_threshold, threshold=threshold,
+                              plain_overlays=args.plain_overlays, ambiguous=ambiguous_stems(input_keys))
     header = outputs.header()
 
     # Every process reads what is done before the main process touches any file.
@@ -294,6 +298,11 @@ def _predict(args: PredictOptions, model, processor) -> dict:
     if not skipped_rows:
         (output_dir / SKIPPED_CSV).unlink(missing_ok=True)
     scored = len(final_rows) - len(done)
+    if args.report:  # from the final CSV: every process's and every resumption's rows
+        from .html_report import threshold_origin, write_prediction_report
+
+        write_prediction_report(output_dir, model=model_name(args.model), threshold=threshold,
+                                threshold_from=threshold_origin(threshold_source, config))
     return {
         "csv": str(output_dir / PREDICTIONS_CSV),
         "rows": len(final_rows),

@@ -15,15 +15,18 @@ import numpy as np
 
 from ..post_processing.metrics import METRIC_KEYS, _image_inputs, _undefined, summarize
 
-__all__ = ["format_markdown_table", "plot_roc_curves", "roc_curve_points"]
+__all__ = ["draw_roc_curves", "format_markdown_table", "markdown_heading", "plot_roc_curves", "roc_curve_points"]
 
 
 def format_markdown_table(
     results: Mapping[str, Mapping[str, float]],
     columns: list[str] | tuple[str, ...] | None = None,
     std: Mapping[str, Mapping[str, float]] | None = None,
+    unit: str = "percent",
 ) -> str:
-    """Markdown (pipe) table: one row per category plus ``mean``, values x100 with one decimal.
+    """Markdown (pipe) table: one row per category plus ``mean``, values x100 with one decimal (``unit="percent"``,
+    as papers print them) or as fractions in [0, 1] with three decimals (``unit="fraction"``, as results.json
+    holds them — what `vip2clip evaluate` writes to results.md).
 
     With ``std`` (same keys, e.g. over few-shot seeds) each cell reads ``mean ± std``, as the few-shot literature
     reports.
@@ -46,10 +49,15 @@ def format_markdown_table(
 
         columns = [k for k in ordered if not all_nan(k)]
 
+    if unit not in ("percent", "fraction"):
+        raise ValueError(f"unit {unit!r}: must be 'percent' or 'fraction'.")
+
     def fmt(v: float) -> str:
         v = float(v)
+        if math.isnan(v):
+            return "nan"
         # np.round then one decimal, as the reference table does.
-        return "nan" if math.isnan(v) else f"{np.round(v * 100, 1):.1f}"
+        return f"{np.round(v * 100, 1):.1f}" if unit == "percent" else f"{v:.3f}"
 
     header = ["objects", *columns]
     lines = [
@@ -67,6 +75,24 @@ def format_markdown_table(
     return "\n".join(lines) + "\n"
 
 
+def markdown_heading(results: Mapping[str, Any]) -> str:
+    """The heading of results.md: what was evaluated, how, when and by which version, and the unit."""
+    k_shot = int(results.get("k_shot", 0) or 0)
+    mode = f"{k_shot}-shot (seeds {', '.join(map(str, results.get('shot_seeds', [])))})" if k_shot else "zero-shot"
+    lines = [
+        f"# {results.get('dataset', '')} ({results.get('split', '')}): vip2clip evaluate",
+        "",
+        f"- model: {results.get('model', '')}",
+        f"- dataset: {results.get('dataset', '')}, split {results.get('split', '')}, "
+        f"{results.get('num_evaluated', '')} of {results.get('num_samples', '')} images evaluated",
+        f"- k-shot: {mode}; AUPRO: {results.get('pro_mode', '')}",
+        f"- date: {results.get('date', '')}; vip2clip {results.get('package_version', '')}",
+        "- unit: fractions in [0, 1] (as in results.json)",
+        "",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def plot_roc_curves(
     results: Mapping[str, tuple[Any, Any]], path: str | PathLike[str], title: str = "Image-level ROC"
 ) -> Path:
@@ -78,11 +104,22 @@ def plot_roc_curves(
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from sklearn.metrics import roc_auc_score
 
     fig = Figure(figsize=(6.4, 6.0), dpi=120)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    draw_roc_curves(fig.add_subplot(1, 1, 1), results, title)
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png")
+    return out
+
+
+def draw_roc_curves(ax, results: Mapping[str, tuple[Any, Any]], title: str = "Image-level ROC") -> int:
+    """The ROC curves of `results` (category -> (labels, scores)) on the matplotlib axes `ax` (the drawing of
+    `plot_roc_curves` and of report.html); returns how many were drawn."""
+    from sklearn.metrics import roc_auc_score
+
     ax.plot([0, 1], [0, 1], linestyle="--", color="0.6", linewidth=1, label="chance")
     n_drawn = 0
     for name, (labels, scores) in results.items():
@@ -102,11 +139,7 @@ def plot_roc_curves(
     ax.set_aspect("equal")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right", fontsize=7 if n_drawn > 8 else 9, frameon=True)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png")
-    return out
+    return n_drawn
 
 
 def roc_curve_points(labels: Any, scores: Any) -> tuple[np.ndarray, np.ndarray]:
