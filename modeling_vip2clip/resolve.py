@@ -100,8 +100,8 @@ def _resolve_hub_id(repo_id: str, flag: str, repo_type: str, need: str) -> str:
             logger.warning("the Hub is unreachable (%s): using the cached copy of %s", _hub_error_reason(error), repo_id)
             return _cached_copy(repo_id, repo_type)
         raise UsageError(f"{flag} {repo_id}: {_no_folder(repo_id)}, and as a Hub id it cannot be reached "
-                         f"({_hub_error_reason(error)}) nor found in the local cache; check the path, or connect to "
-                         "the network to download it.") from None
+                         f"({_hub_error_reason(error)}) nor found in the local cache; check the path (or pass a local folder), "
+                         "or connect to the network to download it (HF_HUB_OFFLINE=1 then uses the cached copy).") from None
     return repo_id
 
 
