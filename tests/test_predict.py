@@ -335,6 +335,28 @@ def _kill_when_paused(proc: subprocess.Popen, log: Path, count: int = 1) -> None
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
+    _kill_stragglers(log.parent)
+
+
+def _kill_stragglers(marker: Path) -> None:
+    """SIGKILL every process whose command line names `marker` and wait until they are gone: `accelerate launch`
+    starts its workers in sessions of their own, so killing the launcher's process group leaves them paused (and
+    holding the output folder's lock) — a real kill of a whole run kills them too."""
+    mine = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if str(marker).encode() in (entry / "cmdline").read_bytes():
+                os.kill(int(entry.name), signal.SIGKILL)
+                mine.append(entry)
+        except (OSError, ProcessLookupError):
+            continue
+    deadline = time.monotonic() + 30
+    while any((entry / "cmdline").exists() and (entry / "cmdline").read_bytes() for entry in mine):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
 
 
 def test_sigkill_mid_run_then_resume_holds_every_image_once(tiny_model_dir, folder, tmp_path):
