@@ -354,10 +354,18 @@ def _display_name(path: str | Path) -> str:
 
 def open_image(path: str | Path, name: str | None = None) -> Image.Image:
     """Open and fully decode an image file (the package's one reader), or raise `ImageInputError` naming it."""
-    from modeling_vip2clip.data.images import ImageReadError, read_image
-
+    name = name or _display_name(path)
     try:
-        return read_image(Path(path), what=name or _display_name(path), max_pixels=MAX_PIXELS)
+        from modeling_vip2clip.data.images import ImageReadError, read_image
+    except ImportError:  # demo/ alone, as a Space without the package: PIL's own checks (MAX_IMAGE_PIXELS) only
+        try:
+            with Image.open(path) as handle:
+                handle.load()
+                return handle.copy()
+        except Exception as error:  # noqa: BLE001 - shown to the user, never a crash
+            raise ImageInputError(f"{name}: cannot be read ({error}).") from None
+    try:
+        return read_image(Path(path), what=name, max_pixels=MAX_PIXELS)
     except ImageReadError as error:
         raise ImageInputError(str(error)) from None
 

@@ -436,8 +436,10 @@ def test_one_label_rule_class_names_in_any_order_and_normal_label():
     assert ds["label"] == [0, 1, 0, 1] and ds["defect_type"] == ["good", "scratch", "good", "crack"]
     with pytest.raises(DatasetError, match=r"^--normal-label goood: no value of the label column 'defect'"):
         load_anomaly_dataset(names, label_column="defect", normal_labels=["goood"])  # a typo is not "all anomalous"
-    numbers = datasets.Dataset.from_dict({"image": images, "label": [True, False, 0.0, 1.0]})
-    assert load_anomaly_dataset(numbers)["label"] == [1, 0, 0, 1]
+    assert load_anomaly_dataset(datasets.Dataset.from_dict({"image": images, "label": [True, False, False, True]}))[
+        "label"] == [1, 0, 0, 1]
+    assert load_anomaly_dataset(datasets.Dataset.from_dict({"image": images, "label": [0.0, 1.0, 1.0, 0.0]}))[
+        "label"] == [0, 1, 1, 0]
     # The defect-name column of a dataset that otherwise has the canonical columns goes through the rule too.
     canonical_names = ds.cast_column("label", datasets.Value("string")).map(
         lambda row: {"label": row["defect_type"]})
