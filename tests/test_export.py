@@ -295,7 +295,7 @@ def test_predict_on_an_exported_folder_equals_the_torch_folder(torch_folder, onn
     modeling_vip2clip/exported_model.py): same CSV scores (1e-4) and overlays as the torch folder."""
     import csv
 
-    from modeling_vip2clip.cli import predict
+    from modeling_vip2clip.engine.prediction import predict
     from modeling_vip2clip.deploy.exported_model import ExportedViP2CLIPModel, load_exported
     from modeling_vip2clip.weights.loader import load_model_and_processor
 
