@@ -5,12 +5,27 @@ point's `--help` stays fast."""
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, fields
+from typing import Sequence
 
-__all__ = ["DEFAULT_COLUMNS", "add_schema_arguments", "schema_options"]
+__all__ = ["DEFAULT_COLUMNS", "DatasetColumns", "add_schema_arguments", "schema_options"]
+
+
+@dataclass(kw_only=True)
+class DatasetColumns:
+    """The dataset-schema options every job that opens a dataset takes (`predict`, `evaluate`, `calibrate`,
+    `train`): the flags of :func:`add_schema_arguments`. A keyword-only base of each job's options dataclass, so
+    the five fields and their defaults exist once."""
+
+    image_column: str = "image"
+    label_column: str = "label"
+    mask_column: str = "mask"
+    category_column: str = "category"
+    normal_label: Sequence[str] | None = None
+
 
 #: The canonical column each option names, and its default (the canonical name itself).
-DEFAULT_COLUMNS = {"image_column": "image", "label_column": "label", "mask_column": "mask",
-                   "category_column": "category"}
+DEFAULT_COLUMNS = {field.name: field.default for field in fields(DatasetColumns) if field.name.endswith("_column")}
 #: The normal/anomalous words of the label rule, for the help text (the rule itself: `.labels`, not imported here
 #: to keep `--help` free of the `datasets` import).
 _LABEL_HELP = ("0/1, true/false, normal/good/ok/nominal vs anomalous/anomaly/bad/defect/defective/ng, or a "

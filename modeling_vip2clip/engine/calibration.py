@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import UsageError
+from ..data.options import DatasetColumns
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ __all__ = ["CalibrateOptions", "calibrate"]
 
 
 @dataclass
-class CalibrateOptions:
+class CalibrateOptions(DatasetColumns):
     """The options of :func:`calibrate` (each one a `vip2clip calibrate` flag of the same name; `progress` is the
     negation of `--no-progress`)."""
 
@@ -70,11 +71,6 @@ class CalibrateOptions:
     categories: Sequence[str] | None = None
     dataset_name: str | None = None
     streaming: bool = False
-    image_column: str = "image"
-    label_column: str = "label"
-    mask_column: str = "mask"
-    category_column: str = "category"
-    normal_label: Sequence[str] | None = None
     device: str | None = None
     batch_size: int = 8
     num_workers: int = 2

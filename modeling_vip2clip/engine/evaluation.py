@@ -27,6 +27,7 @@ from .results_store import PARTIAL_DIR, PartialResults
 from ..errors import UsageError
 from ..files import atomic_save, atomic_write_json, atomic_write_text
 from ..distributed import check_distributed_setup
+from ..data.options import DatasetColumns
 
 logger = logging.getLogger("modeling_vip2clip.cli.evaluate")
 
@@ -34,7 +35,7 @@ __all__ = ["EvaluateOptions", "compute_results", "evaluate"]
 
 
 @dataclass
-class EvaluateOptions:
+class EvaluateOptions(DatasetColumns):
     """The options of :func:`evaluate` (each one a `vip2clip evaluate` flag of the same name; `progress` is the
     negation of `--no-progress`)."""
 
@@ -52,11 +53,6 @@ class EvaluateOptions:
     k_shot: int = 0
     shot_seeds: Sequence[int] = (0,)
     reference_split: str = "train"
-    image_column: str = "image"
-    label_column: str = "label"
-    mask_column: str = "mask"
-    category_column: str = "category"
-    normal_label: Sequence[str] | None = None
     batch_size: int = 8
     num_workers: int = 2
     mixed_precision: str = "no"

@@ -42,6 +42,7 @@ from .prediction_files import PredictionFiles, ambiguous_stems
 from .results_csv import PREDICTIONS_CSV, SKIPPED_CSV, CsvLog, done_ids, merge_parts, part_files, read_csv_rows
 from ..errors import UsageError
 from ..distributed import process_state
+from ..data.options import DatasetColumns
 
 logger = logging.getLogger("modeling_vip2clip.cli.predict")
 
@@ -56,7 +57,7 @@ __all__ = [
 
 
 @dataclass
-class PredictOptions:
+class PredictOptions(DatasetColumns):
     """The options of :func:`predict` (each one a `vip2clip predict` flag of the same name; `overlays` and `progress`
     are the negations of `--no-overlays` / `--no-progress`)."""
 
@@ -67,11 +68,6 @@ class PredictOptions:
     split: str = "test"
     categories: Sequence[str] | None = None
     streaming: bool = False
-    image_column: str = "image"
-    label_column: str = "label"
-    mask_column: str = "mask"
-    category_column: str = "category"
-    normal_label: Sequence[str] | None = None
     threshold: float | None = None
     pixel_threshold: float | None = None
     device: str | None = None

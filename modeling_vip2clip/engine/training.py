@@ -32,6 +32,7 @@ from ..distributed import check_distributed_setup
 from ..weights.folder import save_model_folder
 from ..weights.loader import load_model_and_processor
 from ..resolve import resolve_source
+from ..data.options import DatasetColumns
 
 logger = logging.getLogger("modeling_vip2clip.cli.train")
 
@@ -40,7 +41,7 @@ __all__ = ["NonFiniteLossError", "EpochShuffleSampler", "PAPER_MODEL_OPTIONS", "
 
 
 @dataclass
-class TrainOptions:
+class TrainOptions(DatasetColumns):
     """The options of :func:`train` (each one a `vip2clip train` flag of the same name; `progress` is the negation
     of `--no-progress`). `clip` or `model` (not both) says where the run starts; `image_size` ... `top_k` apply
     with `clip` (None: the paper's, `PAPER_MODEL_OPTIONS`). `mixed_precision` is Accelerate's autocast of the
@@ -63,11 +64,6 @@ class TrainOptions:
     fgp_lr_scale: float = 0.01
     gradient_accumulation_steps: int = 1
     seed: int = 111
-    image_column: str = "image"
-    label_column: str = "label"
-    mask_column: str = "mask"
-    category_column: str = "category"
-    normal_label: Sequence[str] | None = None
     batch_size: int = 8
     num_workers: int = 2
     mixed_precision: str = "no"
