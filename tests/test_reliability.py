@@ -338,6 +338,16 @@ def test_predict_without_usable_input_stops_before_the_model(tiny_model_dir, tmp
     assert code == 2
     _one_error_line(err, "no image to score", "missing.png", "empty")
     assert not out.exists()
+    # A fresh `vip2clip predict`: the same line before torch or transformers is ever imported (they take seconds).
+    watch = ("import atexit, sys\n"
+             "atexit.register(lambda: print('heavy imports:', [m for m in ('torch', 'transformers') if m in "
+             "sys.modules], file=sys.stderr))\n"
+             "from modeling_vip2clip.cli.main import main\nsys.exit(main(sys.argv[1:]))")
+    run = _cli("predict", "--model", tiny_model_dir, tmp_path / "empty", tmp_path / "missing.png", "--output-dir", out,
+               python_code=watch)
+    assert run.returncode == 2, run.stderr
+    _one_error_line(run.stderr, "no image to score", "missing.png", "empty")
+    assert "heavy imports: []" in run.stderr and not out.exists()
 
 
 def test_file_names_of_any_bytes_keep_the_csv_utf8_and_resumable(tiny_model_dir, images, tmp_path, capsys):
