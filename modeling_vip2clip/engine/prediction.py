@@ -119,6 +119,10 @@ def predict(model, inputs: Sequence[str] = (), output_dir: str | os.PathLike = "
     if bool(args.inputs) == bool(args.dataset):
         raise UsageError("give either INPUT files/folders/globs or --dataset ID_OR_PATH (not both, not neither); "
                          "e.g. `vip2clip predict --model M photos/` or `--dataset org/name --split test`.")
+    if isinstance(model, (str, os.PathLike)):
+        from ..resolve import resolve_source
+
+        resolve_source(str(model), "--model")  # fail fast, before any data is opened
     found = _images_to_score(args.inputs) if args.inputs else None  # before the folder, the model and torch
     from ..run_folder import claim_output_folder, model_identity
     from ..weights.loader import model_name
@@ -162,11 +166,8 @@ def _predict(args: PredictOptions, model, processor, found: tuple[list, list] | 
     from .prediction_files import PredictionFiles, ambiguous_stems
 
     from ..weights.loader import job_model_and_processor, model_name
-    from ..resolve import resolve_source
 
     inputs = list(args.inputs)
-    if isinstance(model, (str, os.PathLike)):
-        resolve_source(str(model), "--model")  # fail fast, before any data is opened
     procs = process_state()
     output_dir = Path(args.output_dir)
 
