@@ -244,7 +244,8 @@ model = ExportedViP2CLIP.from_folder(folder)
 output = model(model.preprocess([Image.open(image)]))
 print(json.dumps({"score": float(output.anomaly_score[0]), "map_sum": float(output.anomaly_map.sum()),
                   "torch_loaded": "torch" in sys.modules and sys.modules["torch"] is not None}))
-print(json.dumps({"exit_without_a_readable_image": main([folder, cut, missing])}), flush=True)
+print(json.dumps({"exit_without_a_readable_image": main([folder, cut, missing]),
+                  "exit_for_a_folder_that_is_no_export": main([".", image])}), flush=True)
 sys.argv = [folder + "/vip2clip_runtime.py", folder, cut, image, missing]
 runpy.run_path(sys.argv[0], run_name="__main__")   # the file's own command line
 """
@@ -268,7 +269,8 @@ def test_inferencer_runs_without_torch(which, onnx_folder, openvino_folder, mode
         scores, maps = _torch_outputs(model, processor(images=[image])["pixel_values"].numpy())
     assert first["torch_loaded"] is False
     assert abs(first["score"] - float(scores[0])) < 1e-4 and abs(first["map_sum"] - float(maps.sum())) < 1e-2
-    assert only_bad == {"exit_without_a_readable_image": 1}
+    assert only_bad == {"exit_without_a_readable_image": 1, "exit_for_a_folder_that_is_no_export": 2}
+    assert "error: . is not an exported ViP2-CLIP folder" in result.stderr
     assert second["path"] == str(image_path) and second["score"] == first["score"]
     lines = result.stderr.splitlines()
     assert "Traceback" not in result.stderr

@@ -11,7 +11,8 @@ The graph takes `pixel_values` (B, 3, S, S) float32 (any B) and returns `anomaly
 
 This file is standalone on purpose — it imports only the standard library, numpy, PIL and (lazily) the runtime
 — and `vip2clip export` copies it into every exported folder as `vip2clip_runtime.py`, so a deployment needs
-neither this package nor torch. `python vip2clip_runtime.py FOLDER IMAGE...` prints one JSON line per image.
+neither this package nor torch. `python vip2clip_runtime.py FOLDER IMAGE...` prints one JSON line per image; an
+image it cannot read is reported on stderr and skipped, as `vip2clip predict` does.
 """
 
 from __future__ import annotations
