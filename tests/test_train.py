@@ -191,6 +191,13 @@ def test_output_dir_belongs_to_one_run(reference_run, tiny_clip_dir, data_dir, o
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert manifest["written_by"] == "vip2clip train" and "finished" in manifest
     assert {"checkpoints", "model", "train_summary.json"} <= set(manifest["writes"])
+    # a cache named by --cache-features inside the output folder is a cache, not an earlier run's results
+    fresh = tmp_path / "fresh"
+    (fresh / "my_cache").mkdir(parents=True)
+    (fresh / "my_cache" / "stale.bin").write_bytes(b"old")
+    train(**_args(tiny_clip_dir, data_dir, fresh, *again, "--cache-features", str(fresh / "my_cache")))
+    assert (fresh / "my_cache" / "index.json").is_file() and "my_cache" not in json.loads(
+        (fresh / MANIFEST_FILE).read_text())["writes"]
 
 
 def test_feature_cache_gives_the_same_losses(reference_run, tiny_clip_dir, data_dir, tmp_path):

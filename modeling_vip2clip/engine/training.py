@@ -260,10 +260,15 @@ def _claim_output_dir(args: TrainOptions, given: Any):
                 "inputs": {"dataset": dataset, "split": args.split, "categories": _listed(args.categories)},
                 "options": {key: _listed(getattr(args, key)) if key == "feature_layers" else getattr(args, key)
                             for key in _GEOMETRY}}
+    caches = list(_CACHE_ENTRIES)
+    if args.cache_features and args.cache_features != "auto":  # `--cache-features OUTPUT_DIR/NAME`: a cache too
+        cache = Path(args.cache_features).expanduser().resolve()
+        if cache.parent == Path(args.output_dir).expanduser().resolve():
+            caches.append(cache.name)
     folder = claim_output_folder(args.output_dir, manifest, resume=bool(args.resume),
                                  overwrite=args.overwrite_output_dir, writes=_RUN_ENTRIES, model_dirs=[start],
                                  input_dirs=[args.dataset], overwrite_flag="--overwrite-output-dir",
-                                 reusable=_CACHE_ENTRIES)
+                                 reusable=caches)
     folder.record(*_RUN_ENTRIES)  # before any of them appears: a run killed while writing still owns them
     return folder
 
