@@ -31,6 +31,10 @@ _BLOCK_ELEMENTS = 1 << 22
 # `backbone_fingerprint`), and how far two dtypes of the same weights may round them apart (bf16: 2⁻⁸).
 _FINGERPRINT_VALUES = 8
 _FINGERPRINT_RTOL, _FINGERPRINT_ATOL = 1e-2, 1e-4
+# What `save` writes and `load` needs.
+_METADATA_KEYS = ("image_size", "patch_size", "feature_layers", "num_images")
+_TENSOR_NAMES = ("patch_embeds", "backbone_fingerprint")
+_REBUILD = "rebuild it from normal images with model.build_reference_bank(pixel_values) and bank.save(path)"
 
 
 def backbone_fingerprint(clip: nn.Module) -> torch.Tensor:
@@ -223,14 +227,28 @@ class ViP2CLIPReferenceBank:
             metadata = handle.metadata() or {}
             if metadata.get("vip2clip") != _FORMAT:
                 raise ValueError(f"{path} is not a ViP²-CLIP reference bank (written by ViP2CLIPReferenceBank.save).")
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            names = set(handle.keys())
+            # A hand-made or edited file: name what is missing rather than fail on a bare KeyError.
+            missing = [f"metadata key {key!r}" for key in _METADATA_KEYS if key not in metadata]
+            missing += [f"tensor {name!r}" for name in _TENSOR_NAMES if name not in names]
+            if missing:
+                raise ValueError(f"{path}: not a complete reference bank, it lacks the {', '.join(missing)} that "
+                                 f"ViP2CLIPReferenceBank.save writes; {_REBUILD}")
+            tensors = {name: handle.get_tensor(name) for name in _TENSOR_NAMES}
+        try:
+            geometry = {key: int(metadata[key]) for key in ("image_size", "patch_size", "num_images")}
+            geometry["feature_layers"] = [int(layer) for layer in metadata["feature_layers"].split(",")]
+        except ValueError:
+            shown = {key: metadata[key] for key in _METADATA_KEYS}
+            raise ValueError(f"{path}: the reference bank's metadata {shown} holds a value that is not an integer "
+                             f"(feature_layers: integers separated by commas); {_REBUILD}") from None
         bank = cls(
             tensors["patch_embeds"],
-            image_size=int(metadata["image_size"]),
-            patch_size=int(metadata["patch_size"]),
-            feature_layers=[int(layer) for layer in metadata["feature_layers"].split(",")],
+            image_size=geometry["image_size"],
+            patch_size=geometry["patch_size"],
+            feature_layers=geometry["feature_layers"],
             backbone_fingerprint=tensors["backbone_fingerprint"],
-            num_images=int(metadata["num_images"]),
+            num_images=geometry["num_images"],
         )
         if model is not None:
             bank.check_compatible(model)

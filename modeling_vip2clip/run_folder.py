@@ -83,27 +83,30 @@ def model_identity(source: str | os.PathLike) -> dict:
     return identity
 
 
-def check_apart(out: str | os.PathLike, model_dirs: Iterable[Any], flag: str = "--out") -> None:
-    """Refuse an output folder that is, contains or lies inside a model folder the run reads: writing there could
-    replace or delete the model."""
+def check_apart(out: str | os.PathLike, model_dirs: Iterable[Any], flag: str = "--out",
+                input_dirs: Iterable[Any] = ()) -> None:
+    """Refuse an output folder that is, contains or lies inside a model folder or an input (a dataset folder) the
+    run reads: writing there could replace or delete it, or mix the results into the data."""
     target = Path(out).expanduser().resolve()
-    for model in model_dirs:
-        if model is None or not Path(str(model)).expanduser().exists():
-            continue
-        source = Path(str(model)).expanduser().resolve()
+    read = [(model, "the model folder", "the model's folder") for model in model_dirs]
+    read += [(data, "the input", "its inputs") for data in input_dirs]
+    for source_path, what, outside in read:
+        if source_path is None or not Path(str(source_path)).expanduser().exists():
+            continue  # a Hub id, or nothing local to protect
+        source = Path(str(source_path)).expanduser().resolve()
         relation = ("is" if target == source else "contains" if source.is_relative_to(target) else
                     "lies inside" if target.is_relative_to(source) else None)
         if relation:
-            raise OutputFolderError(sentence(f"{flag} {out}", target, f"{relation} the model folder {model} that "
-                                             "this run reads",
-                                             "choose an output folder outside the model's folder"))
+            raise OutputFolderError(sentence(f"{flag} {out}", target, f"{relation} {what} {source_path} that "
+                                             "this run reads", f"choose an output folder outside {outside}"))
 
 
 class OutputFolder:
     """A claimed output folder: `path`, the `manifest` being written, the lock until `release()`."""
 
-    def __init__(self, path: Path, manifest: dict, lock_handle, created: bool):
+    def __init__(self, path: Path, manifest: dict, lock_handle, created: bool, superseded: Sequence[str] = ()):
         self.path, self.manifest, self._lock, self._created = path, manifest, lock_handle, created
+        self.superseded = list(superseded)  # an earlier run's entries that `move_into_place` removes
 
     def record(self, *names: str) -> None:
         """Add top-level entries to the manifest's `writes` *before* they appear, so that a run killed while
@@ -214,6 +217,10 @@ def claim_output_folder(
     model_dirs: Iterable[Any] = (),
     flag: str = "--output-dir",
     can_resume: bool = True,
+    input_dirs: Iterable[Any] = (),
+    overwrite_flag: str = "--overwrite",
+    reusable: Sequence[str] = (),
+    replace_on_move: bool = False,
 ) -> OutputFolder:
     """Claim `path` for a run (see the module docstring) and write its manifest; raises `OutputFolderError`.
 
@@ -225,9 +232,15 @@ def claim_output_folder(
         writes: glob patterns of the top-level names this command writes (`predictions*.csv`, `overlays`, ...).
         model_dirs: model folders the run reads; the output may not be, contain or lie inside one.
         can_resume: whether the command has `--resume` (only changes the advice in the refusal).
+        input_dirs: the inputs the run reads (dataset folders, files): the same rule as `model_dirs`.
+        overwrite_flag: the command's name of `overwrite` (train: `--overwrite-output-dir`), for the advice.
+        reusable: glob patterns of the package's caches kept in the folder (train's `feature_cache`, checked
+            before each use): never results, so they neither make the folder "not empty" nor go with `overwrite`.
+        replace_on_move: with `overwrite`, leave the earlier run's entries in place until `move_into_place`
+            brings the new ones (for a command that stages all it writes: a run that fails keeps the old results).
     """
     out = Path(path).expanduser()
-    check_apart(out, model_dirs, flag)
+    check_apart(out, model_dirs, flag, input_dirs)
     if out.exists() and not out.is_dir():
         raise OutputFolderError(sentence(f"{flag} {path}", out.resolve(), "this is a file, not a folder",
                                          "pass a folder path"))
@@ -239,7 +252,9 @@ def claim_output_folder(
             if _owned(entry.name, _LEFTOVERS):  # a killed run's staging: ours, never results
                 _remove(entry)
         previous = _read_manifest(out)
-        entries = sorted(e.name for e in out.iterdir() if e.name not in (MANIFEST_FILE, LOCK_FILE))
+        entries = sorted(e.name for e in out.iterdir()
+                         if e.name not in (MANIFEST_FILE, LOCK_FILE) and not _owned(e.name, reusable))
+        superseded: list[str] = []
         record = {"written_by": manifest.get("written_by"), "version": _version(),
                   "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **manifest, "writes": []}
         if resume and entries:
@@ -260,21 +275,26 @@ def claim_output_folder(
             if not overwrite:
                 shown = ", ".join(entries[:4]) + (f" and {len(entries) - 4} more" if len(entries) > 4 else "")
                 advice = ("pass --resume to continue that run (same model, inputs and options), " if can_resume else
-                          "") + "pass --overwrite to replace what vip2clip wrote there, or choose another folder"
+                          "") + f"pass {overwrite_flag} to replace what vip2clip wrote there, or choose another folder"
                 raise OutputFolderError(sentence(f"{flag} {path}", out.resolve(), f"exists and is not empty (it holds {shown})",
                                                  advice))
-            for name in owned:
-                if "/" not in name and name not in (MANIFEST_FILE, LOCK_FILE):
+            owned = [name for name in owned if "/" not in name and name not in (MANIFEST_FILE, LOCK_FILE)
+                     and not _owned(name, reusable)]
+            if replace_on_move:  # still the folder's until the new entries arrive (and still owned if killed)
+                superseded = [name for name in owned if (out / name).exists() or (out / name).is_symlink()]
+                record["writes"] = list(superseded)
+            else:
+                for name in owned:
                     _remove(out / name)
             kept = [name for name in entries if name not in owned]
             if kept:
-                logger.warning("--overwrite: kept %d entries of %s that vip2clip did not write: %s", len(kept), out,
-                               ", ".join(kept[:8]))
+                logger.warning("%s: kept %d entries of %s that vip2clip did not write: %s", overwrite_flag, len(kept),
+                               out, ", ".join(kept[:8]))
         atomic_write_json(out / MANIFEST_FILE, record)
     except BaseException:
         handle.close()
         raise
-    return OutputFolder(out, record, handle, created)
+    return OutputFolder(out, record, handle, created, superseded)
 
 
 def staging_folder(folder: OutputFolder) -> Path:
@@ -287,10 +307,14 @@ def staging_folder(folder: OutputFolder) -> Path:
 
 def move_into_place(folder: OutputFolder, staged: Path) -> list[str]:
     """Rename every entry of `staged` into the claimed folder (recorded in the manifest first), then remove
-    `staged`; returns the names moved."""
+    `staged`; returns the names moved. An earlier run's entries kept by `replace_on_move` go first."""
     names = sorted(entry.name for entry in staged.iterdir())
     apply_umask(staged)  # safetensors and mkstemp write 0600
     folder.record(*names)
+    for name in folder.superseded:
+        if name not in names:
+            _remove(folder.path / name)
+    folder.superseded = []
     for name in names:
         target = folder.path / name
         if target.exists() and target.is_dir() and not target.is_symlink():

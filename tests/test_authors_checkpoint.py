@@ -257,6 +257,34 @@ def test_no_network_and_http_errors_give_one_line(tiny_clip_dir, hf_home, server
     assert cache_files(hf_home) == [] and server.state.gets() == []
 
 
+def test_offline_from_python_is_one_typed_sentence_and_from_the_cli_one_line(tiny_clip_dir, hf_home, capsys):
+    """`ViP2CLIPModel.from_authors_checkpoint("mvtec")` offline / unreachable: a typed error whose traceback is the
+    caller's frames and the sentence, without huggingface_hub's and httpx's chain (was 74 lines)."""
+    import traceback
+
+    import huggingface_hub.constants
+
+    from modeling_vip2clip import ViP2CLIPModel
+    from modeling_vip2clip.cli.main import main as cli_main
+    from modeling_vip2clip.errors import UsageError
+
+    nowhere = f"http://127.0.0.1:{free_port()}/models/mvtec_train_epoch_10.pth"
+    for offline, url, words in ((False, nowhere, "ConnectError"), (True, None, "HF_HUB_OFFLINE=1 is set")):
+        huggingface_hub.constants.HF_HUB_OFFLINE = offline  # restored by the fixture
+        with pytest.raises(UsageError, match=words) as caught:
+            ViP2CLIPModel.from_authors_checkpoint("mvtec", clip=str(tiny_clip_dir), url=url, **OPTIONS)
+        assert caught.value.__cause__ is None and caught.value.__suppress_context__
+        shown = "".join(traceback.format_exception(caught.value))
+        assert "The above exception" not in shown and "During handling" not in shown, shown
+        assert "httpx" not in shown and "huggingface_hub" not in shown, shown
+    code = cli_main(["download-authors", "mvtec", "--out", str(hf_home.parent / "out"), "--clip", str(tiny_clip_dir),
+                     *CLI_OPTIONS])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(lines) == 1 and "HF_HUB_OFFLINE=1 is set" in lines[0], err
+    assert "Traceback" not in err and not (hf_home.parent / "out").exists()
+
+
 def test_bad_names_and_ids(tiny_clip_dir, hf_home):
     from modeling_vip2clip.weights.authors_release import (
         AuthorsCheckpointError,

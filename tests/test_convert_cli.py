@@ -129,10 +129,45 @@ def test_cli_converts_own_folders_and_saves(own_folders, tmp_path, capsys):
     # the same again: --out is not empty
     assert convert_main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: --out {out} exists and is not empty;") and "--overwrite" in err
+    assert err.startswith(f"error: --out {out} ({out}): exists and is not empty") and "pass --overwrite" in err
+    assert "--resume" not in err  # convert has none
+    (out / "notes.txt").write_text("mine")  # the user's own file in --out
     assert convert_main([*argv, "--overwrite"]) == 0
     assert sorted(p.name for p in out.parent.iterdir()) == ["line3", "line3_ds"]  # no staging folder left
+    assert (out / "notes.txt").read_text() == "mine" and not list(out.glob(".staging-*"))
     _check_rows(load_anomaly_dataset(out), expected)
+    capsys.readouterr()
+
+
+def test_cli_owns_its_out_folder(own_folders, tmp_path, capsys):
+    """--out belongs to one run (run_folder.py): held → refused; an --overwrite that fails keeps the old dataset;
+    never --root, inside it or around it."""
+    import fcntl
+
+    from modeling_vip2clip.run_folder import LOCK_FILE, MANIFEST_FILE
+
+    root, expected = own_folders
+    out = tmp_path / "line3_ds"
+    argv = ["--root", str(root), "--out", str(out), "--normal-dir", "nominal", "OK",
+            "--anomalous-dir", "NG", "scratch", "dent", "--mask-dir", "masks"]
+    assert convert_main(argv) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.name not in (LOCK_FILE, MANIFEST_FILE)}
+    with open(out / LOCK_FILE, "a+") as held:  # another run holds the folder
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert convert_main([*argv, "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out ({out}): another vip2clip run is writing to it") and err.count("\n") == 1
+    # an overwrite whose conversion fails (no such category): the old dataset stays whole
+    assert convert_main([*argv, "--overwrite", "--categories", "nothing"]) == 2
+    assert "no usable image" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name not in (LOCK_FILE, MANIFEST_FILE)} == before
+    _check_rows(load_anomaly_dataset(out), expected)
+    for bad, relation in ((root, "is"), (root / "converted", "lies inside"), (tmp_path, "contains")):
+        assert convert_main([*argv[:2], "--out", str(bad), *argv[4:], "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --out {bad} ({bad}): {relation} the input {root} that this run reads; "), err
+    assert not (root / "converted").exists()
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -354,3 +357,38 @@ def test_report_html_has_metrics_curves_and_worst_images(full_run):
         value = metrics[METRIC_KEYS[0]]
         if value is not None:
             assert f"<td>{value:.3f}</td>" in page
+
+
+def test_defect_folders_without_known_names_are_one_error_with_the_command_that_reads_them(tiny_model_dir, tmp_path,
+                                                                                          capsys):
+    """A user's folder good/ + scratch/ + dent/: the defect folders have no anomalous name, so only the normal
+    images were read; evaluate says so in one line naming a command that exists (was: exit 0, a table of NaN,
+    and `--layout folder` flags evaluate does not have, printed twice)."""
+    import shlex
+
+    root = tmp_path / "line3"
+    for folder, count in (("good", 3), ("scratch", 2), ("dent", 2)):
+        (root / folder).mkdir(parents=True)
+        for i in range(count):
+            Image.fromarray(np.random.default_rng(len(folder) * 10 + i).integers(0, 256, (32, 32, 3), np.uint8)).save(
+                root / folder / f"{i}.png")
+    out = tmp_path / "eval"
+    argv = ["--model", str(tiny_model_dir), "--output-dir", str(out), "--num-workers", "0", "--no-progress"]
+    # a fresh process: its stderr holds the converter's logged warning too (counted below)
+    run = subprocess.run([sys.executable, "-m", "modeling_vip2clip.cli", "evaluate", "--dataset", str(root), *argv],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 2, run.stderr[-3000:]
+    err = run.stderr
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err and lines[0] == err.splitlines()[-1], err
+    assert lines[0].startswith(f"error: --dataset {root} ({root}): no anomalous image to evaluate against, only 3 "
+                               "normal and 0 unlabelled ones"), lines[0]
+    assert "sub-folders dent/, scratch/ are neither normal nor anomalous" in lines[0]
+    assert "pass --layout folder" not in err and err.count("were not converted") == 1  # the warning, once
+    assert not out.exists()
+    command = lines[0].split("convert it naming them, ", 1)[1].split(", then run", 1)[0]
+    converted = tmp_path / "converted"
+    assert cli_main(shlex.split(command.replace("--out CONVERTED", f"--out {converted}"))[1:]) == 0
+    assert cli_main(["evaluate", "--dataset", str(converted), *argv]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert np.isfinite(results["mean"]["image_auroc"])

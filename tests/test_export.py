@@ -236,15 +236,17 @@ _NO_TORCH = """
 import json, runpy, sys
 sys.modules["torch"] = None          # any `import torch` now raises ImportError
 sys.modules["transformers"] = None
-folder, image = sys.argv[1], sys.argv[2]
+folder, image, cut, missing = sys.argv[1:5]
 sys.path.insert(0, folder)
-from vip2clip_runtime import ExportedViP2CLIP
+from vip2clip_runtime import ExportedViP2CLIP, main
 from PIL import Image
 model = ExportedViP2CLIP.from_folder(folder)
 output = model(model.preprocess([Image.open(image)]))
 print(json.dumps({"score": float(output.anomaly_score[0]), "map_sum": float(output.anomaly_map.sum()),
                   "torch_loaded": "torch" in sys.modules and sys.modules["torch"] is not None}))
-sys.argv = [folder + "/vip2clip_runtime.py", folder, image]
+print(json.dumps({"exit_without_a_readable_image": main([folder, cut, missing]),
+                  "exit_for_a_folder_that_is_no_export": main([".", image])}), flush=True)
+sys.argv = [folder + "/vip2clip_runtime.py", folder, cut, image, missing]
 runpy.run_path(sys.argv[0], run_name="__main__")   # the file's own command line
 """
 
@@ -255,16 +257,28 @@ def test_inferencer_runs_without_torch(which, onnx_folder, openvino_folder, mode
     folder = onnx_folder if which == "onnx" else openvino_folder
     image_path = tmp_path / "part.png"
     _images(1, seed=7)[0].save(image_path)
-    result = subprocess.run([sys.executable, "-c", _NO_TORCH, str(folder), str(image_path)],
+    cut, missing = tmp_path / "cut.png", tmp_path / "missing.png"  # a truncated image and no file at all
+    cut.write_bytes(image_path.read_bytes()[:200])
+    result = subprocess.run([sys.executable, "-c", _NO_TORCH, *map(str, (folder, image_path, cut, missing))],
                             capture_output=True, text=True, timeout=120, cwd=tmp_path, env={
                                 k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    # the bad images are reported and skipped, the good one scored; exit 0 as `vip2clip predict`
     assert result.returncode == 0, result.stderr[-3000:]
-    first, second = [json.loads(line) for line in result.stdout.splitlines()]
+    first, only_bad, second = [json.loads(line) for line in result.stdout.splitlines()]
     with Image.open(image_path) as image:
         scores, maps = _torch_outputs(model, processor(images=[image])["pixel_values"].numpy())
     assert first["torch_loaded"] is False
     assert abs(first["score"] - float(scores[0])) < 1e-4 and abs(first["map_sum"] - float(maps.sum())) < 1e-2
+    assert only_bad == {"exit_without_a_readable_image": 1, "exit_for_a_folder_that_is_no_export": 2}
+    assert "error: . is not an exported ViP2-CLIP folder" in result.stderr
     assert second["path"] == str(image_path) and second["score"] == first["score"]
+    lines = result.stderr.splitlines()
+    assert "Traceback" not in result.stderr
+    for bad in (cut, missing):  # one line each per run, then both runs' lists at the end
+        assert sum(line.startswith(f"skipped {bad}: ") for line in lines) == 2, result.stderr
+    assert f"skipped {missing}: no such file or directory" in lines, result.stderr
+    assert f"scored 0 of 2 images; skipped 2 that could not be read: {cut}, {missing}" in lines
+    assert lines[-1] == f"scored 1 of 3 images; skipped 2 that could not be read: {cut}, {missing}"
 
 
 def test_calibration_images_from_a_benchmark_folder_a_saved_dataset_and_a_glob(tmp_path):

@@ -305,7 +305,15 @@ def test_a_bank_of_nans_is_refused_naming_the_bank(tiny_model, tmp_path, capsys,
     save_file(tensors, str(tmp_path / "nan_bank.safetensors"), metadata=metadata)
     truncated = tmp_path / "cut_bank.safetensors"
     truncated.write_bytes(path.read_bytes()[:200])
-    for bad, words in ((tmp_path / "nan_bank.safetensors", "NaN or infinite"), (truncated, "corrupt, truncated")):
+    # a hand-made bank: the format tag but not the geometry (was a KeyError, reported as a bug)
+    tensors["patch_embeds"] = bank.patch_embeds
+    hand_made = tmp_path / "hand_made_bank.safetensors"
+    save_file(tensors, str(hand_made), metadata={k: v for k, v in metadata.items() if k != "num_images"})
+    with pytest.raises(ValueError, match=f"{hand_made}: not a complete reference bank, it lacks the metadata key "
+                       "'num_images'.*; rebuild it"):
+        ViP2CLIPReferenceBank.load(hand_made)
+    for bad, words in ((tmp_path / "nan_bank.safetensors", "NaN or infinite"), (truncated, "corrupt, truncated"),
+                       (hand_made, "lacks the metadata key 'num_images'")):
         code, err = _in_process(capsys, "predict", "--model", tiny_model_dir, images, "--references", bad,
                                 "--output-dir", tmp_path / f"out_{bad.stem}", "--num-workers", "0", "--no-progress")
         assert code == 2
@@ -330,6 +338,16 @@ def test_predict_without_usable_input_stops_before_the_model(tiny_model_dir, tmp
     assert code == 2
     _one_error_line(err, "no image to score", "missing.png", "empty")
     assert not out.exists()
+    # A fresh `vip2clip predict`: the same line before torch or transformers is ever imported (they take seconds).
+    watch = ("import atexit, sys\n"
+             "atexit.register(lambda: print('heavy imports:', [m for m in ('torch', 'transformers') if m in "
+             "sys.modules], file=sys.stderr))\n"
+             "from modeling_vip2clip.cli.main import main\nsys.exit(main(sys.argv[1:]))")
+    run = _cli("predict", "--model", tiny_model_dir, tmp_path / "empty", tmp_path / "missing.png", "--output-dir", out,
+               python_code=watch)
+    assert run.returncode == 2, run.stderr
+    _one_error_line(run.stderr, "no image to score", "missing.png", "empty")
+    assert "heavy imports: []" in run.stderr and not out.exists()
 
 
 def test_file_names_of_any_bytes_keep_the_csv_utf8_and_resumable(tiny_model_dir, images, tmp_path, capsys):

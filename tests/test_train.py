@@ -151,8 +151,53 @@ def test_resume_after_epoch_1_matches_uninterrupted_run(reference_run, tiny_clip
 def test_existing_checkpoints_need_resume_or_overwrite(reference_run, tiny_clip_dir, data_dir, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(reference_run["out"], out)
-    with pytest.raises(UsageError, match="already holds checkpoints; pass --resume"):
+    with pytest.raises(UsageError, match=r"exists and is not empty \(it holds checkpoints, model, "
+                       r"train_summary.json\); pass --resume .*pass --overwrite-output-dir"):
         train(**_args(tiny_clip_dir, data_dir, out, "--epochs", "2", "--batch-size", "3"))
+
+
+def test_output_dir_belongs_to_one_run(reference_run, tiny_clip_dir, data_dir, one_batch_dir, tmp_path):
+    """OUTPUT_DIR is claimed (run_folder.py): a held folder is refused, a resume with other data names it, the
+    output may not be the CLIP or the dataset folder, and --overwrite-output-dir replaces only what vip2clip
+    wrote (the user's file and the feature cache stay)."""
+    import fcntl
+
+    from modeling_vip2clip.errors import FolderInUseError, OutputFolderError
+    from modeling_vip2clip.run_folder import LOCK_FILE, MANIFEST_FILE
+
+    out = tmp_path / "run"
+    shutil.copytree(reference_run["out"], out)
+    (out / "notes.txt").write_text("mine")
+    (out / "feature_cache").mkdir()
+    (out / "feature_cache" / "index.json").write_text("{}")
+    before = {str(p): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != LOCK_FILE}
+    again = ["--epochs", "1", "--batch-size", "8"]
+    with open(out / LOCK_FILE, "a+") as held:  # another run holds the folder
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(FolderInUseError, match="another vip2clip run is writing to it"):
+            train(**_args(tiny_clip_dir, data_dir, out, *again, "--overwrite-output-dir"))
+    with pytest.raises(OutputFolderError, match=r"--resume refused: .*other inputs"):
+        train(**_args(tiny_clip_dir, one_batch_dir, out, *again, "--resume"))
+    for inside, relation in ((data_dir / "run", "lies inside the input"), (tiny_clip_dir, "is the model folder")):
+        with pytest.raises(OutputFolderError, match=relation):
+            train(**_args(tiny_clip_dir, data_dir, inside, *again, "--overwrite-output-dir"))
+    assert not (data_dir / "run").exists()
+    assert {str(p): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != LOCK_FILE} == before
+
+    result = train(**_args(tiny_clip_dir, data_dir, out, *again, "--overwrite-output-dir"))
+    assert result["global_step"] == 1 and result["resumed_from"] is None  # a fresh run, not epoch 3 of the old one
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_1"]
+    assert (out / "notes.txt").read_text() == "mine" and (out / "feature_cache" / "index.json").read_text() == "{}"
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert manifest["written_by"] == "vip2clip train" and "finished" in manifest
+    assert {"checkpoints", "model", "train_summary.json"} <= set(manifest["writes"])
+    # a cache named by --cache-features inside the output folder is a cache, not an earlier run's results
+    fresh = tmp_path / "fresh"
+    (fresh / "my_cache").mkdir(parents=True)
+    (fresh / "my_cache" / "stale.bin").write_bytes(b"old")
+    train(**_args(tiny_clip_dir, data_dir, fresh, *again, "--cache-features", str(fresh / "my_cache")))
+    assert (fresh / "my_cache" / "index.json").is_file() and "my_cache" not in json.loads(
+        (fresh / MANIFEST_FILE).read_text())["writes"]
 
 
 def test_feature_cache_gives_the_same_losses(reference_run, tiny_clip_dir, data_dir, tmp_path):

@@ -13,7 +13,6 @@ The converters are those of :mod:`modeling_vip2clip.data.converters`; the schema
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -89,31 +88,38 @@ def _check_paths(args: argparse.Namespace) -> tuple[Path, Path, str | None]:
             raise UsageError(f"{' / '.join(folder_flags)} apply to --layout folder, not --layout {layout}; "
                              "drop them or pass --layout folder")
         layout = "folder"
-    out = Path(args.out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {args.out} is a file; pass a folder to write the dataset to")
-    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
-        raise UsageError(f"--out {args.out} exists and is not empty; pass --overwrite to replace it, or another --out")
-    if out.resolve() == root.resolve() or out.resolve() in root.resolve().parents:
-        raise UsageError(f"--out {args.out} holds --root {args.root} (replacing it would delete the raw images); "
-                         "pass another --out")
-    return root, out, layout
+    return root, Path(args.out).expanduser(), layout
 
 
-def _save(dataset, out: Path) -> None:
-    """Write next to ``out`` first and swap it in only when complete: an interrupted save (or overwrite) leaves
-    the old ``out`` as it was."""
-    import tempfile
+# What `save_to_disk` writes at the top of a folder: all that `--overwrite` may remove from an --out folder written
+# before manifests existed.
+_SAVED_DATASET = ("data-*.arrow", "dataset_info.json", "state.json", "dataset_dict.json", "cache-*.arrow")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+
+def _claim_out(args: argparse.Namespace, root: Path):
+    """`--out`, claimed (run_folder.py): never --root, inside it or around it; a folder holding files only with
+    --overwrite, which replaces only what vip2clip wrote there, once the new dataset is complete."""
+    from ..run_folder import claim_output_folder
+
+    manifest = {"written_by": "vip2clip convert",
+                "inputs": {"root": str(root.resolve()), "layout": args.layout, "split": args.split,
+                           "categories": args.categories},
+                "options": {"missing_mask": args.missing_mask}}
+    return claim_output_folder(args.out, manifest, overwrite=args.overwrite, writes=_SAVED_DATASET, flag="--out",
+                               can_resume=False, input_dirs=[root], replace_on_move=True)
+
+
+def _save(dataset, folder) -> None:
+    """Write into a staging folder inside ``--out`` and move the files into place only when complete: an
+    interrupted save (or overwrite) leaves the old dataset as it was."""
+    from ..run_folder import move_into_place, staging_folder
+
+    staged = staging_folder(folder)
     try:
-        dataset.save_to_disk(str(staging / "dataset"))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging / "dataset", out)
+        dataset.save_to_disk(str(staged))
+        move_into_place(folder, staged)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staged, ignore_errors=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -122,6 +128,14 @@ def run(args: argparse.Namespace) -> int:
 
     require_extra("datasets", "train", "vip2clip convert")  # before any work: the `demo` extra alone lacks it
     root, out, layout = _check_paths(args)
+    folder = _claim_out(args, root)  # before the work: a held or non-empty --out is refused at once
+    try:
+        return _convert(args, root, out, layout, folder)
+    finally:
+        folder.release()
+
+
+def _convert(args: argparse.Namespace, root: Path, out: Path, layout: str | None, folder) -> int:
     from ..data import convert, detect_layout, unrecognised_layout_message  # after the checks
 
     if layout is None and detect_layout(root) is None:
@@ -139,7 +153,8 @@ def run(args: argparse.Namespace) -> int:
         which = f" for --categories {' '.join(args.categories)}" if args.categories else ""
         raise UsageError(f"--root {args.root}: no usable image in split {args.split!r}{which}; check --split / "
                          "--categories, or the skipped files listed above")
-    _save(dataset, out)
+    _save(dataset, folder)
+    folder.finish()
     print(report.summary())
     categories = sorted(set(dataset["category"]))
     anomalous = sum(dataset["label"])

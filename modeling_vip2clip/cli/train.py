@@ -80,7 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--overwrite-output-dir", action="store_true",
-        help="delete existing checkpoints in OUTPUT_DIR when not resuming (default: refuse to start).",
+        help="start over in an OUTPUT_DIR that holds an earlier run: what vip2clip wrote there (checkpoints, logs, "
+        "model, train_summary.json) is removed, your own files and the feature cache stay (default: refuse to start).",
     )
     run.add_argument(
         "--cache-features", nargs="?", const="auto", default=None, metavar="DIR",

@@ -136,6 +136,9 @@ class ConversionReport:
     n_ok: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
     warnings: list[tuple[str, str]] = field(default_factory=list)
+    # Sub-folders with images that no folder name claimed (the folder layout), each with the `vip2clip convert`
+    # command that includes them: (folder names, command).
+    unconverted: list[tuple[list[str], str]] = field(default_factory=list)
 
     @property
     def n_skipped(self) -> int:
@@ -149,12 +152,14 @@ class ConversionReport:
         self.warnings.append((path, message))
         logger.warning("%s: %s", path, message)
 
+    def headline(self) -> str:
+        """The counts, one line (the skips and warnings were logged one by one as they happened)."""
+        return (f"{self.layout or 'dataset'} at {self.source}: {self.n_ok} rows converted, "
+                f"{self.n_skipped} files skipped, {len(self.warnings)} warnings")
+
     def summary(self) -> str:
         """A short multi-line human-readable summary."""
-        lines = [
-            f"{self.layout or 'dataset'} at {self.source}: {self.n_ok} rows converted, "
-            f"{self.n_skipped} files skipped, {len(self.warnings)} warnings"
-        ]
+        lines = [self.headline()]
         lines += [f"  skipped {p}: {r}" for p, r in self.skipped[:20]]
         if self.n_skipped > 20:
             lines.append(f"  ... and {self.n_skipped - 20} more skipped")
@@ -346,7 +351,7 @@ def _build(candidates: Sequence[_Candidate], root: Path, report: ConversionRepor
     )
     columns = {name: [r[name] for r in rows] for name in features}  # from_list cannot build an empty table
     ds = Dataset.from_dict(columns, features=features, info=info)
-    logger.info(report.summary())
+    logger.info(report.headline())  # the skips and warnings are already in the log, once each
     return ds
 
 
@@ -835,9 +840,13 @@ def _warn_unused_folders(report: ConversionReport, root: Path, cat_dir: Path, no
     if unused:
         flags = _folder_flags([p.name for p in normal], [p.name for p in anomalous] + unused,
                               [masks.name] if masks else [])
+        # A whole command, not flags: every command that reads a raw folder (evaluate, train, ...) converts it on
+        # the fly without these flags; `vip2clip convert` is the one that has them.
+        command = f"vip2clip convert --layout folder --root {shlex.quote(str(root))} {flags} --out OUT"
+        report.unconverted.append((unused, command))
         report.warn(_rel(cat_dir, root) if cat_dir != root else cat_dir.name,
                     f"sub-folders {', '.join(u + '/' for u in unused)} are neither normal nor anomalous by name and "
-                    f"were not converted; to include them as defect types pass --layout folder {flags}")
+                    f"were not converted; to include them as defect types run: {command}")
 
 
 _CONVERTERS = {

@@ -11,7 +11,8 @@ The graph takes `pixel_values` (B, 3, S, S) float32 (any B) and returns `anomaly
 
 This file is standalone on purpose — it imports only the standard library, numpy, PIL and (lazily) the runtime
 — and `vip2clip export` copies it into every exported folder as `vip2clip_runtime.py`, so a deployment needs
-neither this package nor torch. `python vip2clip_runtime.py FOLDER IMAGE...` prints one JSON line per image.
+neither this package nor torch. `python vip2clip_runtime.py FOLDER IMAGE...` prints one JSON line per image; an
+image it cannot read is reported on stderr and skipped, as `vip2clip predict` does.
 """
 
 from __future__ import annotations
@@ -356,19 +357,56 @@ class ExportedViP2CLIP:
                 f"{self.image_size}px, {self.backend_name})")
 
 
+# What an unreadable image raises while it is opened, decoded or checked (PIL's DecompressionBombError is none of
+# these): the image is skipped, never the run.
+_IMAGE_ERRORS = (OSError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError)
+
+
+def _reason(error: BaseException) -> str:
+    """One line saying why an image could not be read."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror[0].lower() + error.strerror[1:]
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _pixels(model: ExportedViP2CLIP, path: str) -> np.ndarray:
+    """`pixel_values` of one image file, fully decoded inside (a truncated file fails here, not at inference)."""
+    with Image.open(path) as handle:
+        handle.load()
+        return model.preprocess(handle)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python vip2clip_runtime.py FOLDER IMAGE...`: one JSON line (path, score) per image."""
+    """`python vip2clip_runtime.py FOLDER IMAGE...`: one JSON line (path, score) per image on stdout.
+
+    As `vip2clip predict`: an image that cannot be read is reported (`skipped PATH: REASON` on stderr) and the
+    others are scored; the skipped ones are listed again at the end. Exit status 0 when at least one image was
+    scored, 1 when none could be, 2 for a folder that is not an exported model."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) < 2 or argv[0] in ("-h", "--help"):
         print("usage: python vip2clip_runtime.py EXPORTED_FOLDER IMAGE [IMAGE ...]", file=sys.stderr)
         return 2
-    model = ExportedViP2CLIP.from_folder(argv[0])
+    try:
+        model = ExportedViP2CLIP.from_folder(argv[0])
+    except (ValueError, ImportError) as error:  # not an exported folder, or its runtime is not installed
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr, flush=True)
+        return 2
+    skipped = []
     for path in argv[1:]:
-        with Image.open(path) as handle:
-            output = model.predict(handle)
+        try:
+            pixel_values = _pixels(model, path)
+        except _IMAGE_ERRORS as error:
+            skipped.append(path)
+            print(f"skipped {path}: {_reason(error)}", file=sys.stderr, flush=True)
+            continue
+        output = model(pixel_values)
         print(json.dumps({"path": path, "score": float(output.anomaly_score[0]),
                           "map_max": float(output.anomaly_map[0].max())}), flush=True)
-    return 0
+    scored = len(argv) - 1 - len(skipped)
+    if skipped:
+        print(f"scored {scored} of {len(argv) - 1} images; skipped {len(skipped)} that could not be read: "
+              + ", ".join(skipped), file=sys.stderr, flush=True)
+    return 0 if scored else 1
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .results_store import PARTIAL_DIR, PartialResults
-from ..errors import UsageError
+from ..errors import UsageError, sentence
 from ..files import atomic_save, atomic_write_json, atomic_write_text
 from ..distributed import check_distributed_setup
 from ..data.options import DatasetColumns
@@ -293,6 +293,28 @@ def evaluate(model, dataset: str, output_dir: str | os.PathLike = "vip2clip-eval
             folder.release()
 
 
+def _check_has_anomalies(args: EvaluateOptions, dataset, report) -> None:
+    """Every metric compares anomalous with normal images: a dataset without a single anomalous one gives a table
+    of NaN, so it is refused, with what left them out (a raw folder whose defect folders have no known name)."""
+    labels = dataset["label"]
+    if any(label == 1 for label in labels):
+        return
+    normal = sum(1 for label in labels if label == 0)
+    what = f"--dataset {args.dataset}"
+    where = os.path.abspath(args.dataset) if os.path.exists(str(args.dataset)) else None
+    why = (f"no anomalous image to evaluate against, only {normal} normal and {len(labels) - normal} unlabelled "
+           "ones, so every metric would be NaN")
+    if report is not None and report.unconverted:
+        names = sorted({name for folders, _ in report.unconverted for name in folders})
+        command = report.unconverted[0][1].replace("--out OUT", "--out CONVERTED")
+        raise UsageError(sentence(what, where, f"{why}: its sub-folders {', '.join(n + '/' for n in names)} are "
+                                  "neither normal nor anomalous by name and were not read",
+                                  f"convert it naming them, {command}, then run vip2clip evaluate --dataset "
+                                  "CONVERTED"))
+    raise UsageError(sentence(what, where, why, "evaluate a dataset that holds anomalous images, or say which labels "
+                              "are normal with --label-column / --normal-label"))
+
+
 def _evaluate(args: EvaluateOptions, model, processor) -> dict[str, Any] | None:
     from accelerate import Accelerator
 
@@ -320,9 +342,6 @@ def _evaluate(args: EvaluateOptions, model, processor) -> dict[str, Any] | None:
     logger.setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
     check_distributed_setup(accelerator)
     output_dir = Path(args.output_dir)
-    model, processor = job_model_and_processor(model, processor, device=accelerator.device,
-                                               mixed_precision=args.mixed_precision)
-
     dataset, report = load_anomaly_dataset(dataset_source, split=args.split, categories=args.categories,
                                            return_report=True, **schema_options(args))
     # Files the converter could not use (raw folders only) are reported with the loader's unusable samples.
@@ -332,6 +351,9 @@ def _evaluate(args: EvaluateOptions, model, processor) -> dict[str, Any] | None:
     if num_samples == 0:
         raise UsageError(f"--dataset {args.dataset} (--split {args.split}): no samples; check the split and "
                          "--categories names.")
+    _check_has_anomalies(args, dataset, report)  # before the model loads: a refused dataset costs no seconds
+    model, processor = job_model_and_processor(model, processor, device=accelerator.device,
+                                               mixed_precision=args.mixed_precision)
     meta = {"model": model_name(args.model), "dataset": dataset_fingerprint(dataset), "num_samples": num_samples,
             "split": args.split, "image_size": model.config.image_size}
 

@@ -34,11 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-
+# torch, the transforms and the output files are imported by the loop itself: `vip2clip predict` with nothing to
+# score stops in a fraction of a second, before the seconds torch takes to import (docs/reliability.md).
 from ..data.images import collect_inputs
-from ..data.transforms import FileImages, RowImages, SampleTransform, StreamImages, dataset_rows, make_loader
-from .prediction_files import PredictionFiles, ambiguous_stems
 from .results_csv import PREDICTIONS_CSV, SKIPPED_CSV, CsvLog, done_ids, merge_parts, part_files, read_csv_rows
 from ..errors import UsageError
 from ..distributed import process_state
@@ -114,6 +112,14 @@ def predict(model, inputs: Sequence[str] = (), output_dir: str | os.PathLike = "
     of a distributed run, `{"rank": r}`.
     """
     args = PredictOptions(model=model, inputs=list(inputs or []), output_dir=output_dir, **options)
+    if bool(args.inputs) == bool(args.dataset):
+        raise UsageError("give either INPUT files/folders/globs or --dataset ID_OR_PATH (not both, not neither); "
+                         "e.g. `vip2clip predict --model M photos/` or `--dataset org/name --split test`.")
+    if isinstance(model, (str, os.PathLike)):
+        from ..resolve import resolve_source
+
+        resolve_source(str(model), "--model")  # fail fast, before any data is opened
+    found = _images_to_score(args.inputs) if args.inputs else None  # before the folder, the model and torch
     from ..run_folder import claim_output_folder, model_identity
     from ..weights.loader import model_name
 
@@ -133,33 +139,37 @@ def predict(model, inputs: Sequence[str] = (), output_dir: str | os.PathLike = "
                                      model_dirs=[str(model)] if from_path else [],
                                      writes=("predictions*.csv", "skipped*.csv", "overlays", "maps", "masks"))
     try:
-        return _predict(args, model, processor)
+        return _predict(args, model, processor, found)
     finally:
         if folder is not None:
             folder.release()
 
 
-def _predict(args: PredictOptions, model, processor) -> dict:
+def _images_to_score(inputs: Sequence[str]) -> tuple[list, list]:
+    """`collect_inputs(inputs)`; none at all is a usage error naming why each input gave nothing."""
+    items, problems = collect_inputs(inputs)
+    if not items:  # nothing to score is a usage error, not an empty CSV
+        raise UsageError("no image to score: " + "; ".join(f"{path}: {reason}" for path, reason in problems[:5])
+                         + "; pass image files, folders holding images, or glob patterns that match some.")
+    return items, problems
+
+
+def _predict(args: PredictOptions, model, processor, found: tuple[list, list] | None) -> dict:
+    import torch
     from tqdm.auto import tqdm
 
+    from ..data.transforms import FileImages, RowImages, SampleTransform, StreamImages, dataset_rows, make_loader
+    from .prediction_files import PredictionFiles, ambiguous_stems
+
     from ..weights.loader import job_model_and_processor, model_name
-    from ..resolve import resolve_source
 
     inputs = list(args.inputs)
-    if bool(inputs) == bool(args.dataset):
-        raise UsageError("give either INPUT files/folders/globs or --dataset ID_OR_PATH (not both, not neither); "
-                         "e.g. `vip2clip predict --model M photos/` or `--dataset org/name --split test`.")
-    if isinstance(model, (str, os.PathLike)):
-        resolve_source(str(model), "--model")  # fail fast, before any data is opened
     procs = process_state()
     output_dir = Path(args.output_dir)
 
     problems: list[tuple[str, str]] = []
-    if inputs:
-        items, problems = collect_inputs(inputs)
-        if not items:  # before the model is loaded: nothing to score is a usage error, not an empty CSV
-            raise UsageError("no image to score: " + "; ".join(f"{path}: {reason}" for path, reason in problems[:5])
-                             + "; pass image files, folders holding images, or glob patterns that match some.")
+    if found is not None:
+        items, problems = found
         ids = [path for path, _ in items]
     else:
         from ..data import load_anomaly_dataset, schema_options

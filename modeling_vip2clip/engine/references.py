@@ -79,8 +79,8 @@ def load_reference_bank(model, processor, source: str, batch_size: int = 8):
                              "images.")
         try:
             return ViP2CLIPReferenceBank.load(source, model=model)
-        except ValueError as error:
-            raise UsageError(f"--references {source}: {error}") from None
+        except ValueError as error:  # the bank's own sentence; it may name the file itself
+            raise UsageError(f"--references {source}: {str(error).removeprefix(f'{source}: ')}") from None
         except Exception as error:  # noqa: BLE001 - a truncated / foreign file is one line naming it
             known = explain(error, path=source, what="--references: cannot read the bank")
             if known is None:

@@ -211,6 +211,66 @@ def train(
                          "ViP2-CLIP model to fine-tune), not both, not neither.")
     if train_dataset is None and args.dataset is None:
         raise UsageError("train: give the training data, dataset= (--dataset ID_OR_PATH).")
+    if args.epochs < 1 or args.batch_size < 1 or args.gradient_accumulation_steps < 1:
+        raise UsageError(f"--epochs {args.epochs}, --batch-size {args.batch_size}, --gradient-accumulation-steps "
+                         f"{args.gradient_accumulation_steps}: each must be >= 1.")
+    # ---- owned output folder (run_folder.py, docs/reliability.md): manifest + lock, on the main process only ----
+    folder = _claim_output_dir(args, given) if int(os.environ.get("RANK", "0") or 0) == 0 else None
+    try:
+        result = _train(args, given, model, processor, train_dataset)
+        if folder is not None:
+            folder.finish()
+        return result
+    finally:
+        if folder is not None:
+            folder.release()
+
+
+# What a run writes at the top of OUTPUT_DIR (all that --overwrite-output-dir may remove from a folder written
+# before manifests existed), and the feature cache: checked before each use, kept across runs.
+_RUN_ENTRIES = ("checkpoints", "logs", "model", "train_summary.json")
+_CACHE_ENTRIES = ("feature_cache",)
+# The options that fix the trained heads' shapes: a resume with others cannot load the checkpoint.
+_GEOMETRY = ("image_size", "feature_layers", "n_ctx", "n_cls", "top_k")
+
+
+def _listed(value: Sequence | None) -> list | None:
+    """A tuple or list as the list its JSON reads back as (so a resume compares equal)."""
+    return None if value is None else list(value)
+
+
+def _claim_output_dir(args: TrainOptions, given: Any):
+    """Claim `output_dir` for this run: a held folder is refused; `--resume` only with the same starting model,
+    data and head geometry (named otherwise); a fresh run over results only with `--overwrite-output-dir`, which
+    removes what vip2clip wrote there (checkpoints, logs, model, summary) and keeps the rest and the feature cache;
+    never the model or the dataset folder, inside it or around it."""
+    from ..run_folder import claim_output_folder, model_identity
+    from ..weights.loader import model_name
+
+    start = args.clip or args.model
+    dataset = args.dataset
+    if dataset is not None and os.path.exists(dataset):
+        dataset = os.path.abspath(dataset)
+    manifest = {"written_by": "vip2clip train",
+                "model": model_identity(start) if start else {"source": model_name(given)},
+                "inputs": {"dataset": dataset, "split": args.split, "categories": _listed(args.categories)},
+                "options": {key: _listed(getattr(args, key)) if key == "feature_layers" else getattr(args, key)
+                            for key in _GEOMETRY}}
+    caches = list(_CACHE_ENTRIES)
+    if args.cache_features and args.cache_features != "auto":  # `--cache-features OUTPUT_DIR/NAME`: a cache too
+        cache = Path(args.cache_features).expanduser().resolve()
+        if cache.parent == Path(args.output_dir).expanduser().resolve():
+            caches.append(cache.name)
+    folder = claim_output_folder(args.output_dir, manifest, resume=bool(args.resume),
+                                 overwrite=args.overwrite_output_dir, writes=_RUN_ENTRIES, model_dirs=[start],
+                                 input_dirs=[args.dataset], overwrite_flag="--overwrite-output-dir",
+                                 reusable=caches)
+    folder.record(*_RUN_ENTRIES)  # before any of them appears: a run killed while writing still owns them
+    return folder
+
+
+def _train(args: TrainOptions, given: Any, model: Any, processor: Any, train_dataset: Any) -> dict[str, Any]:
+    """The run itself, once `train` has checked the options and claimed the folder."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
@@ -224,9 +284,6 @@ def train(
         dataset_fingerprint,
     )
 
-    if args.epochs < 1 or args.batch_size < 1 or args.gradient_accumulation_steps < 1:
-        raise UsageError(f"--epochs {args.epochs}, --batch-size {args.batch_size}, --gradient-accumulation-steps "
-                         f"{args.gradient_accumulation_steps}: each must be >= 1.")
     output_dir = Path(args.output_dir)
     checkpoint_root = output_dir / "checkpoints"
     log_with = None if args.report_to == "none" else args.report_to

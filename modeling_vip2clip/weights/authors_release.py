@@ -285,7 +285,8 @@ def fetch_authors_checkpoint(
             _remove_empty(final.parent)  # kept only when it holds a partial download to resume
             if not _is_transfer_error(error):
                 raise
-            raise _download_error(release, url, root, error) from error
+            # The sentence names the cause; the library's chain of tracebacks would bury it (errors.py).
+            raise _download_error(release, url, root, error) from None
         actual = compute_git_blob_sha1(partial)
         if actual != expected:
             size = partial.stat().st_size
@@ -363,7 +364,7 @@ def download_authors_checkpoint(
             raise AuthorsConversionError(
                 f"cannot build the model from {release.filename} and the CLIP {str(clip)!r} ({_first_line(error)}); "
                 f"pass --clip a local CLIP folder or allow Hub access (the paper's CLIP is {DEFAULT_CLIP})"
-            ) from error
+            ) from None
         LOGGER.info("Cached the converted model in %s.", model_dir)
     return model_dir
 
