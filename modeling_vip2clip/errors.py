@@ -98,6 +98,10 @@ _OS_ERRORS = {
                    "free some space or write elsewhere, then run the same command again"),
     errno.EDQUOT: ("cannot write", "the disk quota is exhausted",
                    "free some space or write elsewhere, then run the same command again"),
+    # A per-process file-size limit (`ulimit -f`, a batch scheduler's) or the file system's largest file.
+    errno.EFBIG: ("cannot write", "the file is larger than this system allows (a file-size limit such as "
+                  "`ulimit -f`, or the file system's maximum)",
+                  "raise the limit or write to another file system, then run the same command again"),
     errno.EACCES: ("cannot access", "permission denied", "check its permissions or choose another folder"),
     errno.EPERM: ("cannot access", "operation not permitted", "check its permissions or choose another folder"),
     errno.EEXIST: ("cannot create", "it already exists", "remove it or choose another name"),

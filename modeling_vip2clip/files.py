@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import secrets
@@ -68,6 +69,30 @@ def atomic_save(target: Path, save) -> None:
         raise
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
+def _clear_dead_staging(path: Path) -> None:
+    """What a killed `staged_folder` left beside `path` (its name carries the writer's pid): a `.partial` folder is
+    removed; an `.old` one (killed between its two renames) is removed when `path` is in place, else renamed back
+    to `path` — the previous folder, complete, is never lost. A live writer's folders are left alone."""
+    for entry in path.parent.glob(f".{glob.escape(path.name)}.*.*.*"):
+        pid, kind = entry.name[len(path.name) + 2:].partition(".")[0], entry.suffix  # .NAME.PID.TOKEN.KIND
+        if kind not in (".partial", ".old") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        if kind == ".old" and not path.exists():
+            os.replace(entry, path)
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
 @contextmanager
 def staged_folder(path: str | os.PathLike) -> Iterator[Path]:
     """A new, empty folder beside `path` to fill in the `with` block; when the block ends without an error it takes
@@ -81,6 +106,7 @@ def staged_folder(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} is a file, not a folder; remove it or choose another folder")
+    _clear_dead_staging(path)
     token = f"{os.getpid()}.{secrets.token_hex(4)}"
     staging = path.with_name(f".{path.name}.{token}.partial")
     os.mkdir(staging)

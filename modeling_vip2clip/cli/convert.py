@@ -13,8 +13,6 @@ The converters are those of :mod:`modeling_vip2clip.data.converters`; the schema
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -101,19 +99,12 @@ def _check_paths(args: argparse.Namespace) -> tuple[Path, Path, str | None]:
 
 
 def _save(dataset, out: Path) -> None:
-    """Write next to ``out`` first and swap it in only when complete: an interrupted save (or overwrite) leaves
-    the old ``out`` as it was."""
-    import tempfile
+    """Write into a staging folder beside ``out`` and swap it in only when complete (`files.staged_folder`): an
+    interrupted save (or overwrite) leaves the old ``out`` as it was, and its staging is cleared by the next run."""
+    from ..files import staged_folder
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
-        dataset.save_to_disk(str(staging / "dataset"))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging / "dataset", out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with staged_folder(out) as staging:
+        dataset.save_to_disk(str(staging))
 
 
 def run(args: argparse.Namespace) -> int:
