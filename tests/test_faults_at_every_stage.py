@@ -233,3 +233,118 @@ def test_convert_stopped_at_every_stage_then_rerun(raw_benchmark, dataset_dir, t
     assert _in_process(capsys, *argv, "--overwrite")[0] == 0
     assert _beside(out) == [] and _same_dataset(out, dataset_dir)
     _unchanged(before)
+
+
+# ---------------------------------------------------------------------------------------------- download-authors
+AUTHORS_OPTIONS = ["--image-size", "32", "--feature-layers", "1", "2", "--top-k", "5"]
+
+
+@pytest.fixture(scope="module")
+def authors_file(tiny_clip_dir, tmp_path_factory) -> tuple[bytes, str]:
+    from loopback_server import blob_id, write_authors_checkpoint
+
+    data = write_authors_checkpoint(tiny_clip_dir, tmp_path_factory.mktemp("authors") / "mvtec.pth").read_bytes()
+    return data, blob_id(data)
+
+
+@pytest.fixture
+def server(authors_file):
+    from loopback_server import FILE_PATH, FileServer
+
+    served = FileServer({FILE_PATH: authors_file[0]})
+    yield served
+    served.stop()
+
+
+@pytest.fixture
+def hf_home(tmp_path, monkeypatch) -> Path:
+    """A fresh HF_HOME (huggingface_hub reads it at import: the constant too), network allowed for loopback."""
+    import huggingface_hub.constants
+
+    home = tmp_path / "hf_home"
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HOME", str(home))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    return home
+
+
+def _cache(home: Path) -> list[str]:
+    root = home / "vip2clip" / "authors"
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.parent.name != "locks")
+
+
+def test_download_authors_stopped_at_every_stage_then_rerun(server, authors_file, tiny_clip_dir, hf_home, tmp_path,
+                                                           capsys):
+    """SIGKILL once the whole file is received but before it is verified and renamed (the rerun finds it complete,
+    asks the server for nothing and verifies it); Ctrl-C once the model is converted into the cache and while the
+    cached folder is copied to --out (a fresh --out stays absent, nothing of it beside). The final --out equals
+    the one an uninterrupted run into a fresh cache writes."""
+    data, blob = authors_file
+    argv = ["download-authors", "mvtec", "--out", tmp_path / "mvtec", "--clip", tiny_clip_dir, "--url", server.url(),
+            "--git-blob-sha1", blob, *AUTHORS_OPTIONS]
+    out = tmp_path / "mvtec"
+    _killed("modeling_vip2clip.weights.authors_release:compute_git_blob_sha1", 1, *argv,
+            env={"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "0"})
+    assert _cache(hf_home) == [f"checkpoints/{blob}/mvtec_train_epoch_10.pth.incomplete"]
+    assert not out.exists() and _beside(out) == []
+    gets = len(server.state.gets())
+    _interrupted(capsys, "modeling_vip2clip.weights.authors_checkpoint:model_from_authors_checkpoint", 1, *argv)
+    assert len(server.state.gets()) == gets  # complete on disk: verified, not fetched again
+    assert f"checkpoints/{blob}/mvtec_train_epoch_10.pth" in _cache(hf_home)
+    assert not out.exists() and _beside(out) == []
+    _interrupted(capsys, "modeling_vip2clip.weights.folder:_carry_over", 1, *argv)
+    assert not out.exists() and _beside(out) == []
+    code, err = _in_process(capsys, *argv)
+    assert code == 0, err[-2000:]
+    assert len(server.state.gets()) == gets and not [n for n in _cache(hf_home) if ".incomplete" in n or ".partial" in n]
+    fresh = tmp_path / "fresh"
+    hf_home.rename(tmp_path / "first_home")  # an uninterrupted run into a fresh cache
+    assert _in_process(capsys, *[fresh if value == out else value for value in argv])[0] == 0
+    assert _results(out) == _results(fresh)
+
+
+@pytest.mark.parametrize("fault", ["lost", "stalled"])
+def test_network_lost_or_stalled_mid_download(fault, server, authors_file, tiny_clip_dir, hf_home, tmp_path, capsys,
+                                              monkeypatch):
+    """The link is lost half-way (the connection cut after half the body, then every request answered with
+    headers and no body) or stalls (headers, then silence past HF_HUB_DOWNLOAD_TIMEOUT): one `error:` line naming
+    the URL and the way out, exit 2; the cache holds only `.incomplete` — a prefix of the file, never a file that
+    passes as verified — and the rerun with the server healthy completes it (Range) with a verified checksum."""
+    import huggingface_hub.constants
+    import huggingface_hub.file_download
+    import time as real_time
+    from types import SimpleNamespace
+
+    # huggingface_hub waits 1 s before each of its 5 retries: the faults stay real, the waiting is skipped.
+    clock = {name: getattr(real_time, name) for name in dir(real_time) if not name.startswith("_")}
+    monkeypatch.setattr(huggingface_hub.file_download, "time", SimpleNamespace(**{**clock, "sleep": lambda _: None}))
+    monkeypatch.setattr(huggingface_hub.constants, "DOWNLOAD_CHUNK_SIZE", 1024)
+    data, blob = authors_file
+    if fault == "lost":
+        server.state.drop_after, server.state.cut_after_drop = len(data) // 2, True
+    else:
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DOWNLOAD_TIMEOUT", 0.3)
+        server.state.stall_after, server.state.stall_seconds = 0, 2.0
+    out = tmp_path / "mvtec"
+    argv = ["download-authors", "mvtec", "--out", out, "--clip", tiny_clip_dir, "--url", server.url(),
+            "--git-blob-sha1", blob, *AUTHORS_OPTIONS]
+    code, err = _in_process(capsys, *argv)
+    assert code == 2
+    line = _one_error_line(err, f"cannot download the authors' mvtec checkpoint from {server.url()}",
+                           "run the command again (a partial download is resumed)")
+    assert ("RemoteProtocolError" if fault == "lost" else "Timeout") in line
+    assert not out.exists() and _beside(out) == []
+    cached = _cache(hf_home)
+    assert all(name.endswith(".incomplete") for name in cached)
+    partial = (hf_home / "vip2clip" / "authors" / cached[0]) if cached else None
+    if fault == "lost":
+        assert partial is not None and 0 < partial.stat().st_size < len(data)
+        assert data.startswith(partial.read_bytes())
+    server.state.drop_after = server.state.stall_after = None
+    assert _in_process(capsys, *argv)[0] == 0
+    assert f"checkpoints/{blob}/mvtec_train_epoch_10.pth" in _cache(hf_home)
+    from modeling_vip2clip.weights.authors_release import compute_git_blob_sha1
+
+    assert compute_git_blob_sha1(hf_home / "vip2clip" / "authors" / "checkpoints" / blob / "mvtec_train_epoch_10.pth") == blob
+    if fault == "lost":
+        assert server.state.gets()[-1].startswith("bytes=")  # resumed, not restarted
