@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import writing
+
 __all__ = ["atomic_write_text", "atomic_write_json", "atomic_save", "staged_folder", "user_mode", "apply_umask"]
 
 
@@ -40,7 +42,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+        with writing(path), os.fdopen(handle, "w", encoding="utf-8") as stream:
             stream.write(text)
             stream.flush()
             os.fsync(stream.fileno())
@@ -61,7 +63,7 @@ def atomic_save(target: Path, save) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as handle:
+        with writing(target), open(tmp, "wb") as handle:
             save(handle)
         os.replace(tmp, target)
     except BaseException:
@@ -111,7 +113,8 @@ def staged_folder(path: str | os.PathLike) -> Iterator[Path]:
     staging = path.with_name(f".{path.name}.{token}.partial")
     os.mkdir(staging)
     try:
-        yield staging
+        with writing(path):
+            yield staging
         apply_umask(staging)  # safetensors' and mkstemp's files are 0600: give them the user's umask modes
         if path.exists():
             previous = path.with_name(f".{path.name}.{token}.old")

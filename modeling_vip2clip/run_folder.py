@@ -274,6 +274,8 @@ def claim_output_folder(
         atomic_write_json(out / MANIFEST_FILE, record)
     except BaseException:
         handle.close()
+        if created:  # refused, or the manifest could not be written (a full disk): leave no folder behind
+            shutil.rmtree(out, ignore_errors=True)
         raise
     return OutputFolder(out, record, handle, created)
 

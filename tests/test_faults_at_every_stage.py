@@ -348,3 +348,104 @@ def test_network_lost_or_stalled_mid_download(fault, server, authors_file, tiny_
     assert compute_git_blob_sha1(hf_home / "vip2clip" / "authors" / "checkpoints" / blob / "mvtec_train_epoch_10.pth") == blob
     if fault == "lost":
         assert server.state.gets()[-1].startswith("bytes=")  # resumed, not restarted
+
+
+# ---------------------------------------------------------------------------------------------- disk full
+@pytest.fixture(scope="module")
+def small_disk(tmp_path_factory):
+    """A real small file system (tmpfs, resized per probe) that fills up: writes there meet ENOSPC. Needs the
+    right to mount (root, as in CI); skipped where it is refused."""
+    mount_point = tmp_path_factory.mktemp("small_disk")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+
+    def resize(kib: int) -> Path:
+        for entry in mount_point.iterdir():
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        subprocess.run(["mount", "-o", f"remount,size={kib}k", str(mount_point)], check=True)
+        return mount_point
+
+    yield resize
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def _disk_full(capsys, *argv) -> str:
+    """`vip2clip ARGV` meets the full disk: exit 2, one `error:` line naming what it was writing; returns the path
+    named there."""
+    code, err = _in_process(capsys, *argv)
+    assert code == 2, err[-2000:]
+    line = _one_error_line(err, "no space left on the device", "then run the same command again")
+    return line.split("(", 1)[1].split(")", 1)[0]
+
+
+def _reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.mark.parametrize("command", ["predict", "calibrate", "export", "convert", "train"])
+def test_disk_full_at_every_write(command, small_disk, tiny_model_dir, tiny_clip_dir, images, dataset_dir,
+                                  raw_benchmark, calibrated, exported, capsys):
+    """The output folder on a disk that fills up at each write in turn (the disk grows between probes, so each
+    one fails one write further): one line naming the file, exit 2, the inputs byte-equal, results already
+    written kept whole, and nothing that blocks the rerun — the same command, once there is space, completes
+    (`--resume` for predict and train, `--overwrite` for the others) with the results of a run that never failed."""
+    before = _snapshot(tiny_model_dir, dataset_dir, raw_benchmark, images)
+    disk = small_disk(4)
+    out = disk / "out"
+    argv, rerun, sizes = {
+        "predict": (["predict", "--model", tiny_model_dir, images, "--output-dir", out, *QUIET], ["--resume"],
+                    (4, 8, 16, 24)),
+        "calibrate": (["calibrate", "--model", tiny_model_dir, "--dataset", dataset_dir, "--out", out, *QUIET],
+                      ["--overwrite"], (4, 8, 480)),
+        "export": (["export", "--model", tiny_model_dir, "--format", "onnx", "--out", out], ["--overwrite"], (4, 64)),
+        "convert": (["convert", "--root", raw_benchmark, "--out", out], ["--overwrite"], (4, 16)),
+        "train": (["train", "--clip", tiny_clip_dir, "--image-size", "32", "--feature-layers", "1", "2", "--n-ctx",
+                   "3", "--n-cls", "2", "--top-k", "5", "--dataset", raw_benchmark, "--split", "test", "--output-dir",
+                   out, "--epochs", "1", "--batch-size", "4", "--report-to", "none", *QUIET], ["--resume"],
+                  (4, 480, 960)),
+    }[command]
+    named = []
+    for kib in sizes:
+        small_disk(kib) if not named else subprocess.run(["mount", "-o", f"remount,size={kib}k", str(disk)], check=True)
+        _reset_accelerate()
+        named.append(_disk_full(capsys, *argv, *(rerun if named else [])))
+        _unchanged(before)
+        if command in ("calibrate", "export") and out.exists():
+            _assert_partial_of(out, calibrated if command == "calibrate" else exported)
+    expected = {"predict": (MANIFEST_FILE, "predictions.csv", "overlays/0.overlay.png", "overlays/1.overlay.png"),
+                "calibrate": (MANIFEST_FILE, "model.safetensors", "_vip2clip.py"),  # the manifest, weights, code
+                "export": (MANIFEST_FILE, "out"),  # the manifest, then the graph (the folder is named)
+                "convert": ("out", "out"),
+                "train": ("epoch_1.tmp", "epoch_1.tmp", "model")}[command]  # weights, optimizer (torch.save), model
+    assert len(named) == len(expected) and all(path.endswith(end) for path, end in zip(named, expected)), named
+    subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)
+    _reset_accelerate()
+    code, err = _in_process(capsys, *argv, *rerun)
+    assert code == 0, err[-2000:]
+    assert not [p for p in disk.rglob("*") if p.name.startswith(".staging-") or p.suffix in (".partial", ".tmp")]
+    _unchanged(before)
+
+
+def test_a_file_size_limit_reads_as_disk_full(tiny_model_dir, dataset_dir, tmp_path, capsys):
+    """`ulimit -f` (RLIMIT_FSIZE; SIGXFSZ ignored, as shells and schedulers that set it do): the weights copy
+    meets EFBIG and the user gets the disk-full line with its own reason and fix; the rerun without the limit
+    works."""
+    out = tmp_path / "calibrated"
+    argv = ["calibrate", "--model", tiny_model_dir, "--dataset", dataset_dir, "--out", out, *QUIET]
+    limits, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, limits[1]))
+    try:
+        code, err = _in_process(capsys, *argv)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert code == 2
+    _one_error_line(err, "cannot write (", "model.safetensors", "larger than this system allows",
+                    "raise the limit or write to another file system")
+    assert not out.exists()
+    assert _in_process(capsys, *argv)[0] == 0

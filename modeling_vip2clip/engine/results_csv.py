@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from ..errors import UsageError
+from ..errors import UsageError, writing
 
 __all__ = ["PREDICTIONS_CSV", "SKIPPED_CSV", "CsvLog", "read_csv_rows", "done_ids", "merge_parts", "part_files",
            "csv_text", "path_from_csv"]
@@ -104,9 +104,10 @@ class CsvLog:
     def write(self, rows: Sequence[Sequence[Any]]) -> None:
         if not rows:
             return
-        self.writer.writerows([[csv_text(field) for field in row] for row in rows])
-        self.handle.flush()
-        os.fsync(self.handle.fileno())
+        with writing(self.path):
+            self.writer.writerows([[csv_text(field) for field in row] for row in rows])
+            self.handle.flush()
+            os.fsync(self.handle.fileno())
 
     def close(self) -> None:
         self.handle.close()
