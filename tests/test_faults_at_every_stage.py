@@ -449,3 +449,105 @@ def test_a_file_size_limit_reads_as_disk_full(tiny_model_dir, dataset_dir, tmp_p
                     "raise the limit or write to another file system")
     assert not out.exists()
     assert _in_process(capsys, *argv)[0] == 0
+
+
+# ---------------------------------------------------------------------------------------------- hostile files
+def _refused(capsys, *argv, named=()) -> str:
+    code, err = _in_process(capsys, *argv)
+    assert code == 2, err[-2000:]
+    return _one_error_line(err, *named)
+
+
+def _other_graph(path: Path) -> None:
+    """A valid ONNX file of another model (y = x) saved under the export's name."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "other",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(graph), str(path))
+
+
+def _halve(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def test_hostile_exported_folders_fail_in_one_line(exported, images, tmp_path, capsys):
+    """`model.onnx` truncated, random bytes, or a valid ONNX file of another graph; `openvino_model.xml` or `.bin`
+    truncated; `export_info.json` torn or naming a format that does not exist: `predict` says what is wrong with
+    which file in one line, exit 2, before any output folder exists; the folder is byte-equal."""
+    import openvino
+
+    openvino_folder = tmp_path / "openvino"
+    shutil.copytree(exported, openvino_folder)  # the same export as OpenVINO IR, its graph converted from the ONNX
+    openvino.save_model(openvino.convert_model(str(exported / "model.onnx")), str(openvino_folder / "openvino_model.xml"),
+                        compress_to_fp16=False)
+    (openvino_folder / "model.onnx").unlink()
+    info = json.loads((exported / "export_info.json").read_text())
+    (openvino_folder / "export_info.json").write_text(json.dumps({**info, "format": "openvino"}))
+    out = tmp_path / "out"
+    assert _in_process(capsys, "predict", "--model", openvino_folder, images, "--output-dir", out, *QUIET)[0] == 0
+    cases = {
+        "onnx truncated": (exported, "model.onnx", _halve, ("corrupt, truncated", "INVALID_PROTOBUF")),
+        "onnx random bytes": (exported, "model.onnx", lambda p: p.write_bytes(np.random.default_rng(0).bytes(5000)),
+                              ("corrupt, truncated",)),
+        "onnx of another graph": (exported, "model.onnx", _other_graph,
+                                  ("the graph in model.onnx takes x and gives y", "it is not a vip2clip export")),
+        "openvino xml truncated": (openvino_folder, "openvino_model.xml", _halve, ("cannot load the exported model",)),
+        "openvino bin truncated": (openvino_folder, "openvino_model.bin", _halve, ("Incorrect weights in bin file",)),
+        "export_info torn": (exported, "export_info.json", _halve, ("cannot read export_info.json", "not valid JSON")),
+        "export_info of another format": (exported, "export_info.json",
+                                          lambda p: p.write_text(json.dumps({**info, "format": "tensorrt"})),
+                                          ("export_info.json names the format 'tensorrt', not onnx or openvino",)),
+    }
+    for case, (source, name, damage, words) in cases.items():
+        model = tmp_path / case.replace(" ", "_")
+        shutil.copytree(source, model)
+        damage(model / name)
+        before = _snapshot(model)
+        out = tmp_path / f"{model.name}_out"
+        _refused(capsys, "predict", "--model", model, images, "--output-dir", out, *QUIET,
+                 named=(f"--model {model}", *words))
+        assert _snapshot(model) == before and not out.exists(), case
+
+
+def test_hostile_dataset_results_and_manifest_files(tiny_model_dir, dataset_dir, images, tmp_path, capsys):
+    """A parquet file truncated or of random bytes as `--dataset`; `predictions.csv` replaced by bytes that are not
+    UTF-8 before `--resume`; the run manifest torn or of another JSON type. Each: one line naming the file, exit 2,
+    every file byte-equal; a run manifest that cannot be read refuses `--resume` and a fresh run, and
+    `--overwrite` replaces only what vip2clip writes there (the user's file stays)."""
+    from datasets import load_from_disk
+
+    parquet = tmp_path / "parquet"
+    parquet.mkdir()
+    load_from_disk(str(dataset_dir)).to_parquet(str(parquet / "test.parquet"))
+    data = (parquet / "test.parquet").read_bytes()
+    for case, damaged in (("truncated", data[: len(data) // 2]), ("random", np.random.default_rng(1).bytes(3000))):
+        folder = tmp_path / f"parquet_{case}"
+        folder.mkdir()
+        (folder / "test.parquet").write_bytes(damaged)
+        before = _snapshot(folder)
+        _refused(capsys, "calibrate", "--model", tiny_model_dir, "--dataset", folder, "--out", tmp_path / "cal", *QUIET,
+                 named=(f"--dataset {folder}", "cannot be opened as a dataset", "not a parquet file"))
+        assert _snapshot(folder) == before and not (tmp_path / "cal").exists()
+
+    out = tmp_path / "predictions"
+    argv = ["predict", "--model", tiny_model_dir, images, "--output-dir", out, *QUIET, "--no-overlays"]
+    assert _in_process(capsys, *argv)[0] == 0
+    (out / "notes.txt").write_text("the user's own file")
+    csv_path = out / "predictions.csv"
+    rows = csv_path.read_bytes()
+    csv_path.write_bytes("path,score\n\xe9t\xe9.png,0.5\n".encode("latin-1"))  # another tool's Latin-1 export
+    before = _snapshot(out)
+    _refused(capsys, *argv, "--resume", named=(f"cannot read predictions.csv ({csv_path})", "not valid UTF-8 text"))
+    assert _snapshot(out) == before
+    csv_path.write_bytes(rows)
+    for text in ('{"written_by": "vip2clip pre', "[1, 2]"):  # torn mid-write by hand, another JSON type
+        (out / MANIFEST_FILE).write_text(text)
+        before = _snapshot(out)
+        _refused(capsys, *argv, "--resume", named=(f"{MANIFEST_FILE} cannot be read", "--resume refused"))
+        _refused(capsys, *argv, named=("exists and is not empty", "pass --overwrite"))
+        assert _snapshot(out) == before
+    assert _in_process(capsys, *argv, "--overwrite")[0] == 0
+    assert (out / "notes.txt").read_text() == "the user's own file" and json.loads((out / MANIFEST_FILE).read_text())
