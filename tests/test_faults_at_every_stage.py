@@ -562,3 +562,17 @@ def test_hostile_dataset_results_and_manifest_files(tiny_model_dir, dataset_dir,
         assert _snapshot(out) == before
     assert _in_process(capsys, *argv, "--overwrite")[0] == 0
     assert (out / "notes.txt").read_text() == "the user's own file" and json.loads((out / MANIFEST_FILE).read_text())
+
+
+def test_the_feature_cache_meets_a_full_disk_when_allocated(small_disk):
+    """`train --cache-features` memory-maps its arrays; a sparse file on a disk that fills up later would kill the
+    run with SIGBUS at the first page written through the map. The files are reserved when created: the full disk
+    is an ENOSPC naming the file there, which the boundary turns into the disk-full line."""
+    from modeling_vip2clip.engine.feature_cache import FeatureCache
+
+    disk = small_disk(64)
+    cache = FeatureCache(disk / "feature_cache")
+    with pytest.raises(OSError) as caught:  # 2000 masks of 32×32 bytes alone are 2 MB
+        cache.create({"dtype": "float16"}, num_samples=2000, embed_dim=32, patch_shape=(2, 16, 32), image_size=32)
+    assert caught.value.errno == errno.ENOSPC and str(disk / "feature_cache") in caught.value.filename
+    assert explain(caught.value) is not None and "no space left" in str(explain(caught.value))
