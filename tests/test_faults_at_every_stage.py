@@ -29,6 +29,7 @@ import pytest
 import torch
 from paused_run import signal_after
 from PIL import Image
+from test_authors_checkpoint import authors_pth, cache_files, hf_home, server  # noqa: F401 - shared fixtures
 from test_reliability import _in_process, _one_error_line, _snapshot
 
 from modeling_vip2clip.errors import explain
@@ -239,37 +240,11 @@ AUTHORS_OPTIONS = ["--image-size", "32", "--feature-layers", "1", "2", "--top-k"
 
 
 @pytest.fixture(scope="module")
-def authors_file(tiny_clip_dir, tmp_path_factory) -> tuple[bytes, str]:
-    from loopback_server import blob_id, write_authors_checkpoint
+def authors_file(authors_pth) -> tuple[bytes, str]:
+    from loopback_server import blob_id
 
-    data = write_authors_checkpoint(tiny_clip_dir, tmp_path_factory.mktemp("authors") / "mvtec.pth").read_bytes()
+    data = authors_pth.read_bytes()
     return data, blob_id(data)
-
-
-@pytest.fixture
-def server(authors_file):
-    from loopback_server import FILE_PATH, FileServer
-
-    served = FileServer({FILE_PATH: authors_file[0]})
-    yield served
-    served.stop()
-
-
-@pytest.fixture
-def hf_home(tmp_path, monkeypatch) -> Path:
-    """A fresh HF_HOME (huggingface_hub reads it at import: the constant too), network allowed for loopback."""
-    import huggingface_hub.constants
-
-    home = tmp_path / "hf_home"
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HOME", str(home))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    return home
-
-
-def _cache(home: Path) -> list[str]:
-    root = home / "vip2clip" / "authors"
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.parent.name != "locks")
 
 
 def test_download_authors_stopped_at_every_stage_then_rerun(server, authors_file, tiny_clip_dir, hf_home, tmp_path,
@@ -284,18 +259,18 @@ def test_download_authors_stopped_at_every_stage_then_rerun(server, authors_file
     out = tmp_path / "mvtec"
     _killed("modeling_vip2clip.weights.authors_release:compute_git_blob_sha1", 1, *argv,
             env={"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "0"})
-    assert _cache(hf_home) == [f"checkpoints/{blob}/mvtec_train_epoch_10.pth.incomplete"]
+    assert cache_files(hf_home) == [f"checkpoints/{blob}/mvtec_train_epoch_10.pth.incomplete"]
     assert not out.exists() and _beside(out) == []
     gets = len(server.state.gets())
     _interrupted(capsys, "modeling_vip2clip.weights.authors_checkpoint:model_from_authors_checkpoint", 1, *argv)
     assert len(server.state.gets()) == gets  # complete on disk: verified, not fetched again
-    assert f"checkpoints/{blob}/mvtec_train_epoch_10.pth" in _cache(hf_home)
+    assert f"checkpoints/{blob}/mvtec_train_epoch_10.pth" in cache_files(hf_home)
     assert not out.exists() and _beside(out) == []
     _interrupted(capsys, "modeling_vip2clip.weights.folder:_carry_over", 1, *argv)
     assert not out.exists() and _beside(out) == []
     code, err = _in_process(capsys, *argv)
     assert code == 0, err[-2000:]
-    assert len(server.state.gets()) == gets and not [n for n in _cache(hf_home) if ".incomplete" in n or ".partial" in n]
+    assert len(server.state.gets()) == gets and not [n for n in cache_files(hf_home) if ".incomplete" in n or ".partial" in n]
     fresh = tmp_path / "fresh"
     hf_home.rename(tmp_path / "first_home")  # an uninterrupted run into a fresh cache
     assert _in_process(capsys, *[fresh if value == out else value for value in argv])[0] == 0
@@ -333,7 +308,7 @@ def test_network_lost_or_stalled_mid_download(fault, server, authors_file, tiny_
                            "run the command again (a partial download is resumed)")
     assert ("RemoteProtocolError" if fault == "lost" else "Timeout") in line
     assert not out.exists() and _beside(out) == []
-    cached = _cache(hf_home)
+    cached = cache_files(hf_home)
     assert all(name.endswith(".incomplete") for name in cached)
     partial = (hf_home / "vip2clip" / "authors" / cached[0]) if cached else None
     if fault == "lost":
@@ -341,7 +316,7 @@ def test_network_lost_or_stalled_mid_download(fault, server, authors_file, tiny_
         assert data.startswith(partial.read_bytes())
     server.state.drop_after = server.state.stall_after = None
     assert _in_process(capsys, *argv)[0] == 0
-    assert f"checkpoints/{blob}/mvtec_train_epoch_10.pth" in _cache(hf_home)
+    assert f"checkpoints/{blob}/mvtec_train_epoch_10.pth" in cache_files(hf_home)
     from modeling_vip2clip.weights.authors_release import compute_git_blob_sha1
 
     assert compute_git_blob_sha1(hf_home / "vip2clip" / "authors" / "checkpoints" / blob / "mvtec_train_epoch_10.pth") == blob
