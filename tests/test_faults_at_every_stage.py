@@ -26,14 +26,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from paused_run import signal_after
 from PIL import Image
 from test_authors_checkpoint import authors_pth, cache_files, hf_home, server  # noqa: F401 - shared fixtures
 from test_reliability import _in_process, _one_error_line, _snapshot
 
 from modeling_vip2clip.errors import explain
-from modeling_vip2clip.run_folder import LOCK_FILE, MANIFEST_FILE
+from modeling_vip2clip.run_folder import MANIFEST_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["--num-workers", "0", "--no-progress"]
