@@ -16,6 +16,9 @@ from __future__ import annotations
 import errno
 import importlib.util
 import os
+import re
+from contextlib import contextmanager
+from typing import Iterator
 
 __all__ = [
     "UsageError",
@@ -29,6 +32,7 @@ __all__ = [
     "require_extra",
     "sentence",
     "explain",
+    "writing",
 ]
 
 
@@ -89,6 +93,27 @@ def sentence(what: str, where: object | None, why: str, fix: str) -> str:
     return f"{what}{place}: {str(why).rstrip('. ')}; {fix}"
 
 
+@contextmanager
+def writing(path: object) -> Iterator[None]:
+    """An `OSError` raised in the block without a file name is given `path` (a `write()` that meets a full disk
+    names no file, and the user's line must say where: `error: cannot write (PATH): no space left …`); a library's
+    error that only carries the errno in its message becomes that `OSError`."""
+    where = os.fspath(path) if isinstance(path, os.PathLike) else path
+    try:
+        yield
+    except OSError as error:
+        if error.filename is None and error.errno is not None:
+            error.filename = where
+        raise
+    except Exception as error:  # a library's writer wrapping the I/O error (safetensors: "... (os error 28)")
+        code = _os_error_in(error)
+        if code is None and "inline_container" in str(error) and "unexpected pos" in str(error):
+            code = errno.ENOSPC  # torch.save's zip writer after a short write, read as disk full like numpy's
+        if code is None:
+            raise
+        raise OSError(code, os.strerror(code), where) from error
+
+
 _OS_ERRORS = {
     errno.ENOENT: ("cannot find", "no such file or folder", "check the path"),
     errno.ENOTDIR: ("cannot use", "a part of this path is a file, not a folder", "pass a folder"),
@@ -98,6 +123,10 @@ _OS_ERRORS = {
                    "free some space or write elsewhere, then run the same command again"),
     errno.EDQUOT: ("cannot write", "the disk quota is exhausted",
                    "free some space or write elsewhere, then run the same command again"),
+    # A per-process file-size limit (`ulimit -f`, a batch scheduler's) or the file system's largest file.
+    errno.EFBIG: ("cannot write", "the file is larger than this system allows (a file-size limit such as "
+                  "`ulimit -f`, or the file system's maximum)",
+                  "raise the limit or write to another file system, then run the same command again"),
     errno.EACCES: ("cannot access", "permission denied", "check its permissions or choose another folder"),
     errno.EPERM: ("cannot access", "operation not permitted", "check its permissions or choose another folder"),
     errno.EEXIST: ("cannot create", "it already exists", "remove it or choose another name"),
@@ -113,6 +142,12 @@ _CORRUPT_NAMES = {"SafetensorError", "HeaderTooLarge", "InvalidProtobuf", "Inval
 def _one_line(text: object, limit: int = 300) -> str:
     line = " ".join(str(text).split())
     return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def _os_error_in(error: BaseException) -> int | None:
+    """The errno a library's own exception carries in its message (Rust's `(os error 28)`), if any."""
+    match = re.search(r"\(os error (\d+)\)", str(error))
+    return int(match.group(1)) if match else None
 
 
 def explain(error: BaseException, path: object | None = None, what: str | None = None) -> UsageError | None:
@@ -142,6 +177,9 @@ def explain(error: BaseException, path: object | None = None, what: str | None =
             where = f"{where} -> {error.filename2}"
         return FileSystemError(sentence(what or verb, where, why, fix))
     if module.startswith(_CORRUPT_MODULES) or name in _CORRUPT_NAMES:
+        code = _os_error_in(error)
+        if code is not None:  # a writer's I/O error wrapped by the library (safetensors: "... (os error 28)")
+            return explain(OSError(code, os.strerror(code)), path, what)
         return BadFileError(sentence(what or "cannot read the file", path, f"corrupt, truncated or not this kind of "
                                      f"file ({_one_line(error, 160)})", "re-download, re-save or re-export it"))
     if name == "UnpicklingError":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import secrets
@@ -10,6 +11,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+from .errors import writing
 
 __all__ = ["atomic_write_text", "atomic_write_json", "atomic_save", "staged_folder", "user_mode", "apply_umask"]
 
@@ -39,7 +42,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+        with writing(path), os.fdopen(handle, "w", encoding="utf-8") as stream:
             stream.write(text)
             stream.flush()
             os.fsync(stream.fileno())
@@ -60,12 +63,36 @@ def atomic_save(target: Path, save) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as handle:
+        with writing(target), open(tmp, "wb") as handle:
             save(handle)
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
+def _clear_dead_staging(path: Path) -> None:
+    """What a killed `staged_folder` left beside `path` (its name carries the writer's pid): a `.partial` folder is
+    removed; an `.old` one (killed between its two renames) is removed when `path` is in place, else renamed back
+    to `path` — the previous folder, complete, is never lost. A live writer's folders are left alone."""
+    for entry in path.parent.glob(f".{glob.escape(path.name)}.*.*.*"):
+        pid, kind = entry.name[len(path.name) + 2:].partition(".")[0], entry.suffix  # .NAME.PID.TOKEN.KIND
+        if kind not in (".partial", ".old") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        if kind == ".old" and not path.exists():
+            os.replace(entry, path)
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 @contextmanager
@@ -81,11 +108,13 @@ def staged_folder(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} is a file, not a folder; remove it or choose another folder")
+    _clear_dead_staging(path)
     token = f"{os.getpid()}.{secrets.token_hex(4)}"
     staging = path.with_name(f".{path.name}.{token}.partial")
     os.mkdir(staging)
     try:
-        yield staging
+        with writing(path):
+            yield staging
         apply_umask(staging)  # safetensors' and mkstemp's files are 0600: give them the user's umask modes
         if path.exists():
             previous = path.with_name(f".{path.name}.{token}.old")

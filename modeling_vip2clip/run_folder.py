@@ -43,6 +43,7 @@ logger = logging.getLogger("modeling_vip2clip")
 MANIFEST_FILE = ".vip2clip_run.json"
 LOCK_FILE = ".vip2clip_run.lock"
 _LEFTOVERS = (".staging-*", ".traced")  # staging folders of a run that was killed: never results
+_MARKERS = ("config.json", "export_info.json")  # moved into place last (move_into_place)
 _WEIGHT_FILES = ("model.safetensors", "model.onnx", "model.onnx_data", "openvino_model.xml", "openvino_model.bin",
                  "pytorch_model.bin")
 
@@ -293,6 +294,8 @@ def claim_output_folder(
         atomic_write_json(out / MANIFEST_FILE, record)
     except BaseException:
         handle.close()
+        if created:  # refused, or the manifest could not be written (a full disk): leave no folder behind
+            shutil.rmtree(out, ignore_errors=True)
         raise
     return OutputFolder(out, record, handle, created, superseded)
 
@@ -308,7 +311,9 @@ def staging_folder(folder: OutputFolder) -> Path:
 def move_into_place(folder: OutputFolder, staged: Path) -> list[str]:
     """Rename every entry of `staged` into the claimed folder (recorded in the manifest first), then remove
     `staged`; returns the names moved. An earlier run's entries kept by `replace_on_move` go first."""
-    names = sorted(entry.name for entry in staged.iterdir())
+    # The files that make a folder a model (config.json) or an export (export_info.json) go last: a run killed
+    # mid-way leaves a folder that nothing loads as complete, never a config beside missing weights.
+    names = sorted((entry.name for entry in staged.iterdir()), key=lambda name: (name in _MARKERS, name))
     apply_umask(staged)  # safetensors and mkstemp write 0600
     folder.record(*names)
     for name in folder.superseded:
@@ -316,12 +321,16 @@ def move_into_place(folder: OutputFolder, staged: Path) -> list[str]:
             _remove(folder.path / name)
     folder.superseded = []
     for name in names:
-        target = folder.path / name
-        if target.exists() and target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        os.replace(staged / name, target)
+        _move_entry(staged / name, folder.path / name)
     staged.rmdir()
     return names
+
+
+def _move_entry(source: Path, target: Path) -> None:
+    """Rename `source` over `target` (a folder there is removed first: `os.replace` cannot replace one)."""
+    if target.exists() and target.is_dir() and not target.is_symlink():
+        shutil.rmtree(target)
+    os.replace(source, target)
 
 
 def _version() -> str:

@@ -31,6 +31,9 @@ class ServerState:
     fail_status: int | None = None  # GETs answer this status (set after a drop: "server error mid-way")
     fail_after_drop: int | None = None
     body_delay: float = 0.0  # seconds before a GET's body (the concurrency test)
+    stall_after: int | None = None  # GETs send this many body bytes, then nothing (connection held open)
+    stall_seconds: float = 30.0
+    cut_after_drop: bool = False  # after the drop, every GET sends its headers and no body: the link is gone
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)
     body_bytes: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -66,6 +69,12 @@ class _Handler(BaseHTTPRequestHandler):
         start = 0
         if range_header and state.honour_range:
             start = int(range_header.removeprefix("bytes=").split("-")[0])
+            if start >= len(data):  # as GitHub and every RFC 7233 server: nothing left to send is an error
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         else:
@@ -78,8 +87,15 @@ class _Handler(BaseHTTPRequestHandler):
             return
         time.sleep(state.body_delay)
         payload = data[start:]
+        if state.stall_after is not None:  # a network that stops delivering without closing the connection
+            self.wfile.write(payload[: state.stall_after])
+            self.wfile.flush()
+            time.sleep(state.stall_seconds)
+            self.close_connection = True
+            return
         if state.drop_after is not None:  # cut the connection mid-way, once
-            payload, state.drop_after = payload[: state.drop_after], None
+            payload = payload[: state.drop_after]
+            state.drop_after = 0 if state.cut_after_drop else None
             state.fail_status = state.fail_after_drop
             self.close_connection = True
         self.wfile.write(payload)

@@ -9,6 +9,10 @@ not be hit otherwise). The package itself holds no test hook.
 class's method, looked up where the package calls it) has returned, print `[test hook] pausing after call N of
 MODULE:ATTRIBUTE` to stderr and sleep SECONDS. Unset, the module runs untouched. Works under `accelerate launch`
 too (launch this file instead of `-m MODULE`): each process counts its own calls.
+
+`MODULE:ATTRIBUTE@N:SIGKILL` (any signal name) sends the process that signal instead, right after the N-th call:
+a kill at an exact stage without polling. In-process, `signal_after(...)` does the same and returns the undo
+(tests/test_faults_at_every_stage.py sends a real SIGINT to pytest's own process that way).
 """
 
 from __future__ import annotations
@@ -17,14 +21,17 @@ import functools
 import importlib
 import os
 import runpy
+import signal
 import sys
 import time
+from typing import Callable
 
 VARIABLE = "VIP2CLIP_TEST_PAUSE"
 
 
-def pause_after(target: str, call: int, seconds: float) -> None:
-    """Wrap `target` ("module:attribute.path") so that it sleeps `seconds` after its `call`-th call returns."""
+def act_after(target: str, call: int, action: Callable[[], None]) -> Callable[[], None]:
+    """Wrap `target` ("module:attribute.path") so that `action()` runs after its `call`-th call returns; returns
+    the function that puts the original back."""
     module_name, _, path = target.partition(":")
     owner = importlib.import_module(module_name)
     *parents, name = path.split(".")
@@ -34,16 +41,30 @@ def pause_after(target: str, call: int, seconds: float) -> None:
     calls = 0
 
     @functools.wraps(original)
-    def paused(*args, **kwargs):
+    def wrapped(*args, **kwargs):
         nonlocal calls
         result = original(*args, **kwargs)
         calls += 1
         if calls == call:
-            print(f"[test hook] pausing after call {call} of {target}", file=sys.stderr, flush=True)
-            time.sleep(seconds)
+            action()
         return result
 
-    setattr(owner, name, paused)
+    setattr(owner, name, wrapped)
+    return lambda: setattr(owner, name, original)
+
+
+def pause_after(target: str, call: int, seconds: float) -> Callable[[], None]:
+    """After the `call`-th call of `target`, say so on stderr and sleep `seconds` (the test kills the run then)."""
+    def pause():
+        print(f"[test hook] pausing after call {call} of {target}", file=sys.stderr, flush=True)
+        time.sleep(seconds)
+
+    return act_after(target, call, pause)
+
+
+def signal_after(target: str, call: int, signum: int) -> Callable[[], None]:
+    """After the `call`-th call of `target`, send this process `signum` (a real signal, at an exact stage)."""
+    return act_after(target, call, lambda: os.kill(os.getpid(), signum))
 
 
 def main() -> None:
@@ -53,8 +74,11 @@ def main() -> None:
     spec = os.environ.get(VARIABLE)
     if spec:
         target, _, rest = spec.rpartition("@")
-        call, _, seconds = rest.partition(":")
-        pause_after(target, int(call), float(seconds or 0))
+        call, _, what = rest.partition(":")
+        if what.startswith("SIG"):
+            signal_after(target, int(call), getattr(signal, what))
+        else:
+            pause_after(target, int(call), float(what or 0))
     module = sys.argv[2]
     sys.argv = [module, *sys.argv[3:]]
     runpy.run_module(module, run_name="__main__", alter_sys=True)

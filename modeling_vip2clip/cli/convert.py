@@ -114,9 +114,12 @@ def _save(dataset, folder) -> None:
     interrupted save (or overwrite) leaves the old dataset as it was."""
     from ..run_folder import move_into_place, staging_folder
 
+    from ..errors import writing
+
     staged = staging_folder(folder)
     try:
-        dataset.save_to_disk(str(staged))
+        with writing(folder.path):  # a full disk names --out (datasets' writer raises without a file name)
+            dataset.save_to_disk(str(staged))
         move_into_place(folder, staged)
     finally:
         shutil.rmtree(staged, ignore_errors=True)

@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from .options import DEFAULT_COLUMNS, add_schema_arguments, schema_options  # noqa: F401 - re-exported
 from ..errors import UsageError
@@ -271,6 +272,19 @@ def _splits_of(loaded) -> dict[str, Any]:
     return {None: loaded}
 
 
+@contextmanager
+def _library_errors_held_back() -> Iterator[None]:
+    """`datasets` logs a file it cannot read at ERROR, traceback included, and then raises; the raised error becomes
+    the user's one line, so its log records are held back while a source is opened."""
+    library = logging.getLogger("datasets")
+    level = library.level
+    library.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        library.setLevel(level)
+
+
 def load_anomaly_dataset(
     source: Any,
     split: str | None = None,
@@ -324,7 +338,8 @@ def load_anomaly_dataset(
         except UsageError as error:  # a DatasetError, so that library callers may catch ValueError as before
             raise DatasetError(str(error)) from None
         try:
-            selected, report = _open(Path(resolved), name, split, categories, streaming, converter_kwargs)
+            with _library_errors_held_back():
+                selected, report = _open(Path(resolved), name, split, categories, streaming, converter_kwargs)
         except DatasetError:
             raise
         except (OSError, ValueError) as error:  # e.g. unreadable data files

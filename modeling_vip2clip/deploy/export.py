@@ -35,7 +35,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..errors import UsageError, require_extra
+from ..errors import UsageError, require_extra, writing
 from ..files import atomic_write_json, atomic_write_text
 from ..resolve import looks_like_path
 from .exported_runtime import (
@@ -409,17 +409,18 @@ def export(
     final_dir = folder.path
     out_dir = staging_folder(folder)
     try:
-        if two_graphs:  # the INT8 tower and the f32 heads as two graphs (export_two_graphs.py)
-            from .export_two_graphs import export_openvino_two_graphs
+        with writing(final_dir):  # a full disk's write() names no file: name the folder
+            if two_graphs:  # the INT8 tower and the f32 heads as two graphs (export_two_graphs.py)
+                from .export_two_graphs import export_openvino_two_graphs
 
-            export_openvino_two_graphs(model, processor, out_dir, images, calibration_size=calibration_size,
-                                       accuracy_images=accuracy_images, opset=opset, source=source, progress=progress)
-        else:
-            _export_into(model, processor, out_dir, format, int8, images, calibration_source, calibration_size, opset,
-                         source, external_data, int8_ignored_patterns, int8_advanced_parameters, accuracy_images,
-                         progress, image_size)
-        move_into_place(folder, out_dir)
-        folder.finish()
+                export_openvino_two_graphs(model, processor, out_dir, images, calibration_size=calibration_size,
+                                           accuracy_images=accuracy_images, opset=opset, source=source, progress=progress)
+            else:
+                _export_into(model, processor, out_dir, format, int8, images, calibration_source, calibration_size, opset,
+                             source, external_data, int8_ignored_patterns, int8_advanced_parameters, accuracy_images,
+                             progress, image_size)
+            move_into_place(folder, out_dir)
+            folder.finish()
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
         folder.release()

@@ -133,6 +133,15 @@ def _wide_to_uint8(array: np.ndarray, what: str) -> np.ndarray:
     raise ValueError(f"{what} has unsupported pixel dtype {array.dtype}.")
 
 
+def _check_contract(path: Path, inputs: Sequence[str], outputs: Sequence[str]) -> None:
+    """Refuse a graph that loads but is not a vip2clip export (another model saved under the same name): its
+    names, not a failure at the first image."""
+    if INPUT_NAME not in inputs or not set(OUTPUT_NAMES) <= set(outputs):
+        raise ValueError(f"the graph in {path.name} takes {', '.join(inputs) or 'nothing'} and gives "
+                         f"{', '.join(outputs) or 'nothing'}, not {INPUT_NAME} → {', '.join(OUTPUT_NAMES)}: it is not "
+                         "a vip2clip export")
+
+
 class _OnnxRuntimeBackend:
     def __init__(self, path: Path, device: str, num_threads: int | None):
         try:
@@ -149,6 +158,7 @@ class _OnnxRuntimeBackend:
         if device.lower().startswith("cuda"):
             providers.insert(0, "CUDAExecutionProvider")
         self.session = onnxruntime.InferenceSession(str(path), options, providers=providers)
+        _check_contract(path, [i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()])
         self.name = f"onnxruntime {onnxruntime.__version__} ({self.session.get_providers()[0]})"
 
     def __call__(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -172,7 +182,10 @@ class _OpenVINOBackend:
             properties["INFERENCE_NUM_THREADS"] = int(num_threads)
         device = "CPU" if device.lower() == "cpu" else device.upper()
         core = openvino.Core()
-        self.compiled = core.compile_model(core.read_model(str(path)), device, properties)
+        graph = core.read_model(str(path))
+        _check_contract(path, [name for port in graph.inputs for name in sorted(port.get_names())],
+                        [name for port in graph.outputs for name in port.get_names()])
+        self.compiled = core.compile_model(graph, device, properties)
         self.request = self.compiled.create_infer_request()
         self.name = f"openvino {openvino.get_version()} ({device}, {precision})"
 

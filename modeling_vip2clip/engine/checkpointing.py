@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError
+from ..errors import UsageError, writing
 from ..files import atomic_write_json
 
 __all__ = [
@@ -193,7 +193,8 @@ def save_checkpoint(accelerator, checkpoint_root: Path, epoch: int, trainer_stat
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    with writing(tmp):  # a full disk's write() names no file
+        accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_write_json(tmp / TRAINER_STATE, trainer_state)  # written last: marks the folder complete

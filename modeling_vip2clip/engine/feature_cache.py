@@ -26,6 +26,7 @@ shared by the processes (always true on one machine).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -38,6 +39,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..errors import writing
 from ..files import atomic_write_text
 
 logger = logging.getLogger("modeling_vip2clip.engine.feature_cache")
@@ -127,6 +129,19 @@ def cache_key(
     }
 
 
+def _reserve(path: Path) -> None:
+    """Allocate the blocks of a memory-mapped file now: `open_memmap` makes a sparse file, and a page written through
+    the map on a disk that has since filled up kills the process with SIGBUS instead of raising ENOSPC."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with open(path, "r+b") as handle:
+        try:
+            os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
+        except OSError as error:
+            if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without it: as before
+                raise
+
+
 class FeatureCache:
     """A folder of memory-mapped per-sample backbone features (see the module docstring)."""
 
@@ -199,9 +214,12 @@ class FeatureCache:
             "status": ((num_samples,), np.uint8),
         }
         for name, (shape, array_dtype) in shapes.items():
-            array = np.lib.format.open_memmap(self.directory / f"{name}.npy", mode="w+", dtype=array_dtype, shape=shape)
-            array.flush()
-            del array
+            path = self.directory / f"{name}.npy"
+            with writing(path):
+                array = np.lib.format.open_memmap(path, mode="w+", dtype=array_dtype, shape=shape)
+                array.flush()
+                del array
+                _reserve(path)
         self._write_index(
             {
                 "format_version": CACHE_FORMAT_VERSION,

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from ..errors import UsageError
+from ..errors import UsageError, explain, writing
 
 __all__ = ["PREDICTIONS_CSV", "SKIPPED_CSV", "CsvLog", "read_csv_rows", "done_ids", "merge_parts", "part_files",
            "csv_text", "path_from_csv"]
@@ -79,8 +79,11 @@ def read_csv_rows(path: str | os.PathLike) -> tuple[list[str] | None, list[list[
             if line.endswith("\n"):
                 yield line
 
-    with open(path, newline="", encoding="utf-8") as handle:
-        rows = list(csv.reader(complete_lines(handle)))
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.reader(complete_lines(handle)))
+    except (UnicodeDecodeError, csv.Error) as error:  # a hand-edited or foreign file: its path on the one line
+        raise explain(error, path, f"cannot read {path.name}") from None
     return (rows[0], rows[1:]) if rows else (None, [])
 
 
@@ -104,9 +107,10 @@ class CsvLog:
     def write(self, rows: Sequence[Sequence[Any]]) -> None:
         if not rows:
             return
-        self.writer.writerows([[csv_text(field) for field in row] for row in rows])
-        self.handle.flush()
-        os.fsync(self.handle.fileno())
+        with writing(self.path):
+            self.writer.writerows([[csv_text(field) for field in row] for row in rows])
+            self.handle.flush()
+            os.fsync(self.handle.fileno())
 
     def close(self) -> None:
         self.handle.close()

@@ -46,9 +46,8 @@ def load_model_and_processor(source: str, device=None, dtype=None, flag: str = "
             return load_exported(resolved, device=device, dtype=dtype)
         except Exception as error:  # noqa: BLE001 - a damaged model.onnx / openvino_model.* is the user's to fix
             raise _as_load_error(error, folder, source, flag, "the exported model") from None
-    if folder is not None and (folder / INFO_FILE).is_file():  # an export whose model file is gone
-        raise BadFileError(sentence(f"{flag} {source}", folder, f"an exported folder ({INFO_FILE}) without its "
-                                    "model file (model.onnx / openvino_model.xml)", "export the model again"))
+    if folder is not None and (folder / INFO_FILE).is_file():  # an export that is not usable: say why
+        raise _broken_export(folder / INFO_FILE, source, flag)
     import torch
 
     from ..modeling_vip2clip import ViP2CLIPModel
@@ -100,6 +99,24 @@ def job_model_and_processor(model, processor=None, *, device=None, mixed_precisi
     if device is not None:
         model = model.to(device)
     return model.eval(), processor
+
+
+def _broken_export(info_path: Path, source: str, flag: str) -> BadFileError:
+    """Why a folder with export_info.json is not a usable export: the file does not parse (torn, hand-edited), it
+    names a format this package does not run, or the model file it names is gone."""
+    import json
+
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        return explain(error, info_path, f"{flag} {source}: cannot read {info_path.name}") or BadFileError(
+            sentence(f"{flag} {source}: cannot read {info_path.name}", info_path, str(error), "export the model again"))
+    kind = info.get("format") if isinstance(info, dict) else None
+    if kind not in ("onnx", "openvino"):
+        return BadFileError(sentence(f"{flag} {source}", info_path, f"{info_path.name} names the format {kind!r}, "
+                                     "not onnx or openvino", "export the model again"))
+    return BadFileError(sentence(f"{flag} {source}", info_path.parent, f"an exported folder ({info_path.name}) without "
+                                 "its model file (model.onnx / openvino_model.xml)", "export the model again"))
 
 
 def model_name(model) -> str:
