@@ -137,6 +137,7 @@ class OutputFolder:
         except OSError:
             pass  # best effort: the folder stays usable either way
         finally:
+            _HELD.discard(self._lock.fileno())
             self._lock.close()  # closing the descriptor drops the flock
             self._lock = None
 
@@ -145,6 +146,33 @@ class OutputFolder:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+# The lock files this process holds. A forked child (a DataLoader worker, a writer pool) inherits their descriptors,
+# and an flock lives until the last descriptor of it is closed: a worker that outlives its killed parent by the few
+# seconds it takes to notice would keep the folder "in use". Each child points its copies at /dev/null at once (the
+# parent's lock is untouched: dropping one duplicate of a descriptor does not drop an flock; dup2 rather than close
+# keeps the number valid for the child's file object, which closes it later).
+_HELD: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    if not _HELD:
+        return
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        for fd in _HELD:
+            try:
+                os.dup2(null, fd)
+            except OSError:
+                pass
+    finally:
+        os.close(null)
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
 def _lock(folder: Path, flag: str):
@@ -165,6 +193,7 @@ def _lock(folder: Path, flag: str):
     handle.truncate()
     handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n")
     handle.flush()
+    _HELD.add(handle.fileno())
     return handle
 
 

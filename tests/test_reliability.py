@@ -414,6 +414,34 @@ def test_a_second_process_into_a_held_folder_is_refused(tiny_model_dir, images, 
     assert sorted(row[0] for row in _rows(out)) == sorted(str(p) for p in images.glob("*.png"))  # each once
 
 
+def test_a_forked_child_does_not_keep_a_killed_runs_folder_locked(tmp_path):
+    """A run that forked (DataLoader workers, writer pools) and was SIGKILLed: its children, alive a few seconds
+    more, must not hold the folder's lock, so the rerun starts at once (the children drop their inherited copy of
+    the lock's descriptor when forked; without that the rerun was refused as "in use")."""
+    import signal
+
+    out = tmp_path / "out"
+    script = (
+        "import os, sys, time\n"
+        "from modeling_vip2clip.run_folder import claim_output_folder\n"
+        f"folder = claim_output_folder({str(out)!r}, {{'written_by': 'test'}})\n"
+        "child = os.fork()\n"
+        "if child == 0:\n"
+        "    time.sleep(60); os._exit(0)\n"
+        "print(child, flush=True); time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    child = int(parent.stdout.readline())
+    try:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=WAIT)
+        os.kill(child, 0)  # the child still lives
+        folder = claim_output_folder(out, {"written_by": "test"}, resume=True)
+        folder.release()
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
 def test_resume_refuses_another_model_other_inputs_and_other_options(tiny_model_dir, images, tmp_path, capsys):
     out = tmp_path / "out"
     base = ["predict", images, "--output-dir", out, "--num-workers", "0", "--no-progress"]
