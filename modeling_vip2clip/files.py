@@ -32,6 +32,13 @@ def apply_umask(path: str | os.PathLike) -> None:
             os.chmod(item, folder_mode if item.is_dir() else file_mode)
 
 
+def _name_the_file(error: BaseException, path: str | os.PathLike) -> None:
+    """Give an `OSError` raised without a file name (a full disk noticed at `write` or `close`) the name of the
+    file being written, so that its one `error:` line says where."""
+    if isinstance(error, OSError) and error.errno is not None and error.filename is None:
+        error.filename = os.fspath(path)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` to a temporary file beside `path`, then rename it over `path`: readers (and a crash) only ever
     see the old or the new content, never half of it."""
@@ -45,8 +52,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             os.fsync(stream.fileno())
         os.chmod(tmp, user_mode())  # mkstemp creates 0600; the file gets what `open` would have given it
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        _name_the_file(error, path)
         raise
 
 
@@ -63,8 +71,9 @@ def atomic_save(target: Path, save) -> None:
         with open(tmp, "wb") as handle:
             save(handle)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
+        _name_the_file(error, target)
         raise
 
 
