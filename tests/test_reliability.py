@@ -732,3 +732,21 @@ def test_training_checkpoints_follow_the_umask(tmp_path):
     written = {path.name: path.stat().st_mode & 0o777 for path in folder.rglob("*")}
     assert "model.safetensors" in written  # safetensors' writer made it 0600: unreadable to the user's group
     assert set(written.values()) == {0o640}, written
+
+
+def test_unknown_config_keys_are_warned_about_and_library_chatter_stays_quiet(model_dir, caplog):
+    from modeling_vip2clip.console import setup_logging
+    from modeling_vip2clip.weights.loader import load_model_and_processor
+
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "blur_sigmaa": 4}))  # a hand edit's typo
+    with caplog.at_level(logging.WARNING, logger="modeling_vip2clip.weights.loader"):
+        load_model_and_processor(str(model_dir), flag="--model")
+    assert "has keys this version does not use, ignored: blur_sigmaa; check their spelling" in caplog.text
+    caplog.clear()
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with caplog.at_level(logging.WARNING, logger="modeling_vip2clip.weights.loader"):
+        load_model_and_processor(str(model_dir), flag="--model")
+    assert "does not use" not in caplog.text  # a folder as save_pretrained wrote it: no warning
+    setup_logging()  # torch's INFO lines at exit (FakeTensor cache stats) used to follow a Ctrl-C's "interrupted"
+    assert logging.getLogger("torch._subclasses.fake_tensor").getEffectiveLevel() >= logging.WARNING
