@@ -40,6 +40,31 @@ _SIZE_LIMITS = {"hidden_size": 16384, "intermediate_size": 65536, "num_hidden_la
                 "num_attention_heads": 512, "image_size": 8192, "patch_size": 1024, "max_position_embeddings": 65536,
                 "vocab_size": 1048576, "projection_dim": 16384}
 
+# The scalar fields by the JSON type they must have (`None` allowed where the field is optional): a hand-edited
+# `"top_k": "fifty"` is named here, not met later as "'<' not supported between 'str' and 'int'".
+_FIELD_TYPES = {
+    "a whole number": ("n_ctx", "n_cls", "adapter_hidden_size", "fgp_num_heads", "top_k", "prompt_start_token_id",
+                       "prompt_end_token_id", "normal_state_token_id", "abnormal_state_token_id"),
+    "a number": ("temperature", "blur_sigma", "blur_truncate", "init_std", "focal_gamma", "loss_smooth",
+                 "dice_smooth", "mask_threshold", "image_threshold", "pixel_threshold"),
+    "a string": ("normal_state_word", "abnormal_state_word"),
+    "true or false": ("official_compat",),
+}
+
+
+def _has_type(value: object, kind: str) -> bool:
+    if kind == "true or false" or isinstance(value, bool):  # JSON's true is also a Python int: keep them apart
+        return isinstance(value, bool) and kind == "true or false"
+    return isinstance(value, {"a whole number": int, "a number": (int, float), "a string": str}[kind])
+
+
+def _check_field_types(config: "ViP2CLIPConfig") -> None:
+    for kind, names in _FIELD_TYPES.items():
+        for name in names:
+            value = getattr(config, name)
+            if value is not None and not _has_type(value, kind):
+                raise ValueError(f"{name}={value!r} is not {kind}.")
+
 
 @strict
 class ViP2CLIPConfig(PretrainedConfig):
@@ -117,6 +142,10 @@ class ViP2CLIPConfig(PretrainedConfig):
     def __post_init__(self, **kwargs):
         if self.feature_layers is None:
             self.feature_layers = [6, 12, 18, 24]
+        if not isinstance(self.feature_layers, (list, tuple)) or not all(
+                isinstance(layer, int) and not isinstance(layer, bool) for layer in self.feature_layers):
+            raise ValueError(f"feature_layers={self.feature_layers!r} is not a list of 1-based vision blocks, e.g. "
+                             "[6, 12, 18, 24].")
         # JSON reloads lists; keep one type so save/load round trips compare equal.
         self.feature_layers = [int(layer) for layer in self.feature_layers]
         super().__post_init__(**kwargs)
@@ -179,6 +208,7 @@ class ViP2CLIPConfig(PretrainedConfig):
     def validate_architecture(self):
         """Called by transformers' strict dataclass machinery at construction and on every change."""
         super().validate_architecture()
+        _check_field_types(self)
         vision = self.clip_config.vision_config
         text = self.clip_config.text_config
         depth = int(vision.num_hidden_layers)

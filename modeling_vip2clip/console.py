@@ -13,7 +13,8 @@ logger = logging.getLogger("modeling_vip2clip")
 def setup_logging() -> None:
     """Console logging for the entry points: our INFO messages, the libraries' warnings only."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    for name in ("accelerate", "datasets", "httpx", "httpx2", "urllib3", "huggingface_hub", "filelock"):
+    # torch: its INFO lines at exit (FakeTensor cache stats) would follow a Ctrl-C's "interrupted"
+    for name in ("accelerate", "datasets", "httpx", "httpx2", "urllib3", "huggingface_hub", "filelock", "torch"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # huggingface_hub logs through its own handler *and* propagates: once is enough.
     logging.getLogger("huggingface_hub").propagate = False

@@ -114,22 +114,27 @@ def writing(path: object) -> Iterator[None]:
         raise OSError(code, os.strerror(code), where) from error
 
 
+# The same command is refused over the files the failed run kept; --resume (predict, evaluate, train) continues it.
+_SPACE_FIX = ("free some space or write elsewhere, then run again (with --resume, where the command has it, to keep "
+              "what was done)")
+
 _OS_ERRORS = {
     errno.ENOENT: ("cannot find", "no such file or folder", "check the path"),
     errno.ENOTDIR: ("cannot use", "a part of this path is a file, not a folder", "pass a folder"),
     errno.EISDIR: ("cannot use", "this is a folder where a file is expected", "pass a file, or remove the folder"),
     errno.EROFS: ("cannot write", "the file system is read-only", "choose a writable folder"),
-    errno.ENOSPC: ("cannot write", "no space left on the device",
-                   "free some space or write elsewhere, then run the same command again"),
-    errno.EDQUOT: ("cannot write", "the disk quota is exhausted",
-                   "free some space or write elsewhere, then run the same command again"),
+    errno.ENOSPC: ("cannot write", "no space left on the device", _SPACE_FIX),
+    errno.EDQUOT: ("cannot write", "the disk quota is exhausted", _SPACE_FIX),
     # A per-process file-size limit (`ulimit -f`, a batch scheduler's) or the file system's largest file.
     errno.EFBIG: ("cannot write", "the file is larger than this system allows (a file-size limit such as "
                   "`ulimit -f`, or the file system's maximum)",
-                  "raise the limit or write to another file system, then run the same command again"),
+                  "raise the limit or write to another file system, then run again (with --resume, where the "
+                  "command has it, to keep what was done)"),
     errno.EACCES: ("cannot access", "permission denied", "check its permissions or choose another folder"),
     errno.EPERM: ("cannot access", "operation not permitted", "check its permissions or choose another folder"),
     errno.EEXIST: ("cannot create", "it already exists", "remove it or choose another name"),
+    errno.ELOOP: ("cannot use", "too many levels of symbolic links (a link that points to itself)",
+                  "fix or remove the link"),
     errno.ENAMETOOLONG: ("cannot use", "the file name is too long for the file system", "choose a shorter path"),
 }
 

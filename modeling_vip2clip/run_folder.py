@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import time
@@ -237,6 +238,19 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+# The temporary names of `files.atomic_save` (`.NAME.PID.tmp`) and `files.atomic_write_text` (mkstemp's
+# `.NAME.XXXXXXXX.tmp`): under the folder's lock no other run writes there, so any such file is a killed run's.
+_TEMPORARY = re.compile(r"^\..+\.(\d+|[a-z0-9_]{8})\.tmp$")
+
+
+def _clear_temporaries(out: Path) -> None:
+    """Remove the half-written files a killed run left anywhere in its folder (an overlay cut by SIGKILL)."""
+    for directory, _, names in os.walk(out):
+        for name in names:
+            if _TEMPORARY.match(name):
+                Path(directory, name).unlink(missing_ok=True)
+
+
 def claim_output_folder(
     path: str | os.PathLike,
     manifest: dict,
@@ -281,6 +295,7 @@ def claim_output_folder(
         for entry in out.iterdir():
             if _owned(entry.name, _LEFTOVERS):  # a killed run's staging: ours, never results
                 _remove(entry)
+        _clear_temporaries(out)
         previous = _read_manifest(out)
         entries = sorted(e.name for e in out.iterdir()
                          if e.name not in (MANIFEST_FILE, LOCK_FILE) and not _owned(e.name, reusable))

@@ -233,7 +233,7 @@ def test_cli_usage_error_is_one_line(torch_folder, tmp_path):
 
 
 _NO_TORCH = """
-import json, runpy, sys
+import json, os, runpy, shutil, sys
 sys.modules["torch"] = None          # any `import torch` now raises ImportError
 sys.modules["transformers"] = None
 folder, image, cut, missing = sys.argv[1:5]
@@ -244,8 +244,13 @@ model = ExportedViP2CLIP.from_folder(folder)
 output = model(model.preprocess([Image.open(image)]))
 print(json.dumps({"score": float(output.anomaly_score[0]), "map_sum": float(output.anomaly_map.sum()),
                   "torch_loaded": "torch" in sys.modules and sys.modules["torch"] is not None}))
+damaged = shutil.copytree(folder, "damaged")  # its model file cut short
+for name in ("model.onnx", "openvino_model.bin"):
+    if os.path.exists(os.path.join(damaged, name)):
+        os.truncate(os.path.join(damaged, name), 2000)
 print(json.dumps({"exit_without_a_readable_image": main([folder, cut, missing]),
-                  "exit_for_a_folder_that_is_no_export": main([".", image])}), flush=True)
+                  "exit_for_a_folder_that_is_no_export": main([".", image]),
+                  "exit_for_a_truncated_model_file": main([damaged, image])}), flush=True)
 sys.argv = [folder + "/vip2clip_runtime.py", folder, cut, image, missing]
 runpy.run_path(sys.argv[0], run_name="__main__")   # the file's own command line
 """
@@ -269,8 +274,11 @@ def test_inferencer_runs_without_torch(which, onnx_folder, openvino_folder, mode
         scores, maps = _torch_outputs(model, processor(images=[image])["pixel_values"].numpy())
     assert first["torch_loaded"] is False
     assert abs(first["score"] - float(scores[0])) < 1e-4 and abs(first["map_sum"] - float(maps.sum())) < 1e-2
-    assert only_bad == {"exit_without_a_readable_image": 1, "exit_for_a_folder_that_is_no_export": 2}
+    assert only_bad == {"exit_without_a_readable_image": 1, "exit_for_a_folder_that_is_no_export": 2,
+                        "exit_for_a_truncated_model_file": 2}
     assert "error: . is not an exported ViP2-CLIP folder" in result.stderr
+    # was a 15-line onnxruntime / OpenVINO traceback
+    assert "error: cannot load the exported model (damaged): the model file is damaged or truncated" in result.stderr
     assert second["path"] == str(image_path) and second["score"] == first["score"]
     lines = result.stderr.splitlines()
     assert "Traceback" not in result.stderr

@@ -380,7 +380,7 @@ def _disk_full(capsys, *argv) -> str | None:
     if code == 0:
         return None
     assert code == 2, err[-2000:]
-    line = _one_error_line(err, "no space left on the device", "then run the same command again")
+    line = _one_error_line(err, "no space left on the device", "then run again")
     return line.split("(", 1)[1].split(")", 1)[0]
 
 
@@ -560,7 +560,7 @@ def test_hostile_dataset_results_and_manifest_files(tiny_model_dir, dataset_dir,
     rows = csv_path.read_bytes()
     csv_path.write_bytes("path,score\n\xe9t\xe9.png,0.5\n".encode("latin-1"))  # another tool's Latin-1 export
     before = _snapshot(out)
-    _refused(capsys, *argv, "--resume", named=(f"cannot read predictions.csv ({csv_path})", "not valid UTF-8 text"))
+    _refused(capsys, *argv, "--resume", named=(f"cannot read the results of an earlier run ({csv_path})", "not valid UTF-8 text"))
     assert _snapshot(out) == before
     csv_path.write_bytes(rows)
     for text in ('{"written_by": "vip2clip pre', "[1, 2]"):  # torn mid-write by hand, another JSON type

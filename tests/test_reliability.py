@@ -117,7 +117,7 @@ def _real_os_errors(tmp_path) -> dict[str, OSError]:
     ("not a folder", ["a part of this path is a file"]),
     ("is a directory", ["a folder where a file is expected"]),
     ("exists", ["already exists"]),
-    ("no space", ["no space left", "run the same command again"]),
+    ("no space", ["no space left", "then run again (with --resume"]),
 ])
 def test_os_errors_become_one_typed_sentence(tmp_path, kind, words, capsys):
     error = _real_os_errors(tmp_path).get(kind)
@@ -442,6 +442,22 @@ def test_a_forked_child_does_not_keep_a_killed_runs_folder_locked(tmp_path):
         os.kill(child, signal.SIGKILL)
 
 
+def test_a_killed_runs_half_written_files_are_cleared_when_the_folder_is_claimed(tmp_path):
+    """SIGKILL in the middle of an atomic write leaves its temporary (`.NAME.PID.tmp`, or mkstemp's
+    `.NAME.XXXXXXXX.tmp`) beside the file it was writing; the next claim of the folder removes them, and nothing
+    else (a user's file that merely ends in .tmp stays)."""
+    out = tmp_path / "out"
+    (out / "overlays" / "cam").mkdir(parents=True)
+    left = [out / "overlays" / "cam" / ".img_04.overlay.png.10003.tmp", out / ".predictions.csv.k2j_x9ab.tmp"]
+    kept = [out / "notes.tmp", out / ".my.backup.tmp", out / "overlays" / "cam" / "img_01.overlay.png"]
+    for path in left + kept:
+        path.write_bytes(b"x")
+    folder = claim_output_folder(out, {"written_by": "test"}, resume=True)
+    folder.release()
+    assert [path.exists() for path in left] == [False, False]
+    assert all(path.read_bytes() == b"x" for path in kept)
+
+
 def test_resume_refuses_another_model_other_inputs_and_other_options(tiny_model_dir, images, tmp_path, capsys):
     out = tmp_path / "out"
     base = ["predict", images, "--output-dir", out, "--num-workers", "0", "--no-progress"]
@@ -680,3 +696,101 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+# ------------------------------------------------------------------------------------------ the re-probe of issue 19
+
+
+def test_resume_names_a_damaged_csv_and_inputs_that_are_broken_links(tiny_model_dir, images, tmp_path, capsys):
+    """One run, then three hand-damaged copies of its CSV: each `--resume` is one line naming the CSV and what is
+    wrong (was `cannot read the file: not valid UTF-8` without a path, or exit 0 over a row it could not use),
+    and the folder is byte-equal afterwards. The inputs hold a symlink loop and a dangling link: both are listed
+    as skipped with why (were silently left out), and given alone they are named as links, not as missing."""
+    (images / "loop.png").symlink_to("loop.png")
+    (images / "gone.png").symlink_to("nowhere.png")
+    out = tmp_path / "out"
+    argv = ["predict", "--model", tiny_model_dir, images, "--num-workers", "0", "--no-progress", "--no-report"]
+    assert cli_main([*map(str, [*argv, "--output-dir", out])]) == 0
+    with open(out / "skipped.csv", newline="", encoding="utf-8") as handle:
+        skipped = dict(list(csv.reader(handle))[1:])
+    assert "leads back to itself" in skipped[str(images / "loop.png")]
+    assert "nowhere.png, which does not exist" in skipped[str(images / "gone.png")]
+    assert len(_rows(out)) == 3
+    for damage, named in [(b"\xff\xfe,0.5,normal,x\n", "not valid UTF-8"), (b'"torn,0.5\n', "row 5 has 1 fields"),
+                          (b"x.png,nan?,normal,y\n", "row 5 has the score 'nan?'")]:
+        copy = Path(shutil.copytree(out, tmp_path / f"damaged{len(damage)}"))
+        with open(copy / "predictions.csv", "ab") as handle:
+            handle.write(damage)
+        before = _snapshot(copy)
+        code, err = _in_process(capsys, *argv, "--output-dir", copy, "--resume")
+        assert code == 2
+        _one_error_line(err, "cannot read the results of an earlier run", str(copy / "predictions.csv"), named)
+        assert _snapshot(copy) == before
+    code, err = _in_process(capsys, *argv[:3], images / "loop.png", "--output-dir", tmp_path / "none")
+    assert code == 2 and not (tmp_path / "none").exists()
+    _one_error_line(err, "loop.png: a symbolic link that leads back to itself")
+
+
+def test_config_fields_of_the_wrong_type_are_named(tiny_config):
+    from huggingface_hub.errors import StrictDataclassClassValidationError
+
+    values = tiny_config.to_dict()
+    for change, named in [({"top_k": "fifty"}, "top_k='fifty' is not a whole number"),
+                          ({"top_k": True}, "top_k=True is not a whole number"),
+                          ({"temperature": "0.07"}, "temperature='0.07' is not a number"),
+                          ({"official_compat": 1}, "official_compat=1 is not true or false"),
+                          ({"normal_state_word": 3}, "normal_state_word=3 is not a string")]:
+        with pytest.raises(StrictDataclassClassValidationError, match=named):  # was "'<' not supported between …"
+            tiny_config.__class__(**{**values, **change})
+    with pytest.raises(ValueError, match=r"feature_layers=5 is not a list"):  # was "'int' object is not iterable"
+        tiny_config.__class__(**{**values, "feature_layers": 5})
+
+
+def test_a_write_that_fails_without_a_file_name_is_named_and_leaves_no_temporary(tmp_path, capsys):
+    from modeling_vip2clip.files import atomic_save
+
+    target = tmp_path / "out" / "a.overlay.png"
+    # the kernel's own ENOSPC, raised by a write that names no file (as a full disk shows up at `write` / `close`)
+    with pytest.raises(OSError) as caught:
+        atomic_save(target, lambda handle: Path("/dev/full").write_bytes(b"x" * 65536))
+    if caught.value.errno != errno.ENOSPC:
+        pytest.skip("/dev/full does not raise ENOSPC here")
+    assert report(caught.value) == 2
+    _one_error_line(capsys.readouterr().err, f"cannot write ({target}): no space left", "--resume")
+    assert list(target.parent.iterdir()) == []
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_training_checkpoints_follow_the_umask(tmp_path):
+    from accelerate import Accelerator
+
+    from modeling_vip2clip.engine.checkpointing import save_checkpoint
+
+    accelerator = Accelerator(cpu=True)
+    accelerator.prepare(torch.nn.Linear(2, 2))
+    previous = os.umask(0o027)
+    try:
+        folder = save_checkpoint(accelerator, tmp_path / "checkpoints", 1, {"epoch": 1})
+    finally:
+        os.umask(previous)
+    written = {path.name: path.stat().st_mode & 0o777 for path in folder.rglob("*")}
+    assert "model.safetensors" in written  # safetensors' writer made it 0600: unreadable to the user's group
+    assert set(written.values()) == {0o640}, written
+
+
+def test_unknown_config_keys_are_warned_about_and_library_chatter_stays_quiet(model_dir, caplog):
+    from modeling_vip2clip.console import setup_logging
+    from modeling_vip2clip.weights.loader import load_model_and_processor
+
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "blur_sigmaa": 4}))  # a hand edit's typo
+    with caplog.at_level(logging.WARNING, logger="modeling_vip2clip.weights.loader"):
+        load_model_and_processor(str(model_dir), flag="--model")
+    assert "has keys this version does not use, ignored: blur_sigmaa; check their spelling" in caplog.text
+    caplog.clear()
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with caplog.at_level(logging.WARNING, logger="modeling_vip2clip.weights.loader"):
+        load_model_and_processor(str(model_dir), flag="--model")
+    assert "does not use" not in caplog.text  # a folder as save_pretrained wrote it: no warning
+    setup_logging()  # torch's INFO lines at exit (FakeTensor cache stats) used to follow a Ctrl-C's "interrupted"
+    assert logging.getLogger("torch._subclasses.fake_tensor").getEffectiveLevel() >= logging.WARNING

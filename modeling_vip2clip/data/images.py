@@ -13,6 +13,7 @@ their single channel.
 
 from __future__ import annotations
 
+import errno
 import glob
 import io
 import os
@@ -43,8 +44,11 @@ def _expand(item: str, extensions: set[str], found: list, problems: list) -> Non
     """Append `(shown path, absolute path, absolute root)` for every image of one INPUT."""
     path = Path(item)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in extensions and p.is_file()
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        candidates = sorted(p for p in path.rglob("*") if p.suffix.lower() in extensions
+                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        files = [p for p in candidates if p.is_file()]
+        # an image name whose link leads nowhere is listed as skipped, not silently left out
+        problems.extend((str(p), why) for p in candidates if (why := _broken_link(p)))
         if not files:
             problems.append((item, "folder contains no image files"))
         root = os.path.abspath(path)
@@ -58,7 +62,20 @@ def _expand(item: str, extensions: set[str], found: list, problems: list) -> Non
         root = os.path.abspath(_glob_base(item))
         found.extend((p, os.path.abspath(p), root) for p in files)
     else:
-        problems.append((item, "no such file or folder"))
+        problems.append((item, _broken_link(path) or "no such file or folder"))
+
+
+def _broken_link(path: Path) -> str | None:
+    """Why `path`, a symbolic link, cannot be followed; `None` when it is no link or leads to something."""
+    if not path.is_symlink():
+        return None
+    try:
+        path.stat()
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return "a symbolic link that leads back to itself (a loop)"
+        return f"a symbolic link to {os.readlink(path)}, which does not exist"
+    return None
 
 
 def _read_list(item: str) -> list[str]:

@@ -394,7 +394,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     As `vip2clip predict`: an image that cannot be read is reported (`skipped PATH: REASON` on stderr) and the
     others are scored; the skipped ones are listed again at the end. Exit status 0 when at least one image was
-    scored, 1 when none could be, 2 for a folder that is not an exported model."""
+    scored, 1 when none could be, 2 for a folder that is not an exported model or whose model file cannot be
+    loaded."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) < 2 or argv[0] in ("-h", "--help"):
         print("usage: python vip2clip_runtime.py EXPORTED_FOLDER IMAGE [IMAGE ...]", file=sys.stderr)
@@ -403,6 +404,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = ExportedViP2CLIP.from_folder(argv[0])
     except (ValueError, ImportError) as error:  # not an exported folder, or its runtime is not installed
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr, flush=True)
+        return 2
+    except Exception as error:  # noqa: BLE001 - a truncated model.onnx / openvino_model.bin: a line, not 15
+        why = " ".join(f"{type(error).__name__}: {error}".split())[:300]
+        print(f"error: cannot load the exported model ({argv[0]}): the model file is damaged or truncated "
+              f"({why}); export the model again", file=sys.stderr, flush=True)
         return 2
     skipped = []
     for path in argv[1:]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError, writing
-from ..files import atomic_write_json
+from ..files import apply_umask, atomic_write_json
 
 __all__ = [
     "TRAINER_STATE",
@@ -198,6 +198,7 @@ def save_checkpoint(accelerator, checkpoint_root: Path, epoch: int, trainer_stat
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_write_json(tmp / TRAINER_STATE, trainer_state)  # written last: marks the folder complete
+        apply_umask(tmp)  # save_state's safetensors writer makes 0600 files, unreadable to the user's group
         if final.exists():  # re-training over an old run (--overwrite-output-dir)
             old = checkpoint_root / f"epoch_{epoch}.old"
             os.replace(final, old)

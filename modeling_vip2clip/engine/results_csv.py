@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from ..errors import UsageError, explain, writing
+from ..errors import BadFileError, UsageError, explain, sentence, writing
 
 __all__ = ["PREDICTIONS_CSV", "SKIPPED_CSV", "CsvLog", "read_csv_rows", "done_ids", "merge_parts", "part_files",
            "csv_text", "path_from_csv"]
@@ -68,6 +68,14 @@ def _cut_torn_tail(path: Path) -> None:
             handle.truncate(keep)
 
 
+_UNREADABLE = "cannot read the results of an earlier run"
+
+
+def _bad_row(path: Path, number: int, why: str) -> None:
+    raise BadFileError(sentence(_UNREADABLE, path, f"row {number} has {why}", "fix or delete that row, or run "
+                                "without --resume into another folder"))
+
+
 def read_csv_rows(path: str | os.PathLike) -> tuple[list[str] | None, list[list[str]]]:
     """`(header, rows)` of a CSV written here, ignoring a torn last line; `(None, [])` when absent or empty."""
     path = Path(path)
@@ -82,8 +90,11 @@ def read_csv_rows(path: str | os.PathLike) -> tuple[list[str] | None, list[list[
     try:
         with open(path, newline="", encoding="utf-8") as handle:
             rows = list(csv.reader(complete_lines(handle)))
-    except (UnicodeDecodeError, csv.Error) as error:  # a hand-edited or foreign file: its path on the one line
-        raise explain(error, path, f"cannot read {path.name}") from None
+    except (UnicodeDecodeError, csv.Error) as error:  # a file edited or damaged by hand: name it
+        raise explain(error, path, _UNREADABLE) from None
+    for number, row in enumerate(rows[1:], start=2):
+        if row and len(row) != len(rows[0]):
+            _bad_row(path, number, f"{len(row)} fields where the header has {len(rows[0])}")
     return (rows[0], rows[1:]) if rows else (None, [])
 
 
@@ -121,6 +132,14 @@ def part_files(output_dir: Path, kind: str) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def done_ids(output_dir: Path, header: list[str]) -> set[str]:
     done: set[str] = set()
     for path in [output_dir / PREDICTIONS_CSV, *part_files(output_dir, "predictions")]:
@@ -129,6 +148,10 @@ def done_ids(output_dir: Path, header: list[str]) -> set[str]:
             raise UsageError(f"--resume: {path} has the columns {','.join(existing)} but this run writes "
                              f"{','.join(header)}; resume with the same --save-maps / --save-masks, or use another "
                              "--output-dir.")
+        score = header.index("score") if "score" in header else None
+        for number, row in enumerate(rows, start=2):
+            if row and score is not None and not _is_number(row[score]):
+                _bad_row(path, number, f"the score {row[score]!r}, not a number")
         done.update(path_from_csv(row[0]) for row in rows if row)
     return done
 

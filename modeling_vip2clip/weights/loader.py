@@ -163,7 +163,30 @@ def _load_config(resolved: str, folder, source: str, flag: str):
     weights = folder / "model.safetensors" if folder is not None else None
     if weights is not None and weights.is_file():
         _check_shapes(config, weights, source, flag)
+    if folder is not None:
+        _warn_unknown_keys(config, folder / "config.json", flag, source)
     return config
+
+
+# Written by `save_pretrained` (or by older transformers) but not among a fresh config's keys.
+_SAVED_KEYS = {"auto_map", "custom_pipelines", "torch_dtype", "transformers_version", "architectures"}
+
+
+def _warn_unknown_keys(config, config_file: Path, flag: str, source: str) -> None:
+    """A key of config.json that this version does not know — a hand edit's typo such as `blur_sigmaa` — is
+    ignored by transformers without a word; say so, so the user does not believe the value took effect."""
+    import json
+    import logging
+
+    try:
+        written = set(json.loads(config_file.read_text(encoding="utf-8")))
+    except (OSError, ValueError):  # read fine a moment ago; nothing to add
+        return
+    unknown = sorted(written - set(type(config)().to_dict()) - _SAVED_KEYS)
+    if unknown:
+        logging.getLogger(__name__).warning(
+            "%s %s: config.json (%s) has keys this version does not use, ignored: %s; check their spelling",
+            flag, source, config_file, ", ".join(unknown))
 
 
 def _check_shapes(config, weights: Path, source: str, flag: str) -> None:
