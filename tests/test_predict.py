@@ -226,12 +226,6 @@ def test_thresholds_default_to_the_models_calibration(tiny_model_dir, folder, tm
     assert {row["verdict"] for row in _rows(overridden)} == {"normal"}
 
 
-def _run_cli(*argv, timeout=WAIT) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "modeling_vip2clip.cli", *map(str, argv)], capture_output=True,
-                          text=True, env=env, cwd=ROOT, timeout=timeout)
-
-
 @pytest.mark.parametrize("argv, named", [
     ([], "INPUT"),  # neither inputs nor --dataset
     (["--dataset", "./no/such/dataset"], "--dataset ./no/such/dataset"),
@@ -239,9 +233,9 @@ def _run_cli(*argv, timeout=WAIT) -> subprocess.CompletedProcess:
     (["IMG", "--batch-size", "0"], "--batch-size"),
     (["IMG", "--save-maps", "tiff"], "--save-maps"),
 ])
-def test_usage_errors_are_one_line(tiny_model_dir, folder, argv, named):
+def test_usage_errors_are_one_line(tiny_model_dir, folder, argv, named, run_cli):
     argv = [str(folder) if value == "IMG" else value for value in argv]
-    completed = _run_cli("predict", "--model", tiny_model_dir, *argv, "--output-dir", folder.parent / "unused")
+    completed = run_cli("predict", "--model", tiny_model_dir, *argv, "--output-dir", folder.parent / "unused")
     assert completed.returncode == 2, completed.stderr
     assert named in completed.stderr and "Traceback" not in completed.stderr
 
@@ -266,14 +260,19 @@ print("MAXRSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "EXIT", c
 """
 
 
-def _peak_rss_mb(model_dir, inputs: Path, out: Path) -> float:
+def _start_rss_run(model_dir, inputs: Path, out: Path) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    completed = subprocess.run(
+    return subprocess.Popen(
         [sys.executable, "-c", RSS_SCRIPT, "--model", str(model_dir), str(inputs), "--output-dir", str(out),
          "--num-workers", "0", "--batch-size", "4", "--no-progress"],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    line = [line for line in completed.stdout.splitlines() if line.startswith("MAXRSS_KB")][-1]
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+
+
+def _peak_rss_mb(run: subprocess.Popen) -> float:
+    """The peak RSS a run started by `_start_rss_run` reports (each process measures only itself)."""
+    stdout, stderr = run.communicate(timeout=300)
+    assert run.returncode == 0, stderr[-3000:]
+    line = [line for line in stdout.splitlines() if line.startswith("MAXRSS_KB")][-1]
     assert line.endswith("EXIT 0")
     return int(line.split()[1]) / 1024
 
@@ -295,8 +294,14 @@ def test_memory_does_not_grow_with_the_number_of_images(tiny_model_dir, tmp_path
         (large / f"{index:03d}.png").write_bytes(encoded[index % 5])
         if index < n:
             (small / f"{index:03d}.png").write_bytes(encoded[index % 5])
-    peak_small = _peak_rss_mb(tiny_model_dir, small, tmp_path / "out_n")
-    peak_large = _peak_rss_mb(tiny_model_dir, large, tmp_path / "out_5n")
+    # Both at once (one thread each, on the suite's 2 cores): a process's peak RSS is its own, whatever runs beside.
+    runs = [_start_rss_run(tiny_model_dir, inputs, tmp_path / out) for inputs, out in ((small, "out_n"),
+                                                                                       (large, "out_5n"))]
+    try:
+        peak_small, peak_large = [_peak_rss_mb(run) for run in runs]
+    finally:
+        for run in runs:
+            run.kill()  # a no-op once it has exited
     assert len(_rows(tmp_path / "out_5n")) == 5 * n and len(_rows(tmp_path / "out_n")) == n
     assert peak_large - peak_small < 25.0, (peak_small, peak_large)
 
@@ -546,14 +551,14 @@ def test_dataset_in_the_visa_parquet_layout(tiny_model_dir, visa_parquet, tmp_pa
     assert [row["path"] for row in _rows(one)] == ["pcb1.train/000000", "pcb1.train/000001"]
 
 
-def test_dataset_errors_name_the_value(tiny_model_dir, visa_parquet, tmp_path):
+def test_dataset_errors_name_the_value(tiny_model_dir, visa_parquet, tmp_path, run_cli):
     base = ["predict", "--model", tiny_model_dir, "--dataset", visa_parquet, "--output-dir", tmp_path / "out"]
-    completed = _run_cli(*base, "--image-column", "picture")
+    completed = run_cli(*base, "--image-column", "picture")
     assert completed.returncode == 2 and "--image-column picture" in completed.stderr
     assert "image, mask, label" in completed.stderr and "Traceback" not in completed.stderr
-    completed = _run_cli(*base, "--split", "validation")
+    completed = run_cli(*base, "--split", "validation")
     assert completed.returncode == 2 and "--split validation" in completed.stderr and "candle.test" in completed.stderr
-    completed = _run_cli(*base, tmp_path)  # INPUT and --dataset
+    completed = run_cli(*base, tmp_path)  # INPUT and --dataset
     assert completed.returncode == 2 and "not both" in completed.stderr
 
 
