@@ -340,8 +340,26 @@ def _cli(*argv, home: Path, timeout: float = 300) -> subprocess.CompletedProcess
                           capture_output=True, text=True, timeout=timeout)
 
 
+def _cli_in_process(capsys, *argv, home: Path) -> subprocess.CompletedProcess:
+    """The same command's entry point in this process (no second torch import), with the same HF home and network
+    setting as `_cli`'s process: huggingface_hub read both at import, so its constants are patched too."""
+    import huggingface_hub.constants
+
+    from modeling_vip2clip.cli.download_authors import main
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HOME", str(home))
+        patch.setattr(huggingface_hub.constants, "HF_HOME", str(home))
+        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        capsys.readouterr()
+        code = main(list(argv))
+        out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, out, err)
+
+
 @pytest.mark.slow
-def test_command_writes_the_plain_converters_folder(server, authors_pth, plain_converted, tiny_clip_dir, tmp_path):
+def test_command_writes_the_plain_converters_folder(server, authors_pth, plain_converted, tiny_clip_dir, tmp_path,
+                                                    capsys):
     home, out = tmp_path / "hf_home", tmp_path / "vip2clip-mvtec"
     blob = blob_id(authors_pth.read_bytes())
     run = _cli("mvtec", "--out", str(out), "--clip", str(tiny_clip_dir), "--url", server.url(), "--git-blob-sha1",
@@ -351,14 +369,15 @@ def test_command_writes_the_plain_converters_folder(server, authors_pth, plain_c
     assert f"saved {out}: the authors' mvtec_train_epoch_10.pth (trained on MVTec AD: use it on anything that is not MVTec AD" in run.stdout
     assert "Downloading the authors' mvtec_train_epoch_10.pth" in run.stderr and "Verified" in run.stderr
     assert not list(tmp_path.glob(".vip2clip-mvtec*"))  # no staging folder left beside --out
-    # again into another folder: from the cache, no request
+    # again into another folder: from the cache, no request (the first run, in its own process, was the user's
+    # view; these two call the same entry point in this one)
     requests = len(server.state.requests)
-    again = _cli("mvtec", "--out", str(tmp_path / "second"), "--clip", str(tiny_clip_dir), "--url", server.url(),
-                 "--git-blob-sha1", blob, *CLI_OPTIONS, home=home)
+    again = _cli_in_process(capsys, "mvtec", "--out", str(tmp_path / "second"), "--clip", str(tiny_clip_dir), "--url",
+                            server.url(), "--git-blob-sha1", blob, *CLI_OPTIONS, home=home)
     assert again.returncode == 0 and len(server.state.requests) == requests
     assert_same_folder(tmp_path / "second", plain_converted)
     # an existing non-empty --out is refused before anything is downloaded
-    refused = _cli("mvtec", "--out", str(out), "--clip", str(tiny_clip_dir), home=home)
+    refused = _cli_in_process(capsys, "mvtec", "--out", str(out), "--clip", str(tiny_clip_dir), home=home)
     assert refused.returncode == 2 and refused.stderr.startswith(f"error: --out {out} exists and is not an empty folder")
 
 
