@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch import free_port
+from launch import free_port, load_script
 from loopback_server import FILE_PATH, FileServer, blob_id, write_authors_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,14 +31,12 @@ def authors_pth(tiny_clip_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def plain_converted(authors_pth, tiny_clip_dir, tmp_path_factory) -> Path:
-    """The same file through hub/authors_checkpoint_to_folder.py (the plain converter), as a command."""
+    """The same file through hub/authors_checkpoint_to_folder.py (the plain converter), its command's entry point
+    in this process."""
     out = tmp_path_factory.mktemp("plain") / "converted"
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "hub" / "authors_checkpoint_to_folder.py"), "--checkpoint", str(authors_pth),
-         "--clip", str(tiny_clip_dir), "--out", str(out), *CLI_OPTIONS],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert run.returncode == 0, run.stderr
+    converter = load_script("vip2clip_authors_checkpoint_to_folder", ROOT / "hub" / "authors_checkpoint_to_folder.py")
+    assert converter.main(["--checkpoint", str(authors_pth), "--clip", str(tiny_clip_dir), "--out", str(out),
+                           *CLI_OPTIONS]) == 0
     return out
 
 

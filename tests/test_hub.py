@@ -8,7 +8,6 @@ here; the YAML is parsed with `ModelCard.load` and PyYAML and its fields are che
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -26,6 +25,7 @@ import yaml
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
 
+from launch import load_script
 from modeling_vip2clip.testing_utils import save_tiny_vip2clip
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,17 +44,9 @@ EVAL = {
 }
 
 
-def _load_module(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def publish():
-    return _load_module("vip2clip_publish", PUBLISH)
+    return load_script("vip2clip_publish", PUBLISH)
 
 
 @pytest.fixture(scope="module")
