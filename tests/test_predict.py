@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import io
-import logging
 import os
 import signal
 import subprocess
@@ -365,7 +364,7 @@ def _kill_stragglers(marker: Path) -> None:
         time.sleep(0.05)
 
 
-def test_sigkill_mid_run_then_resume_holds_every_image_once(tiny_model_dir, folder, tmp_path, caplog):
+def test_sigkill_mid_run_then_resume_holds_every_image_once(tiny_model_dir, folder, tmp_path):
     reference = tmp_path / "reference"
     argv = ["--model", tiny_model_dir, folder, "--batch-size", "2", "--num-workers", "1", "--no-progress"]
     assert cli_main(["predict", *map(str, argv), "--output-dir", str(reference)]) == 0
@@ -384,10 +383,10 @@ def test_sigkill_mid_run_then_resume_holds_every_image_once(tiny_model_dir, fold
     with open(out / "predictions.csv", "a", encoding="utf-8") as handle:
         handle.write(f"{missing[0]},0.12")
 
-    # The rerun in this process: the kill is the point, a second interpreter for the rerun is not.
-    with caplog.at_level(logging.INFO, logger="modeling_vip2clip"):
-        assert cli_main(["predict", *map(str, argv), "--output-dir", str(out), "--resume"]) == 0
-    assert f"resuming: {done} inputs already in" in caplog.text
+    log = tmp_path / "resumed.log"
+    proc = _start([*argv, "--output-dir", out, "--resume"], log)
+    assert proc.wait(timeout=WAIT) == 0, log.read_text()[-3000:]
+    assert f"resuming: {done} inputs already in" in log.read_text()
     got = _scores(out)  # asserts no path twice
     assert got.keys() == expected.keys()
     assert all(got[path] == pytest.approx(expected[path], abs=1e-6) for path in expected)
