@@ -4,8 +4,6 @@
   the `vip2clip download-authors` folder (the only substitution), on the image that ships in `demo/examples/`, and
   its outputs are checked.
 * The "Try the whole CLI offline" block runs line by line in a shell, and what each command writes is checked.
-
-The two chains run side by side (one module fixture), each in a folder of its own.
 """
 
 from __future__ import annotations
@@ -17,11 +15,9 @@ import re
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,8 +36,7 @@ def _offline_env(tmp_path: Path) -> dict:
             "HF_MODULES_CACHE": str(tmp_path / "modules")}
 
 
-def _quickstart_runs(tmp_path: Path) -> list[subprocess.CompletedProcess]:
-    """The tiny-model block, then the quickstart on its folder: a fresh interpreter each, stopping at a failure."""
+def test_readme_tiny_model_and_quickstart_run_offline(tmp_path):
     tiny = _block_after("### A tiny model to try everything offline")
     quickstart = _block_after("## Python quickstart")
     assert f'"{AUTHORS_FOLDER}"' in quickstart and '"tiny-vip2clip"' in tiny
@@ -56,69 +51,30 @@ def _quickstart_runs(tmp_path: Path) -> list[subprocess.CompletedProcess]:
         "\nassert type(model).__module__.startswith('transformers_modules.')  # the saved remote code ran"
         "\nprint('QUICKSTART-OK')\n"
     )
-    runs = []
     for code in (tiny, quickstart + checks):
-        runs.append(subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_offline_env(tmp_path),
-                                   capture_output=True, text=True, timeout=300))
-        if runs[-1].returncode:
-            break
-    return runs
-
-
-def _tour_lines() -> list[str]:
-    lines = [line.split("#")[0].strip() for line in _block_after("## Try the whole CLI offline", "bash").splitlines()]
-    return [line for line in lines if line]
-
-
-def _tour_runs(tmp_path: Path) -> list[subprocess.CompletedProcess]:
-    """Every line of the tour, in order, in a shell, offline, stopping at a failure."""
-    bin_dir = Path(sys.executable).parent
-    env = {**_offline_env(tmp_path), "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    runs = []
-    for line in _tour_lines():
-        runs.append(subprocess.run(line, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True,
-                                   timeout=300))
-        if runs[-1].returncode:
-            break
-    return runs
-
-
-@pytest.fixture(scope="module")
-def readme_runs(tmp_path_factory) -> dict[str, tuple[Path, list[subprocess.CompletedProcess]]]:
-    """Both chains of fresh processes at once, each in its own folder: they share nothing, and each process runs
-    on one core most of its time (imports), so two chains side by side take about as long as the longer one."""
-    folders = {"quickstart": tmp_path_factory.mktemp("quickstart"), "tour": tmp_path_factory.mktemp("tour")}
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {"quickstart": pool.submit(_quickstart_runs, folders["quickstart"]),
-                   "tour": pool.submit(_tour_runs, folders["tour"])}
-    return {name: (folders[name], future.result()) for name, future in futures.items()}
-
-
-def test_readme_tiny_model_and_quickstart_run_offline(readme_runs):
-    tmp_path, runs = readme_runs["quickstart"]
-    assert len(runs) == 2  # the tiny-model block, then the quickstart
-    for completed in runs:
+        completed = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_offline_env(tmp_path),
+                                   capture_output=True, text=True, timeout=300)
         assert completed.returncode == 0, completed.stderr[-3000:]
-    completed = runs[-1]
     assert "QUICKSTART-OK" in completed.stdout
     score = re.search(r"anomaly score (\d\.\d{3}), map \(32, 32\)", completed.stdout)
     assert score and 0.0 <= float(score.group(1)) <= 1.0, completed.stdout
-    image = Image.open(tmp_path / "demo" / "examples" / "metal_scratch.png")
     heatmap = Image.open(tmp_path / "metal_scratch_heatmap.png")
     assert heatmap.size == image.size
     assert np.abs(np.asarray(heatmap.convert("RGB"), float) - np.asarray(image.convert("RGB"), float)).mean() > 1.0
 
 
-def test_readme_cli_tour_runs_offline(readme_runs):
+def test_readme_cli_tour_runs_offline(tmp_path):
     """Every line of the tour, in order, in a shell, offline: each exits 0 and leaves what the next one reads."""
-    lines = _tour_lines()
+    lines = [line.split("#")[0].strip() for line in _block_after("## Try the whole CLI offline", "bash").splitlines()]
+    lines = [line for line in lines if line]
     assert [line.split()[0:2] for line in lines][-4:] == [["vip2clip", "convert"], ["vip2clip", "train"],
                                                           ["vip2clip", "evaluate"], ["vip2clip", "predict"]]
-    tmp_path, runs = readme_runs["tour"]
-    for line, done in zip(lines, runs):
+    bin_dir = Path(sys.executable).parent
+    env = {**_offline_env(tmp_path), "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    for line in lines:
+        done = subprocess.run(line, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, f"{line}\n{done.stderr[-3000:]}"
         assert "Traceback" not in done.stderr
-    assert len(runs) == len(lines)
     tour = tmp_path / "tour"
     assert (tour / "run" / "model" / "model.safetensors").is_file()
     results = json.loads((tour / "results" / "results.json").read_text())
