@@ -260,19 +260,14 @@ print("MAXRSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "EXIT", c
 """
 
 
-def _start_rss_run(model_dir, inputs: Path, out: Path) -> subprocess.Popen:
+def _peak_rss_mb(model_dir, inputs: Path, out: Path) -> float:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
+    completed = subprocess.run(
         [sys.executable, "-c", RSS_SCRIPT, "--model", str(model_dir), str(inputs), "--output-dir", str(out),
          "--num-workers", "0", "--batch-size", "4", "--no-progress"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-
-
-def _peak_rss_mb(run: subprocess.Popen) -> float:
-    """The peak RSS a run started by `_start_rss_run` reports (each process measures only itself)."""
-    stdout, stderr = run.communicate(timeout=300)
-    assert run.returncode == 0, stderr[-3000:]
-    line = [line for line in stdout.splitlines() if line.startswith("MAXRSS_KB")][-1]
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    line = [line for line in completed.stdout.splitlines() if line.startswith("MAXRSS_KB")][-1]
     assert line.endswith("EXIT 0")
     return int(line.split()[1]) / 1024
 
@@ -294,14 +289,8 @@ def test_memory_does_not_grow_with_the_number_of_images(tiny_model_dir, tmp_path
         (large / f"{index:03d}.png").write_bytes(encoded[index % 5])
         if index < n:
             (small / f"{index:03d}.png").write_bytes(encoded[index % 5])
-    # Both at once (one thread each, on the suite's 2 cores): a process's peak RSS is its own, whatever runs beside.
-    runs = [_start_rss_run(tiny_model_dir, inputs, tmp_path / out) for inputs, out in ((small, "out_n"),
-                                                                                       (large, "out_5n"))]
-    try:
-        peak_small, peak_large = [_peak_rss_mb(run) for run in runs]
-    finally:
-        for run in runs:
-            run.kill()  # a no-op once it has exited
+    peak_small = _peak_rss_mb(tiny_model_dir, small, tmp_path / "out_n")
+    peak_large = _peak_rss_mb(tiny_model_dir, large, tmp_path / "out_5n")
     assert len(_rows(tmp_path / "out_5n")) == 5 * n and len(_rows(tmp_path / "out_n")) == n
     assert peak_large - peak_small < 25.0, (peak_small, peak_large)
 
