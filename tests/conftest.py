@@ -9,6 +9,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+import subprocess  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -82,3 +84,24 @@ def fresh_accelerate_state():
     yield
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """`vip2clip ARGV` in this process, through the same boundary as the console script (`cli.main.main`): a
+    `CompletedProcess` (exit status, stdout, stderr) as `subprocess.run` would give, without a new interpreter
+    re-importing torch (seconds per call). argparse's refusals raise SystemExit; their status is the exit status.
+    Keep a real subprocess where a fresh process is the point (imports, signals, environment read at import)."""
+    from modeling_vip2clip.cli.main import main
+
+    def run(*argv) -> subprocess.CompletedProcess:
+        argv = [str(value) for value in argv]
+        capsys.readouterr()  # only this call's output
+        try:
+            code = main(argv)
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["vip2clip", *argv], code, out, err)
+
+    return run

@@ -1,15 +1,20 @@
 """Helpers for tests that start real processes on localhost: a free TCP port, `accelerate launch` with two
-CPU processes (DDP over gloo) of one of the package's modules, and a headless Debian Chromium under Playwright."""
+CPU processes (DDP over gloo) of one of the package's modules, a headless Debian Chromium under Playwright; and
+`load_script`, a repository script (hub/, benchmarks/) loaded as a module so that its `main(argv)` runs in the
+test's process when a fresh interpreter is not the point."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
+from types import ModuleType
 
-__all__ = ["CHROMIUM", "chromium_context", "free_port", "launch_two_cpu_processes"]
+__all__ = ["CHROMIUM", "chromium_context", "free_port", "launch_two_cpu_processes", "load_script"]
 
 # Debian's chromium (apt-get install chromium): Playwright drives it, no browser download.
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
@@ -44,3 +49,12 @@ def launch_two_cpu_processes(module: str, *argv: str, timeout: float = 240) -> s
         "-m", module, *argv,
     ]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def load_script(name: str, path: Path) -> ModuleType:
+    """The script at `path` as the module `name` (registered in sys.modules, as dataclasses and pickling expect)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

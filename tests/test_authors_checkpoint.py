@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch import free_port
+from launch import free_port, load_script
 from loopback_server import FILE_PATH, FileServer, blob_id, write_authors_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,14 +31,12 @@ def authors_pth(tiny_clip_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def plain_converted(authors_pth, tiny_clip_dir, tmp_path_factory) -> Path:
-    """The same file through hub/authors_checkpoint_to_folder.py (the plain converter), as a command."""
+    """The same file through hub/authors_checkpoint_to_folder.py (the plain converter), its command's entry point
+    in this process."""
     out = tmp_path_factory.mktemp("plain") / "converted"
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "hub" / "authors_checkpoint_to_folder.py"), "--checkpoint", str(authors_pth),
-         "--clip", str(tiny_clip_dir), "--out", str(out), *CLI_OPTIONS],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert run.returncode == 0, run.stderr
+    converter = load_script("vip2clip_authors_checkpoint_to_folder", ROOT / "hub" / "authors_checkpoint_to_folder.py")
+    assert converter.main(["--checkpoint", str(authors_pth), "--clip", str(tiny_clip_dir), "--out", str(out),
+                           *CLI_OPTIONS]) == 0
     return out
 
 
@@ -368,8 +366,26 @@ def _cli(*argv, home: Path, timeout: float = 300) -> subprocess.CompletedProcess
                           capture_output=True, text=True, timeout=timeout)
 
 
+def _cli_in_process(capsys, *argv, home: Path) -> subprocess.CompletedProcess:
+    """The same command's entry point in this process (no second torch import), with the same HF home and network
+    setting as `_cli`'s process: huggingface_hub read both at import, so its constants are patched too."""
+    import huggingface_hub.constants
+
+    from modeling_vip2clip.cli.download_authors import main
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HOME", str(home))
+        patch.setattr(huggingface_hub.constants, "HF_HOME", str(home))
+        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        capsys.readouterr()
+        code = main(list(argv))
+        out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, out, err)
+
+
 @pytest.mark.slow
-def test_command_writes_the_plain_converters_folder(server, authors_pth, plain_converted, tiny_clip_dir, tmp_path):
+def test_command_writes_the_plain_converters_folder(server, authors_pth, plain_converted, tiny_clip_dir, tmp_path,
+                                                    capsys):
     home, out = tmp_path / "hf_home", tmp_path / "vip2clip-mvtec"
     blob = blob_id(authors_pth.read_bytes())
     run = _cli("mvtec", "--out", str(out), "--clip", str(tiny_clip_dir), "--url", server.url(), "--git-blob-sha1",
@@ -379,14 +395,15 @@ def test_command_writes_the_plain_converters_folder(server, authors_pth, plain_c
     assert f"saved {out}: the authors' mvtec_train_epoch_10.pth (trained on MVTec AD: use it on anything that is not MVTec AD" in run.stdout
     assert "Downloading the authors' mvtec_train_epoch_10.pth" in run.stderr and "Verified" in run.stderr
     assert not list(tmp_path.glob(".vip2clip-mvtec*"))  # no staging folder left beside --out
-    # again into another folder: from the cache, no request
+    # again into another folder: from the cache, no request (the first run, in its own process, was the user's
+    # view; these two call the same entry point in this one)
     requests = len(server.state.requests)
-    again = _cli("mvtec", "--out", str(tmp_path / "second"), "--clip", str(tiny_clip_dir), "--url", server.url(),
-                 "--git-blob-sha1", blob, *CLI_OPTIONS, home=home)
+    again = _cli_in_process(capsys, "mvtec", "--out", str(tmp_path / "second"), "--clip", str(tiny_clip_dir), "--url",
+                            server.url(), "--git-blob-sha1", blob, *CLI_OPTIONS, home=home)
     assert again.returncode == 0 and len(server.state.requests) == requests
     assert_same_folder(tmp_path / "second", plain_converted)
     # an existing non-empty --out is refused before anything is downloaded
-    refused = _cli("mvtec", "--out", str(out), "--clip", str(tiny_clip_dir), home=home)
+    refused = _cli_in_process(capsys, "mvtec", "--out", str(out), "--clip", str(tiny_clip_dir), home=home)
     assert refused.returncode == 2 and refused.stderr.startswith(f"error: --out {out} exists and is not an empty folder")
 
 

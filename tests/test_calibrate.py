@@ -283,14 +283,9 @@ def test_calibrate_one_category_of_a_canonical_dataset(tiny_model_dir, tmp_path)
     (["--label-column", "target"], "--label-column target"),
     (["--image-column", "picture"], "--image-column picture"),
 ])
-def test_calibrate_usage_errors(tiny_model_dir, labelled_parquet, tmp_path, extra, named):
-    import subprocess
-    import sys
-
-    completed = subprocess.run(
-        [sys.executable, "-m", "modeling_vip2clip.cli", "calibrate", "--model", str(tiny_model_dir), "--dataset",
-         str(labelled_parquet), "--out", str(tmp_path / "out"), "--num-workers", "0", "--no-progress", *extra],
-        capture_output=True, text=True, timeout=180)
+def test_calibrate_usage_errors(tiny_model_dir, labelled_parquet, tmp_path, extra, named, run_cli):
+    completed = run_cli("calibrate", "--model", tiny_model_dir, "--dataset", labelled_parquet, "--out",
+                        tmp_path / "out", "--num-workers", "0", "--no-progress", *extra)
     assert completed.returncode == 2, completed.stderr[-2000:]
     assert named in completed.stderr and "Traceback" not in completed.stderr
     assert not (tmp_path / "out").exists()

@@ -204,31 +204,33 @@ def test_int8_export_records_its_accuracy(model_and_processor, tmp_path):
     assert not np.array_equal(output.anomaly_map, maps)  # it is a different (quantised) computation
 
 
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    return env
+def _export_command(capsys, *argv) -> tuple[int, str, str]:
+    """`python -m modeling_vip2clip.cli.export ARGV`'s entry point, in this process (no second torch import):
+    (exit status, stdout, stderr)."""
+    from modeling_vip2clip.cli.export import main
+
+    capsys.readouterr()
+    code = main([str(value) for value in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
-def test_cli_exports_a_folder(torch_folder, tmp_path):
+def test_cli_exports_a_folder(torch_folder, tmp_path, capsys):
     out = tmp_path / "cli-onnx"
-    result = subprocess.run(
-        [sys.executable, "-m", "modeling_vip2clip.cli.export", "--model", str(torch_folder), "--format", "onnx",
-         "--out", str(out)], capture_output=True, text=True, env=_env(), timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"to {out}" in result.stdout and "onnx, fp32" in result.stdout
+    code, stdout, stderr = _export_command(capsys, "--model", torch_folder, "--format", "onnx", "--out", out)
+    assert code == 0, stderr[-3000:]
+    assert f"to {out}" in stdout and "onnx, fp32" in stdout
     assert is_exported_folder(out)
     assert {"model.onnx", "config.json", "preprocessor_config.json", INFO_FILE, "README.md", RUNTIME_FILE} <= {
         p.name for p in out.iterdir()}
     assert json.loads((out / INFO_FILE).read_text())["source"] == str(torch_folder)
 
 
-def test_cli_usage_error_is_one_line(torch_folder, tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "modeling_vip2clip.cli.export", "--model", str(torch_folder), "--format", "onnx",
-         "--out", str(tmp_path / "x"), "--int8"], capture_output=True, text=True, env=_env(), timeout=120)
-    assert result.returncode == 2
-    assert result.stderr.strip() == "error: --int8 needs --format openvino (the quantised graph is OpenVINO's)"
+def test_cli_usage_error_is_one_line(torch_folder, tmp_path, capsys):
+    code, _, stderr = _export_command(capsys, "--model", torch_folder, "--format", "onnx", "--out", tmp_path / "x",
+                                      "--int8")
+    assert code == 2
+    assert stderr.strip() == "error: --int8 needs --format openvino (the quantised graph is OpenVINO's)"
     assert not (tmp_path / "x").exists()
 
 

@@ -2,7 +2,9 @@
 
 Each case runs the real console entry point in a subprocess, as a user would, and checks the exit status (2, the
 argparse convention), that the message names the offending value, that no traceback is printed, and — where the
-point is speed — a time bound. The Hub is made unreachable deterministically by pointing HF_ENDPOINT at a closed
+point is speed — a time bound. Where neither a fresh process nor its start-up time is the point (a folder that is
+not a model, `--debug`), the cases call the same entry point in-process (`run_cli`, tests/conftest.py): each fresh
+process that reaches `predict` imports torch, seconds apiece. The Hub is made unreachable deterministically by pointing HF_ENDPOINT at a closed
 port on 127.0.0.1 (connection refused at once), with HF_HUB_OFFLINE unset.
 """
 
@@ -63,10 +65,10 @@ def test_missing_dataset_is_reported_before_the_model_loads(tiny_model_dir, tmp_
     _assert_user_error(done, "--dataset /missing/bench", "no such file or folder")
 
 
-def test_folder_that_is_not_a_model_is_named(tmp_path):
+def test_folder_that_is_not_a_model_is_named(tmp_path, monkeypatch, run_cli):
     (tmp_path / "empty").mkdir()
-    done, _ = _run(["predict", "--model", "empty", "x.png"], tmp_path)
-    _assert_user_error(done, "--model empty", "not a model folder")
+    monkeypatch.chdir(tmp_path)  # `--model empty`, relative, as typed
+    _assert_user_error(run_cli("predict", "--model", "empty", "x.png"), "--model empty", "not a model folder")
 
 
 def test_unreachable_hub_id_is_one_line_within_seconds(tmp_path):
@@ -81,11 +83,13 @@ def test_offline_hub_id_not_cached_says_so(tmp_path):
     _assert_user_error(done, "openai/clip-vit-large-patch14-336", "HF_HUB_OFFLINE=1", "not in the local cache")
 
 
-def test_debug_shows_the_traceback(tmp_path):
-    done, _ = _run(["predict", "--model", "./no-such-model-dir", "img.png", "--debug"], tmp_path)
+def test_debug_shows_the_traceback(tmp_path, monkeypatch, run_cli):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("VIP2CLIP_DEBUG", raising=False)
+    done = run_cli("predict", "--model", "./no-such-model-dir", "img.png", "--debug")
     assert done.returncode == 2 and "Traceback" in done.stderr and "UsageError" in done.stderr
-    done, _ = _run(["predict", "--model", "./no-such-model-dir", "img.png"], tmp_path,
-                   extra_env={"VIP2CLIP_DEBUG": "1"})
+    monkeypatch.setenv("VIP2CLIP_DEBUG", "1")  # read when the error is reported, not at import
+    done = run_cli("predict", "--model", "./no-such-model-dir", "img.png")
     assert done.returncode == 2 and "Traceback" in done.stderr
 
 

@@ -7,7 +7,8 @@ here; the YAML is parsed with `ModelCard.load` and PyYAML and its fields are che
 
 from __future__ import annotations
 
-import importlib.util
+import contextlib
+import io
 import json
 import os
 import re
@@ -24,6 +25,7 @@ import yaml
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
 
+from launch import load_script
 from modeling_vip2clip.testing_utils import save_tiny_vip2clip
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,17 +44,9 @@ EVAL = {
 }
 
 
-def _load_module(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def publish():
-    return _load_module("vip2clip_publish", PUBLISH)
+    return load_script("vip2clip_publish", PUBLISH)
 
 
 @pytest.fixture(scope="module")
@@ -62,19 +56,19 @@ def source_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def built(source_dir, tmp_path_factory):
-    """`publish.py --dry-run` run as a command (it builds, then parity-checks in its own fresh process)."""
+def built(source_dir, publish, tmp_path_factory):
+    """`publish.py --dry-run`'s command entry point, in this process (it builds, then parity-checks in its own fresh
+    process: that one is the point, a second torch import around it is not)."""
     work = tmp_path_factory.mktemp("publish")
     eval_json = work / "results_visa.json"
     eval_json.write_text(json.dumps(EVAL))
     out = work / "hub.folder-with.dots"
-    run = subprocess.run(
-        [sys.executable, str(PUBLISH), "--model", str(source_dir), "--repo-id", REPO_ID, "--eval-json", str(eval_json),
-         "--out", str(out), "--dry-run"],
-        cwd=work, capture_output=True, text=True, timeout=300,
-    )
-    assert run.returncode == 0, run.stdout + run.stderr
-    return out, run.stdout
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = publish.main(["--model", str(source_dir), "--repo-id", REPO_ID, "--eval-json", str(eval_json),
+                             "--out", str(out), "--dry-run"])
+    assert code == 0, stdout.getvalue() + stderr.getvalue()
+    return out, stdout.getvalue()
 
 
 def _source_outputs(source_dir, pixel_values):

@@ -1,5 +1,7 @@
-"""Interrupted and faulty runs (issue #7, "Runs"): real `python -m modeling_vip2clip.{train,evaluate}` processes,
-no mocks, tiny random CLIP and 32 px synthetic images (each run takes seconds, mostly imports).
+"""Interrupted and faulty runs (issue #7, "Runs"): real `python -m modeling_vip2clip.{train,evaluate}` processes
+killed with SIGKILL, no mocks, tiny random CLIP and 32 px synthetic images (each run takes seconds, mostly imports).
+The runs nobody kills (the uninterrupted references, the final resumes, the corrupt-image run) call the same entry
+point in the test's process, on one thread like the children, so their floats are the children's.
 
 * Training SIGKILLed (whole process group) right after a checkpoint completed, in the middle of an epoch and while
   a checkpoint folder was being written, then `--resume`d each time: the newest checkpoint after each kill is a
@@ -18,6 +20,7 @@ be hit reliably. The package holds no test hook.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -141,16 +144,35 @@ def train_data(tmp_path_factory):
     return root
 
 
+def _train_here(argv: list) -> None:
+    """`vip2clip train ARGV` in this process, with the killed children's single thread (the same floats: the
+    checkpoints are compared to 1e-7) and a fresh Accelerate state; a second interpreter would only re-import torch."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from modeling_vip2clip.cli.main import main as cli_main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        assert cli_main(["train", *map(str, argv)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_clip_dir, train_data, tmp_path_factory):
-    """The uninterrupted run, same settings and same kind of process."""
+    """The uninterrupted run, same settings, one thread as in the killed processes."""
     out = tmp_path_factory.mktemp("uninterrupted") / "run"
-    log = out.parent / "log.txt"
-    _finish(_start("modeling_vip2clip.cli.train", _train_argv(tiny_clip_dir, train_data, out), log), log)
+    _train_here(_train_argv(tiny_clip_dir, train_data, out))
     return out
 
 
-def test_sigkill_during_training_then_resume_matches_uninterrupted_run(reference, tiny_clip_dir, train_data, tmp_path):
+def test_sigkill_during_training_then_resume_matches_uninterrupted_run(reference, tiny_clip_dir, train_data, tmp_path,
+                                                                      caplog):
     out = tmp_path / "run"
     checkpoints = out / "checkpoints"
     argv = _train_argv(tiny_clip_dir, train_data, out)
@@ -190,9 +212,11 @@ def test_sigkill_during_training_then_resume_matches_uninterrupted_run(reference
     assert (checkpoints / "epoch_2.tmp" / "model.safetensors").is_file()
     assert find_latest_checkpoint(checkpoints).name == "epoch_1"
 
-    # Resume to the end: the half-written folder is removed, nothing is lost, the result is the uninterrupted one.
-    log = tmp_path / "4_resume.log"
-    text = _finish(_start("modeling_vip2clip.cli.train", [*argv, "--resume"], log), log)
+    # Resume to the end (in this process: the kills are the point): the half-written folder is removed, nothing is
+    # lost, the result is the uninterrupted one.
+    with caplog.at_level(logging.INFO, logger="modeling_vip2clip"):
+        _train_here([*argv, "--resume"])
+    text = caplog.text
     assert "epoch_2.tmp, left by a run interrupted while saving" in text
     assert f"resumed from {checkpoints / 'epoch_1'}" in text
     assert _entries(checkpoints) == ["epoch_1", "epoch_2", "epoch_3"]
@@ -209,7 +233,7 @@ def test_sigkill_during_training_then_resume_matches_uninterrupted_run(reference
     assert [e["loss"] for e in summary["epochs"]] == pytest.approx([e["loss"] for e in expected["epochs"]], abs=1e-7)
 
 
-def test_corrupt_image_in_training_data_is_skipped_reported_and_counted(tiny_clip_dir, tmp_path):
+def test_corrupt_image_in_training_data_is_skipped_reported_and_counted(tiny_clip_dir, tmp_path, caplog):
     # A raw tree converted (the converter verifies every file), then one image rots on disk before the dataset is
     # saved: save_to_disk embeds the garbage bytes, so the converter's check cannot catch it.
     raw = tmp_path / "raw"
@@ -223,10 +247,11 @@ def test_corrupt_image_in_training_data_is_skipped_reported_and_counted(tiny_cli
     dataset.save_to_disk(str(saved))
 
     out = tmp_path / "run"
-    log = tmp_path / "train.log"
     argv = ["--clip", tiny_clip_dir, *TINY, "--dataset", saved, "--output-dir", out, "--epochs", 2,
             "--batch-size", 2, "--num-workers", 0, "--report-to", "none", "--no-progress"]
-    text = _finish(_start("modeling_vip2clip.cli.train", argv, log), log)
+    with caplog.at_level(logging.INFO, logger="modeling_vip2clip"):  # nothing is killed: this process runs it
+        _train_here(argv)
+    text = caplog.text
 
     # Reported when met (each epoch), with path and reason, and once more in the end-of-run summary.
     assert f"skipping bad sample fabric/test/good/001.png (index {bad_index}): image does not decode" in text

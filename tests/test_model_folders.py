@@ -9,7 +9,6 @@ The folders are built once for the module and checked by one subprocess (the cos
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -24,6 +23,7 @@ from modeling_vip2clip.run_folder import LOCK_FILE, MANIFEST_FILE
 import torch
 from PIL import Image
 
+from launch import load_script
 from loopback_server import FileServer, blob_id, write_authors_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,13 +101,6 @@ def _calibration_labels(scores: np.ndarray) -> tuple[list[int], int, float]:
     raise AssertionError(f"no usable pair of scores among {scores}")
 
 
-def _load_script(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def folders(tiny_clip_dir, tmp_path_factory):
     """Every kind of folder the package writes, plus an old-format one: {name: path}, and the calibration probe."""
@@ -128,7 +121,7 @@ def folders(tiny_clip_dir, tmp_path_factory):
     built: dict[str, Path] = {}
 
     # the authors' checkpoint: the hub script (a shell over weights.authors_checkpoint) and the function itself
-    converter = _load_script("vip2clip_authors_checkpoint_to_folder", ROOT / "hub" / "authors_checkpoint_to_folder.py")
+    converter = load_script("vip2clip_authors_checkpoint_to_folder", ROOT / "hub" / "authors_checkpoint_to_folder.py")
     assert converter.main(["--checkpoint", str(pth), "--clip", str(tiny_clip_dir), "--out", str(work / "converted"),
                            *TINY]) == 0
     built["converted"] = work / "converted"

@@ -226,12 +226,6 @@ def test_thresholds_default_to_the_models_calibration(tiny_model_dir, folder, tm
     assert {row["verdict"] for row in _rows(overridden)} == {"normal"}
 
 
-def _run_cli(*argv, timeout=WAIT) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "modeling_vip2clip.cli", *map(str, argv)], capture_output=True,
-                          text=True, env=env, cwd=ROOT, timeout=timeout)
-
-
 @pytest.mark.parametrize("argv, named", [
     ([], "INPUT"),  # neither inputs nor --dataset
     (["--dataset", "./no/such/dataset"], "--dataset ./no/such/dataset"),
@@ -239,9 +233,9 @@ def _run_cli(*argv, timeout=WAIT) -> subprocess.CompletedProcess:
     (["IMG", "--batch-size", "0"], "--batch-size"),
     (["IMG", "--save-maps", "tiff"], "--save-maps"),
 ])
-def test_usage_errors_are_one_line(tiny_model_dir, folder, argv, named):
+def test_usage_errors_are_one_line(tiny_model_dir, folder, argv, named, run_cli):
     argv = [str(folder) if value == "IMG" else value for value in argv]
-    completed = _run_cli("predict", "--model", tiny_model_dir, *argv, "--output-dir", folder.parent / "unused")
+    completed = run_cli("predict", "--model", tiny_model_dir, *argv, "--output-dir", folder.parent / "unused")
     assert completed.returncode == 2, completed.stderr
     assert named in completed.stderr and "Traceback" not in completed.stderr
 
@@ -546,14 +540,14 @@ def test_dataset_in_the_visa_parquet_layout(tiny_model_dir, visa_parquet, tmp_pa
     assert [row["path"] for row in _rows(one)] == ["pcb1.train/000000", "pcb1.train/000001"]
 
 
-def test_dataset_errors_name_the_value(tiny_model_dir, visa_parquet, tmp_path):
+def test_dataset_errors_name_the_value(tiny_model_dir, visa_parquet, tmp_path, run_cli):
     base = ["predict", "--model", tiny_model_dir, "--dataset", visa_parquet, "--output-dir", tmp_path / "out"]
-    completed = _run_cli(*base, "--image-column", "picture")
+    completed = run_cli(*base, "--image-column", "picture")
     assert completed.returncode == 2 and "--image-column picture" in completed.stderr
     assert "image, mask, label" in completed.stderr and "Traceback" not in completed.stderr
-    completed = _run_cli(*base, "--split", "validation")
+    completed = run_cli(*base, "--split", "validation")
     assert completed.returncode == 2 and "--split validation" in completed.stderr and "candle.test" in completed.stderr
-    completed = _run_cli(*base, tmp_path)  # INPUT and --dataset
+    completed = run_cli(*base, tmp_path)  # INPUT and --dataset
     assert completed.returncode == 2 and "not both" in completed.stderr
 
 

@@ -381,9 +381,9 @@ def _manifest(model: Path, **options) -> dict:
     return {"written_by": "test", "model": model_identity(model), "inputs": ["a"], "options": options}
 
 
-def test_a_second_process_into_a_held_folder_is_refused(tiny_model_dir, images, tmp_path):
-    """Two `predict` runs into one folder: the second is refused while the first holds it; the first, killed
-    afterwards, resumes to every input exactly once (the lock died with it)."""
+def test_a_second_process_into_a_held_folder_is_refused(tiny_model_dir, images, tmp_path, run_cli):
+    """Two `predict` runs into one folder: the second (this test's own process) is refused while the first holds
+    it; the first, killed afterwards, resumes to every input exactly once (the lock died with it)."""
     import signal
 
     out = tmp_path / "out"
@@ -402,7 +402,7 @@ def test_a_second_process_into_a_held_folder_is_refused(tiny_model_dir, images, 
         while "[test hook]" not in log.read_text(errors="replace"):
             assert first.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
             time.sleep(0.2)
-        second = _cli("predict", *argv, "--resume")
+        second = run_cli("predict", *argv, "--resume")
         assert second.returncode == 2
         _one_error_line(second.stderr, str(out.resolve()), "another vip2clip run is writing to it",
                         f"pid {first.pid}")
