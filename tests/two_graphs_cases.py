@@ -95,11 +95,17 @@ def test_pair_runs_without_torch(f32_pair, model_and_processor, tmp_path):
     model, processor = model_and_processor
     image_path = tmp_path / "part.png"
     _images(1, seed=7)[0].save(image_path)
-    result = subprocess.run([sys.executable, "-c", _NO_TORCH, str(f32_pair), str(image_path)],
+    cut, missing = tmp_path / "cut.png", tmp_path / "missing.png"  # a truncated image and no file at all
+    cut.write_bytes(image_path.read_bytes()[:200])
+    result = subprocess.run([sys.executable, "-c", _NO_TORCH, *map(str, (f32_pair, image_path, cut, missing))],
                             capture_output=True, text=True, timeout=120, cwd=tmp_path,
                             env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    first, second = [json.loads(line) for line in result.stdout.splitlines()]
+    assert result.returncode == 0, result.stderr[-3000:]  # the bad images skipped, the good one scored
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    # the in-process check, the runtime's own lines (the "damaged" copy is whole here: a pair has other file
+    # names), the exit codes, then the file's own command line
+    first, only_bad, second = lines[0], next(line for line in lines if "exit_without_a_readable_image" in line), lines[-1]
+    assert only_bad["exit_without_a_readable_image"] == 1 and only_bad["exit_for_a_folder_that_is_no_export"] == 2
     from PIL import Image
 
     with Image.open(image_path) as image:

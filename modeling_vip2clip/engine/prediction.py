@@ -32,7 +32,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 # torch, the transforms and the output files are imported by the loop itself: `vip2clip predict` with nothing to
 # score stops in a fraction of a second, before the seconds torch takes to import (docs/reliability.md).
@@ -41,6 +41,9 @@ from .results_csv import PREDICTIONS_CSV, SKIPPED_CSV, CsvLog, done_ids, merge_p
 from ..errors import UsageError
 from ..distributed import process_state
 from ..data.options import DatasetColumns
+
+if TYPE_CHECKING:  # annotations only: torch is imported by the loop
+    import torch
 
 logger = logging.getLogger("modeling_vip2clip.cli.predict")
 
@@ -83,7 +86,7 @@ class PredictOptions(DatasetColumns):
     progress: bool = True
 
 
-def default_num_workers(device: torch.device, cores: int | None = None) -> int:
+def default_num_workers(device: "torch.device", cores: int | None = None) -> int:
     """DataLoader workers when --num-workers is not given. On a CPU the model uses every core and takes seconds
     per image while decoding and preprocessing a photo takes tens of milliseconds: one worker keeps up, and more
     only take cores and memory from the model. A GPU scores hundreds of images a second, so decoding needs
