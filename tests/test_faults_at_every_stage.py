@@ -43,11 +43,15 @@ WAIT = 240
 def _interrupted(capsys, target: str, call: int, *argv) -> None:
     """`vip2clip ARGV` in this process with a real SIGINT sent to it right after the `call`-th call of `target`:
     the user sees `interrupted` as the last line and exit 130, no traceback."""
+    # Python's own Ctrl-C handler, as in a fresh `vip2clip` process: a library loaded by an earlier test of this
+    # pytest process (a server's) may have left its own SIGINT handler installed.
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     restore = signal_after(target, call, signal.SIGINT)
     try:
         code, err = _in_process(capsys, *argv)
     finally:
         restore()
+        signal.signal(signal.SIGINT, handler)
     assert code == 130 and err.rstrip().endswith("interrupted") and "Traceback" not in err, (target, code, err[-2000:])
 
 
