@@ -115,8 +115,8 @@ def writing(path: object) -> Iterator[None]:
 
 
 # The same command is refused over the files the failed run kept; --resume (predict, evaluate, train) continues it.
-_SPACE_FIX = ("free some space or write elsewhere, then run again (with --resume, where the command has it, to keep "
-              "what was done)")
+_RERUN = "then run again (with --resume, where the command has it, to keep what was done)"
+_SPACE_FIX = f"free some space or write elsewhere, {_RERUN}"
 
 _OS_ERRORS = {
     errno.ENOENT: ("cannot find", "no such file or folder", "check the path"),
@@ -128,8 +128,7 @@ _OS_ERRORS = {
     # A per-process file-size limit (`ulimit -f`, a batch scheduler's) or the file system's largest file.
     errno.EFBIG: ("cannot write", "the file is larger than this system allows (a file-size limit such as "
                   "`ulimit -f`, or the file system's maximum)",
-                  "raise the limit or write to another file system, then run again (with --resume, where the "
-                  "command has it, to keep what was done)"),
+                  f"raise the limit or write to another file system, {_RERUN}"),
     errno.EACCES: ("cannot access", "permission denied", "check its permissions or choose another folder"),
     errno.EPERM: ("cannot access", "operation not permitted", "check its permissions or choose another folder"),
     errno.EEXIST: ("cannot create", "it already exists", "remove it or choose another name"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -14,7 +15,8 @@ from typing import Any, Iterator
 
 from .errors import writing
 
-__all__ = ["atomic_write_text", "atomic_write_json", "atomic_save", "staged_folder", "user_mode", "apply_umask"]
+__all__ = ["atomic_write_text", "atomic_write_json", "atomic_save", "staged_folder", "user_mode", "apply_umask",
+           "is_temporary"]
 
 
 def user_mode(directory: bool = False) -> int:
@@ -33,6 +35,16 @@ def apply_umask(path: str | os.PathLike) -> None:
     for item in items:
         if not item.is_symlink():
             os.chmod(item, folder_mode if item.is_dir() else file_mode)
+
+
+# The temporary names of the two atomic writers below: `atomic_save`'s `.NAME.PID.tmp` and `atomic_write_text`'s
+# mkstemp `.NAME.XXXXXXXX.tmp` (eight of [a-z0-9_]).
+_TEMPORARY = re.compile(r"^\..+\.(\d+|[a-z0-9_]{8})\.tmp$")
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a file name is one of this module's temporaries (what a writer killed mid-way leaves behind)."""
+    return bool(_TEMPORARY.match(name))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

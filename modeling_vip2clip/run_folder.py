@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import socket
 import time
@@ -34,7 +33,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from .errors import FolderInUseError, OutputFolderError, sentence
-from .files import apply_umask, atomic_write_json
+from .files import apply_umask, atomic_write_json, is_temporary
 
 __all__ = ["MANIFEST_FILE", "LOCK_FILE", "OutputFolder", "claim_output_folder", "check_apart", "model_identity",
            "file_fingerprint", "staging_folder", "move_into_place"]
@@ -238,16 +237,12 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-# The temporary names of `files.atomic_save` (`.NAME.PID.tmp`) and `files.atomic_write_text` (mkstemp's
-# `.NAME.XXXXXXXX.tmp`): under the folder's lock no other run writes there, so any such file is a killed run's.
-_TEMPORARY = re.compile(r"^\..+\.(\d+|[a-z0-9_]{8})\.tmp$")
-
-
 def _clear_temporaries(out: Path) -> None:
-    """Remove the half-written files a killed run left anywhere in its folder (an overlay cut by SIGKILL)."""
+    """Remove the half-written files a killed run left anywhere in its folder (an overlay cut by SIGKILL): under
+    the folder's lock no other run writes there, so every atomic writer's temporary in it is a killed run's."""
     for directory, _, names in os.walk(out):
         for name in names:
-            if _TEMPORARY.match(name):
+            if is_temporary(name):
                 Path(directory, name).unlink(missing_ok=True)
 
 

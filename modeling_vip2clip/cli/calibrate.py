@@ -51,11 +51,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def job_arguments(args: argparse.Namespace) -> dict:
     """The keyword arguments of `engine.calibration.calibrate` from this command's namespace."""
-    from dataclasses import fields
-
     from ..engine.calibration import CalibrateOptions
 
-    return job_keywords(args, [f.name for f in fields(CalibrateOptions)])
+    return job_keywords(args, CalibrateOptions)
 
 
 def run(args: argparse.Namespace) -> int:

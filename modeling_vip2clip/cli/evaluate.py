@@ -102,11 +102,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def job_arguments(args: argparse.Namespace) -> dict:
     """The keyword arguments of `engine.evaluation.evaluate` from this command's namespace."""
-    from dataclasses import fields
-
     from ..engine.evaluation import EvaluateOptions
 
-    return job_keywords(args, [f.name for f in fields(EvaluateOptions)])
+    return job_keywords(args, EvaluateOptions)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -71,10 +71,13 @@ def add_debug_argument(parser) -> None:
                         help="show the full traceback of an error (also VIP2CLIP_DEBUG=1).")
 
 
-def job_keywords(args: argparse.Namespace, names, **values) -> dict[str, Any]:
-    """The keyword arguments of a job's Python entry point from a command's namespace: each of `names` that the
-    namespace has, `progress` from `--no-progress`, then `values` (renamed or converted options)."""
-    keywords = {name: getattr(args, name) for name in names if hasattr(args, name)}
+def job_keywords(args: argparse.Namespace, options: type, **values) -> dict[str, Any]:
+    """The keyword arguments of a job's Python entry point from a command's namespace: each field of the job's
+    `options` dataclass that the namespace has, `progress` from `--no-progress`, then `values` (renamed or
+    converted options)."""
+    from dataclasses import fields
+
+    keywords = {field.name: getattr(args, field.name) for field in fields(options) if hasattr(args, field.name)}
     if hasattr(args, "no_progress"):
         keywords["progress"] = not args.no_progress
     keywords.update(values)

@@ -109,9 +109,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 def job_arguments(args: argparse.Namespace) -> dict:
     """The keyword arguments of `engine.prediction.predict` from this command's namespace."""
     from ..engine.prediction import PredictOptions
-    from dataclasses import fields
 
-    return job_keywords(args, [f.name for f in fields(PredictOptions)], overlays=not args.no_overlays,
+    return job_keywords(args, PredictOptions, overlays=not args.no_overlays,
                         report=not args.no_report)
 
 

@@ -106,11 +106,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def job_arguments(args: argparse.Namespace) -> dict:
     """The keyword arguments of `engine.training.train` from this command's namespace."""
-    from dataclasses import fields
-
     from ..engine.training import TrainOptions
 
-    return job_keywords(args, [f.name for f in fields(TrainOptions)])
+    return job_keywords(args, TrainOptions)
 
 
 def run(args: argparse.Namespace) -> int:
